@@ -1,0 +1,1 @@
+"""fedabus ServerApp: strategy, aggregation, checkpoint/resume, MLflow logging, evaluation orchestration."""

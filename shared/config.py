@@ -1,0 +1,219 @@
+"""The one configuration schema of fedabus.
+
+The same keys are used everywhere: the Flower run config (``[tool.flwr.app.config]`` in pyproject.toml, where
+nested tables become dotted keys such as ``model.sam-preset``), experiment TOML files in ``configs/``, site TOML
+files in ``sites/`` and the command line. Keys use dashes in files (``lora-rank``) and map to dataclass fields
+with underscores (``lora_rank``).
+
+Each section is a frozen dataclass; :func:`load_sections` turns a flat or nested mapping into them, coercing
+types and rejecting unknown keys with a message that names the key and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "AdapterConfig",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "FedabusConfig",
+    "flatten",
+    "load_config",
+    "section_from_mapping",
+    "to_flat_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base models to build and where their frozen weights come from."""
+
+    #: SAM-Med3D size preset: ``vit_b_ori`` (the official turbo model) or ``small`` (CPU tests and demos).
+    sam_preset: str = "small"
+    #: Image-encoder attention implementation: ``fast`` (exact, skips padded tokens) or ``reference``.
+    attention_impl: str = "fast"
+    #: Path of the frozen base checkpoint (SAM-Med3D + classifier); empty means "use the cached demo base".
+    base_path: str = ""
+    #: ResNet depth of each tri-plane branch (18, 34 or 50; the seed uses 50).
+    cls_depth: int = 50
+    #: Number of groups of the GroupNorm that replaces BatchNorm in the classifier backbones.
+    cls_norm_groups: int = 32
+    #: Device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What is trainable and therefore travels: LoRA settings and fully trained submodules."""
+
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_dropout: float = 0.0
+    #: Regex over SAM-Med3D module names that receive LoRA (default: every encoder block's ``attn.qkv``).
+    seg_lora_targets: str = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+    #: Comma-separated SAM-Med3D submodules trained fully (travel in the adapter).
+    seg_trainable: str = "prompt_encoder,mask_decoder"
+    #: Regex over classifier module names that receive LoRA (default: every backbone convolution).
+    cls_lora_targets: str = r"branches\.\w+\..*conv\d*"
+    #: Comma-separated classifier submodules trained fully.
+    cls_trainable: str = "head"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing shared by training, evaluation and inference."""
+
+    #: Target voxel spacing (mm) in array order (z, y, x); 0 keeps the file's spacing on that axis.
+    spacing_z: float = 0.0
+    spacing_y: float = 0.0
+    spacing_x: float = 0.0
+    #: Intensity normalisation: ``zscore_nonzero`` (official SAM-Med3D), ``zscore`` or ``minmax``.
+    normalisation: str = "zscore_nonzero"
+    #: Side of the cubic crop fed to SAM-Med3D (voxels); must equal the model's ``img_size``.
+    patch_size: int = 64
+    #: Evaluation blocks with fewer lesion voxels than this are dropped (seed 000 uses 2000 at 128³).
+    block_min_lesion_voxels: int = 50
+    #: Frames per plane and their side (pixels) for the tri-plane classifier.
+    planes_frames: int = 3
+    planes_size: int = 64
+
+
+@dataclass(frozen=True)
+class FedabusConfig:
+    """All sections together (what a run or a command receives)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        typ = args[0]
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot read {value!r} as {typ.__name__}") from None
+    return value
+
+
+def section_from_mapping(cls: type[T], values: Mapping[str, Any], *, where: str = "config") -> T:
+    """Build the dataclass ``cls`` from ``values`` (keys with dashes or underscores).
+
+    Raises ConfigError naming the unknown key and listing the allowed ones, or the value that does not parse.
+    """
+    types_ = _field_types(cls)
+    kwargs = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in types_:
+            allowed = ", ".join(sorted(k.replace("_", "-") for k in types_))
+            raise ConfigError(f"{where}: unknown key {raw_key!r}; allowed keys: {allowed}")
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{raw_key}")
+    return cls(**kwargs)
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested tables into dotted keys, as Flower does for the run config."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def load_config(
+    values: Mapping[str, Any] | None = None, *, path: str | Path | None = None, ignore: tuple[str, ...] = ()
+) -> FedabusConfig:
+    """Build a :class:`FedabusConfig` from a TOML file and/or a (flat dotted or nested) mapping.
+
+    ``values`` override the file. Top-level keys listed in ``ignore`` (e.g. Flower's own ``num-server-rounds``)
+    are skipped; any other key outside a known section is an error.
+    """
+    flat: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            flat.update(flatten(tomllib.loads(path.read_text())))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if values:
+        flat.update(flatten(values))
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in flat.items():
+        section, _, rest = key.partition(".")
+        if key in ignore or section in ignore:
+            continue
+        if not rest or section not in per_section:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}; keys start with one of: {', '.join(sorted(per_section))}"
+            )
+        per_section[section][rest] = value
+    built = {
+        name: section_from_mapping(_SECTIONS[name], vals, where=f"{where} [{name}]")
+        for name, vals in per_section.items()
+    }
+    return FedabusConfig(**built)
+
+
+def to_flat_dict(config: Any) -> dict[str, Any]:
+    """Flat dotted, dash-separated view of a config (for logging as MLflow params or run config)."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        key = f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value):
+            out.update({f"{key}.{k}": v for k, v in to_flat_dict(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+_SECTIONS = {f.name: typing.get_type_hints(FedabusConfig)[f.name] for f in fields(FedabusConfig)}

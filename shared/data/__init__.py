@@ -1,0 +1,1 @@
+"""Site data: layouts, reading, validation, preprocessing, tri-plane extraction, synthetic sites, loaders."""

@@ -1,0 +1,1 @@
+"""Model definitions: SAM-Med3D (``sam_med3d``) and the tri-plane classifier (``triplane``)."""
