@@ -26,8 +26,10 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "FedabusConfig",
+    "SiteConfig",
     "flatten",
     "load_config",
+    "load_site_config",
     "section_from_mapping",
     "to_flat_dict",
 ]
@@ -89,6 +91,13 @@ class DataConfig:
     #: Frames per plane and their side (pixels) for the tri-plane classifier.
     planes_frames: int = 3
     planes_size: int = 64
+    #: Training crops: the crop centre moves from the lesion centre by a seeded uniform integer in
+    #: [-crop-jitter-voxels, +crop-jitter-voxels] per axis (0: no jitter); must stay below patch-size / 2.
+    crop_jitter_voxels: int = 8
+    #: Tri-plane regions: margin added on each side of the lesion bounding box, as a fraction of the box
+    #: extent on that axis, and at least ``planes-margin-mm`` (mm).
+    planes_margin: float = 0.15
+    planes_margin_mm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -217,3 +226,114 @@ def to_flat_dict(config: Any) -> dict[str, Any]:
 
 
 _SECTIONS = {f.name: typing.get_type_hints(FedabusConfig)[f.name] for f in fields(FedabusConfig)}
+
+
+# ---------------------------------------------------------------- site configuration (sites/<name>.toml)
+
+#: Split names a site may use, after normalisation.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """How to read one site's data folder (``sites/<name>.toml``, table ``[site]``; see sites/README.md).
+
+    Overrides replace what the file headers say, for every image and mask of the site, when a volume is
+    read.
+    """
+
+    #: Site name shown in reports; empty means the name of the site folder.
+    name: str = ""
+    #: Voxel spacing override (mm) in array order (z, y, x) = SimpleITK axes (2, 1, 0); 0 keeps the header.
+    spacing_z: float = 0.0
+    spacing_y: float = 0.0
+    spacing_x: float = 0.0
+    #: Direction override: empty keeps the header; a 3-letter DICOM (LPS-based) code such as ``LPS`` or
+    #: ``RAS`` (the anatomical direction each of the axes x, y, z points to, as SimpleITK's DICOMOrient uses
+    #: it), or 9 numbers (row-major 3×3 direction matrix, SimpleITK ``GetDirection`` order) separated by
+    #: commas or spaces.
+    orientation: str = ""
+    #: Split for every case (``train``, ``val`` or ``test``); empty takes it from the CSV's ``split`` column
+    #: or, in the TDSC layout, from the folder name (Train/Validation/Test).
+    split: str = ""
+    #: CSV with columns ``case_id, split`` overriding the split of the cases it lists (wins over ``split``).
+    #: Relative paths are resolved against the TOML file's folder (the site folder if not from a file).
+    split_file: str = ""
+
+    def __post_init__(self) -> None:
+        for axis in ("z", "y", "x"):
+            value = getattr(self, f"spacing_{axis}")
+            if not value >= 0.0 or value == float("inf"):
+                raise ConfigError(f"site config: spacing-{axis} = {value!r} must be finite and >= 0 (mm)")
+        if self.split and self.split.strip().lower() not in SPLITS:
+            raise ConfigError(f"site config: split = {self.split!r}; allowed: {', '.join(SPLITS)} or empty")
+        self.direction_override()  # raises ConfigError when orientation does not parse
+
+    def spacing_override_xyz(self) -> tuple[float, float, float]:
+        """Spacing override (mm) in SimpleITK (x, y, z) order; 0 on an axis keeps the header value."""
+        return (self.spacing_x, self.spacing_y, self.spacing_z)
+
+    def direction_override(self) -> tuple[float, ...] | None:
+        """Direction override as 9 floats (row-major, SimpleITK order), or None to keep the header."""
+        text = self.orientation.strip()
+        if not text:
+            return None
+        if text.isalpha():
+            return _direction_from_code(text.upper())
+        parts = text.replace(",", " ").replace("[", " ").replace("]", " ").split()
+        try:
+            numbers = tuple(float(p) for p in parts)
+        except ValueError:
+            numbers = ()
+        if len(numbers) != 9:
+            raise ConfigError(
+                f"site config: orientation = {self.orientation!r}; give a 3-letter code such as 'LPS' or 9 "
+                "numbers (row-major direction matrix)"
+            )
+        return numbers
+
+
+def _direction_from_code(code: str) -> tuple[float, ...]:
+    pairs = {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}
+    axes = [{"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}.get(c) for c in code]
+    if len(code) != 3 or None in axes or len(set(axes)) != 3:
+        raise ConfigError(
+            f"site config: orientation = {code!r} is not a 3-letter code using one of each pair "
+            f"{', '.join(f'{a}/{b}' for a, b in pairs.items() if a < b)} (e.g. 'LPS', 'RAS')"
+        )
+    # DICOM/LPS convention (as SimpleITK's DICOMOrientImageFilter): letter i is where image axis i points.
+    matrix = [[0.0] * 3 for _ in range(3)]
+    for column, letter in enumerate(code):
+        row = axes[column]
+        matrix[row][column] = 1.0 if letter in "LPS" else -1.0
+    return tuple(v for row in matrix for v in row)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read a site TOML file: keys of its ``[site]`` table (or top-level keys when there is no such table).
+
+    A relative ``split-file`` is resolved against the TOML file's folder. Raises ConfigError naming the file
+    and the key when the file is missing, not TOML, or holds an unknown or invalid key.
+    """
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: site config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read site config: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    table = document.get("site", document)
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{path}: 'site' must be a table ([site]), got {type(table).__name__}")
+    values = {k: (", ".join(str(x) for x in v) if isinstance(v, list) else v) for k, v in table.items()}
+    split_file = str(values.get("split-file", values.get("split_file", ""))).strip()
+    if split_file and not Path(split_file).is_absolute():
+        values.pop("split_file", None)
+        values["split-file"] = str((path.parent / split_file).resolve())
+    try:
+        return section_from_mapping(SiteConfig, values, where=f"{path} [site]")
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None

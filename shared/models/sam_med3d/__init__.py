@@ -4,7 +4,14 @@ Split like ``segment_anything/modeling``: image encoder, prompt encoder, mask de
 and the ``Sam3D`` wrapper; :func:`build_sam_med3d` is the builder.
 """
 
-from .build import PRESETS, CheckpointError, build_sam_med3d, load_state_dict_strict, read_checkpoint, resolve_config
+from .build import (
+    PRESETS,
+    CheckpointError,
+    build_sam_med3d,
+    load_state_dict_strict,
+    read_checkpoint,
+    resolve_config,
+)
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D

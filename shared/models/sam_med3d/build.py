@@ -126,7 +126,9 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"num_heads {cfg['num_heads']} must divide embed_dim {cfg['embed_dim']}")
 
 
-def build_sam_med3d(config: str | Mapping[str, Any] = "vit_b_ori", *, attention_impl: str = "reference") -> Sam3D:
+def build_sam_med3d(
+    config: str | Mapping[str, Any] = "vit_b_ori", *, attention_impl: str = "reference"
+) -> Sam3D:
     """Build SAM-Med3D with random (official default) initialisation.
 
     Args:
@@ -175,8 +177,10 @@ def build_sam_med3d(config: str | Mapping[str, Any] = "vit_b_ori", *, attention_
         transformer_activation=activation_from_name(cfg["decoder_transformer_activation"]),
         attention_downsample_rate=cfg["decoder_attention_downsample_rate"],
     )
-    model = Sam3D(image_encoder, prompt_encoder, mask_decoder, tuple(cfg["pixel_mean"]), tuple(cfg["pixel_std"]))
-    model.config = cfg  # type: ignore[assignment]  # kept for manifests and rebuilding
+    model = Sam3D(
+        image_encoder, prompt_encoder, mask_decoder, tuple(cfg["pixel_mean"]), tuple(cfg["pixel_std"])
+    )
+    model.sam_config = cfg  # kept for manifests and rebuilding
     return model
 
 
@@ -199,19 +203,29 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
     except Exception as exc:
-        hint = "" if trust_pickle else " If you trust this file, retry with trust_pickle (--trust-checkpoint)."
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}).{hint}") from None
+        hint = (
+            "" if trust_pickle else " If you trust this file, retry with trust_pickle (--trust-checkpoint)."
+        )
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc}).{hint}"
+        ) from None
     for key in ("model_state_dict", "state_dict", "model"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors (nor one under 'model_state_dict')")
+        raise CheckpointError(
+            f"{path}: does not hold a state dict of tensors (nor one under 'model_state_dict')"
+        )
     return dict(obj)
 
 
 def load_state_dict_strict(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict", max_names: int = 5
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str = "state dict",
+    max_names: int = 5,
 ) -> None:
     """Load ``state_dict`` into ``model`` requiring identical names and shapes.
 

@@ -191,7 +191,9 @@ class Block3D(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         attn_size = input_size if window_size == 0 else (window_size, window_size, window_size)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=attn_size)
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, input_size=attn_size
+        )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size

@@ -36,14 +36,18 @@ class PositionEmbeddingRandom3D(nn.Module):
     def forward(self, size: tuple[int, int, int]) -> torch.Tensor:
         """Dense encoding (3F, X, Y, Z) of a grid; cell [a0, a1, a2] encodes ((a1+.5)/X, (a0+.5)/Y, (a2+.5)/Z)."""
         x, y, z = size
-        grid = torch.ones((x, y, z), device=self.positional_encoding_gaussian_matrix.device, dtype=torch.float32)
+        grid = torch.ones(
+            (x, y, z), device=self.positional_encoding_gaussian_matrix.device, dtype=torch.float32
+        )
         y_embed = (grid.cumsum(dim=0) - 0.5) / y
         x_embed = (grid.cumsum(dim=1) - 0.5) / x
         z_embed = (grid.cumsum(dim=2) - 0.5) / z
         pe = self._pe_encoding(torch.stack([x_embed, y_embed, z_embed], dim=-1))
         return pe.permute(3, 0, 1, 2)
 
-    def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int, int]) -> torch.Tensor:
+    def forward_with_coords(
+        self, coords_input: torch.Tensor, image_size: tuple[int, int, int]
+    ) -> torch.Tensor:
         """Encode points (B, N, 3) given in voxels of an image of ``image_size`` -> (B, N, 3F)."""
         scale = torch.tensor(image_size, dtype=coords_input.dtype, device=coords_input.device)
         return self._pe_encoding((coords_input / scale).to(torch.float))
@@ -103,7 +107,10 @@ class PromptEncoder3D(nn.Module):
         return embedding
 
     def _get_batch_size(
-        self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, masks: torch.Tensor | None
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
     ) -> int:
         if points is not None:
             return points[0].shape[0]
@@ -134,5 +141,7 @@ class PromptEncoder3D(nn.Module):
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(bs, -1, *self.image_embedding_size)
+            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(
+                bs, -1, *self.image_embedding_size
+            )
         return sparse, dense

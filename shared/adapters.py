@@ -1,0 +1,344 @@
+"""The one adapter format of fedabus: the only model state that ever leaves a site.
+
+An adapter is a flat dict of float32 tensors whose names carry the model as a prefix — ``seg.`` for SAM-Med3D,
+``cls.`` for the tri-plane classifier — followed by the parameter name in the un-wrapped base model, e.g.
+``seg.image_encoder.blocks.0.attn.qkv.lora_A.weight`` or ``seg.mask_decoder.iou_token.weight``. It holds the LoRA
+matrices and the parameters of the fully trained submodules, nothing else.
+
+On disk an adapter is ``NAME.safetensors`` plus ``NAME.json``, a manifest with the tensor names, shapes and
+dtypes, the LoRA settings, the fingerprints of the frozen base weights it was trained on, the fedabus version
+and the sha256 of the tensor file. Applying an adapter to a base with another fingerprint, or with other
+names or shapes, raises :class:`AdapterMismatchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from shared import __version__
+from shared.config import AdapterConfig
+
+__all__ = [
+    "ADAPTER_FORMAT",
+    "Adapter",
+    "AdapterError",
+    "AdapterMismatchError",
+    "LoraSpec",
+    "adapter_parameters",
+    "apply_adapter",
+    "attach_lora",
+    "check_names_and_shapes",
+    "extract_adapter",
+    "fingerprint_state_dict",
+    "load_adapter",
+    "lora_specs_from_config",
+    "merge_lora",
+    "save_adapter",
+]
+
+ADAPTER_FORMAT = "fedabus-adapter"
+FORMAT_VERSION = 1
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER_NAME = "default"
+
+
+class AdapterError(ValueError):
+    """An adapter file is unreadable, corrupt or inconsistent with its manifest."""
+
+
+class AdapterMismatchError(AdapterError):
+    """An adapter does not fit the model it is applied to (base fingerprint, names or shapes)."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """How one model is adapted: LoRA on modules matching ``targets`` (a regex over full module names, matched
+    in full), plus the submodules in ``trainable`` trained entirely."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    targets: str = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+    trainable: tuple[str, ...] = ("prompt_encoder", "mask_decoder")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        re.compile(self.targets)
+
+
+def lora_specs_from_config(config: AdapterConfig) -> dict[str, LoraSpec]:
+    """The ``seg`` and ``cls`` specs described by the ``[adapter]`` config section."""
+
+    def names(csv: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in csv.split(",") if n.strip())
+
+    common = {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
+    return {
+        "seg": LoraSpec(**common, targets=config.seg_lora_targets, trainable=names(config.seg_trainable)),
+        "cls": LoraSpec(**common, targets=config.cls_lora_targets, trainable=names(config.cls_trainable)),
+    }
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
+    """Wrap a base model (weights already loaded) with PEFT LoRA; only adapter parameters require grad.
+
+    Raises ValueError when the target regex matches no module or a trainable submodule does not exist.
+    """
+    matched = [name for name, _ in model.named_modules() if name and re.fullmatch(spec.targets, name)]
+    if not matched:
+        raise ValueError(f"LoRA target regex {spec.targets!r} matches no module of {type(model).__name__}")
+    for name in spec.trainable:
+        model.get_submodule(name)  # raises AttributeError naming the missing module
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.targets,
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    base = peft_model.get_base_model()
+    for name in spec.trainable:
+        base.get_submodule(name).requires_grad_(True)
+    peft_model.fedabus_lora_spec = spec
+    return peft_model
+
+
+def _canonical_name(peft_name: str) -> str:
+    """PEFT parameter name -> name in the un-wrapped model (``...qkv.lora_A.default.weight`` -> ``...qkv.lora_A.weight``)."""
+    name = peft_name.removeprefix(_PEFT_PREFIX)
+    return name.replace(f".{_ADAPTER_NAME}.", ".")
+
+
+def adapter_parameters(peft_model: PeftModel) -> dict[str, nn.Parameter]:
+    """The trainable parameters of a wrapped model under their canonical adapter names (without prefix)."""
+    return {
+        _canonical_name(name): param for name, param in peft_model.named_parameters() if param.requires_grad
+    }
+
+
+@dataclass
+class Adapter:
+    """A flat adapter: ``tensors`` (name -> float32 CPU tensor) and its ``manifest`` (JSON-serialisable)."""
+
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Names, shapes and dtypes in sorted name order (what the manifest lists)."""
+        return [
+            {
+                "name": k,
+                "shape": list(self.tensors[k].shape),
+                "dtype": str(self.tensors[k].dtype).split(".")[-1],
+            }
+            for k in sorted(self.tensors)
+        ]
+
+
+def extract_adapter(
+    models: Mapping[str, PeftModel],
+    *,
+    base_fingerprints: Mapping[str, str],
+    metadata: Mapping[str, Any] | None = None,
+) -> Adapter:
+    """Collect the adapter of wrapped models (``{"seg": ..., "cls": ...}``) as one flat float32 dict."""
+    tensors: dict[str, torch.Tensor] = {}
+    lora: dict[str, Any] = {}
+    for prefix, peft_model in models.items():
+        for name, param in adapter_parameters(peft_model).items():
+            tensors[f"{prefix}.{name}"] = param.detach().to("cpu", torch.float32).clone()
+        spec = getattr(peft_model, "fedabus_lora_spec", None)
+        lora[prefix] = asdict(spec) if spec is not None else None
+    missing = set(models) - set(base_fingerprints)
+    if missing:
+        raise ValueError(f"no base fingerprint given for model(s) {sorted(missing)}")
+    adapter = Adapter(tensors)
+    adapter.manifest = {
+        "format": ADAPTER_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fedabus_version": __version__,
+        "models": sorted(models),
+        "base_fingerprint": {k: base_fingerprints[k] for k in sorted(models)},
+        "lora": lora,
+        "num_parameters": adapter.num_parameters,
+        "tensors": adapter.describe(),
+        "metadata": dict(metadata or {}),
+    }
+    return adapter
+
+
+def apply_adapter(
+    models: Mapping[str, PeftModel], adapter: Adapter, *, base_fingerprints: Mapping[str, str]
+) -> None:
+    """Copy an adapter's tensors into wrapped models, after checking base fingerprints, names and shapes."""
+    expected_fp = adapter.manifest.get("base_fingerprint", {})
+    for prefix in models:
+        want, have = expected_fp.get(prefix), base_fingerprints.get(prefix)
+        if want != have:
+            raise AdapterMismatchError(
+                f"adapter for '{prefix}' was trained on base {want}, but this base is {have}; "
+                "every site must hold the same frozen base checkpoint"
+            )
+    targets = {
+        f"{prefix}.{name}": param
+        for prefix, model in models.items()
+        for name, param in adapter_parameters(model).items()
+    }
+    check_names_and_shapes(adapter.tensors, {k: tuple(p.shape) for k, p in targets.items()}, what="adapter")
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(adapter.tensors[name].to(param.device, param.dtype))
+
+
+def check_names_and_shapes(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    what: str,
+    max_names: int = 5,
+) -> None:
+    """Raise AdapterMismatchError listing the first missing, unexpected and mis-shaped names."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: expected {expected[k]}, found {tuple(tensors[k].shape)}"
+        for k in sorted(expected)
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" (+{len(items) - max_names} more)" if len(items) > max_names else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:max_names])}{more}")
+    if problems:
+        raise AdapterMismatchError(f"{what} does not fit the model: " + "; ".join(problems))
+
+
+def merge_lora(peft_model: PeftModel) -> nn.Module:
+    """Fold LoRA into the base weights and return the plain model (its original state-dict keys)."""
+    return peft_model.merge_and_unload()
+
+
+def fingerprint_state_dict(
+    state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> str:
+    """``sha256:<hex>`` over names, dtypes, shapes and bytes of the tensors, in sorted name order.
+
+    Contiguous CPU tensors are hashed in place (no second copy of the model is held); other tensors are made
+    contiguous on the CPU one at a time.
+    """
+    items = sorted(
+        state_dict.items() if isinstance(state_dict, Mapping) else state_dict, key=lambda kv: kv[0]
+    )
+    digest = hashlib.sha256()
+    for name, tensor in items:
+        t = tensor.detach()
+        digest.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        if t.device.type != "cpu" or not t.is_contiguous():
+            t = t.to("cpu").contiguous()
+        if t.numel():
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(adapter: Adapter, path: str | Path) -> tuple[Path, Path]:
+    """Write ``NAME.safetensors`` and ``NAME.json`` atomically; returns both paths.
+
+    The manifest records the sha256 of the tensor file, so a torn or edited pair is detected on load.
+    """
+    from safetensors.torch import save_file
+
+    tensor_path, manifest_path = _paths(path)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors.items()}
+    _atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": ADAPTER_FORMAT}))
+    manifest = {
+        **adapter.manifest,
+        "tensors": Adapter(tensors).describe(),
+        "num_parameters": adapter.num_parameters,
+        "sha256": _sha256_file(tensor_path),
+        "tensor_file": tensor_path.name,
+        "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    return tensor_path, manifest_path
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter pair; verifies format, checksum, and that tensors match the manifest exactly."""
+    from safetensors.torch import load_file
+
+    tensor_path, manifest_path = _paths(path)
+    for p in (tensor_path, manifest_path):
+        if not p.is_file():
+            raise AdapterError(f"{p}: adapter file not found")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{manifest_path}: manifest is not valid JSON ({exc})") from None
+    if manifest.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(
+            f"{manifest_path}: not a fedabus adapter manifest (format={manifest.get('format')!r})"
+        )
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(
+            f"{manifest_path}: format version {manifest['format_version']} is newer than supported"
+        )
+    if manifest.get("sha256") != _sha256_file(tensor_path):
+        raise AdapterError(f"{tensor_path}: checksum differs from {manifest_path.name}; the pair is corrupt")
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise AdapterError(f"{tensor_path}: unreadable safetensors file ({exc})") from None
+    adapter = Adapter(tensors, manifest)
+    if adapter.describe() != manifest.get("tensors"):
+        raise AdapterError(
+            f"{tensor_path}: tensors differ from the names/shapes/dtypes listed in {manifest_path.name}"
+        )
+    return adapter
