@@ -17,9 +17,11 @@ fused width ``W`` (``reduce``: W -> W/2):
 - any other pair (one plane with the coronal one): concatenated in canonical plane order (``W = 2F``);
 - one plane: that plane's features (``W = F``).
 
-Normalisation: MONAI 1.6.1 ``ResNet`` ignores ``norm`` after the stem (upstream bug), so every branch is
-built with BatchNorm and then every BatchNorm is replaced by GroupNorm. Nothing in the model mixes samples,
-so it is usable under Opacus DP-SGD.
+DP-SGD readiness: MONAI 1.6.1 ``ResNet`` ignores ``norm`` after the stem (upstream bug), so every branch is
+built with BatchNorm and then every BatchNorm is replaced by GroupNorm: nothing in the model mixes samples.
+MONAI's blocks also add the residual and apply ReLU in place on norm outputs, which Opacus' per-sample
+gradient hooks forbid when the norms are trainable; the branches therefore use MONAI's block classes with an
+out-of-place ``forward`` (same submodules and names) and non-in-place ReLUs.
 
 Module names (what adapter regexes see), e.g. for ResNet-18:
 ``branches.transverse.conv1``, ``branches.transverse.layer1.0.conv2``,
@@ -91,11 +93,13 @@ class _Bottleneck(ResNetBottleneck):
 
 
 #: depth -> (block class, blocks per stage, pooled feature width F)
-SUPPORTED_DEPTHS: dict[int, tuple[type[ResNetBlock], tuple[int, int, int, int], int]] = {
+_DEPTHS: dict[int, tuple[type[ResNetBlock], tuple[int, int, int, int], int]] = {
     18: (_BasicBlock, (2, 2, 2, 2), 512),
     34: (_BasicBlock, (3, 4, 6, 3), 512),
     50: (_Bottleneck, (3, 4, 6, 3), 2048),
 }
+#: ResNet depths a branch can have.
+SUPPORTED_DEPTHS: tuple[int, ...] = tuple(_DEPTHS)
 
 
 def _group_count(channels: int, requested: int) -> int:
@@ -121,7 +125,7 @@ def _replace_batch_norms(module: nn.Module, norm_groups: int) -> None:
 
 def _build_branch(depth: int, norm_groups: int) -> ResNet:
     """One 2D ResNet feature extractor with torchvision's layout: input (B, 1, H, W) -> features (B, F)."""
-    block, layers, _ = SUPPORTED_DEPTHS[depth]
+    block, layers, _ = _DEPTHS[depth]
     branch = ResNet(
         block=block,
         layers=list(layers),
@@ -221,14 +225,14 @@ class TriPlaneClassifier(nn.Module):
         """
         super().__init__()
         if depth not in SUPPORTED_DEPTHS:
-            raise ValueError(f"depth={depth!r} is not supported: choose one of {sorted(SUPPORTED_DEPTHS)}")
+            raise ValueError(f"depth={depth!r} is not supported: choose one of {SUPPORTED_DEPTHS}")
         if norm_groups < 1:
             raise ValueError(f"norm_groups={norm_groups!r} must be a positive integer")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
         self.planes = _check_planes(planes)
         self.depth = depth
-        self.feature_dim = SUPPORTED_DEPTHS[depth][2]
+        self.feature_dim = _DEPTHS[depth][2]
         self.branches = nn.ModuleDict({p: _build_branch(depth, norm_groups) for p in self.planes})
         self.head = TriPlaneHead(planes=self.planes, feature_dim=self.feature_dim, dropout=dropout)
 
@@ -289,8 +293,8 @@ def malignant_probabilities(logits: torch.Tensor) -> torch.Tensor:
 def frame_probabilities_to_lesion(probs: torch.Tensor) -> torch.Tensor:
     """Lesion malignancy probability as in seed 003: the mean of the per-frame malignant probabilities.
 
-    At test time each lesion gives F frame-triplets (transverse_i, sagittal_i, coronal_i); the model yields one
-    malignant probability per triplet (:func:`malignant_probabilities`). A lesion is malignant when the
+    At test time each lesion gives F frame-triplets (transverse_i, sagittal_i, coronal_i); the model yields
+    one malignant probability per triplet (:func:`malignant_probabilities`). A lesion is malignant when the
     result exceeds 0.5.
 
     Args:
@@ -314,7 +318,7 @@ _MAX_LISTED = 5
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``path`` (.safetensors or torch file; plain or under ``state_dict``/``model``)."""
+    """Read a state dict (.safetensors or torch; plain or under ``state_dict``/``model``) from ``path``."""
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -337,7 +341,7 @@ def _guess_depth(state: Mapping[str, torch.Tensor]) -> str:
     """Describe which torchvision ResNet the keys of ``state`` look like (for error messages)."""
     counts = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     bottleneck = "layer1.0.conv3.weight" in state
-    for depth, (block, layers, _) in SUPPORTED_DEPTHS.items():
+    for depth, (block, layers, _) in _DEPTHS.items():
         if layers == counts and (block is _Bottleneck) == bottleneck:
             return f"it looks like a ResNet-{depth}"
     return f"blocks per stage {counts}, {'bottleneck' if bottleneck else 'basic'} blocks"

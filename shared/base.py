@@ -1,0 +1,197 @@
+"""The frozen base: SAM-Med3D and the tri-plane classifier that every site holds identically.
+
+A base is stored as ``NAME.safetensors`` (the full state dicts of both models, keys prefixed ``seg.`` and
+``cls.``; memory-mapped on load, so opening it is cheap in every fresh ClientApp process) plus ``NAME.json``
+(how to rebuild the architectures and the fingerprint of each model's weights). Fingerprints are what sites and
+server compare before any adapter is exchanged.
+
+Real sites make their base once from the official ``sam_med3d_turbo.pth`` (and optionally ImageNet ResNet
+weights) with :func:`base_from_checkpoints` (``fedabus make-base``); CPU demos and tests use a small base
+trained by ``fedabus pretrain``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from shared import __version__
+from shared.adapters import LoraSpec, attach_lora, fingerprint_state_dict
+from shared.models.sam_med3d import (
+    CheckpointError,
+    Sam3D,
+    build_sam_med3d,
+    load_state_dict_strict,
+    read_checkpoint,
+)
+from shared.models.triplane import TriPlaneClassifier, build_triplane_classifier, load_backbone_weights
+
+__all__ = [
+    "BASE_FORMAT",
+    "BaseModels",
+    "base_from_checkpoints",
+    "build_random_base",
+    "load_base",
+    "save_base",
+    "wrap_for_training",
+]
+
+BASE_FORMAT = "fedabus-base"
+
+
+@dataclass
+class BaseModels:
+    """The two base models, their architecture descriptions and weight fingerprints (``seg`` / ``cls``)."""
+
+    sam: Sam3D
+    cls: TriPlaneClassifier
+    sam_config: dict[str, Any]
+    cls_config: dict[str, Any]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def refresh_fingerprints(self) -> dict[str, str]:
+        self.fingerprints = {
+            "seg": fingerprint_state_dict(self.sam.state_dict()),
+            "cls": fingerprint_state_dict(self.cls.state_dict()),
+        }
+        return self.fingerprints
+
+    @property
+    def fingerprint(self) -> str:
+        """One string for both models (what the federation handshake compares)."""
+        return f"seg={self.fingerprints['seg']};cls={self.fingerprints['cls']}"
+
+
+def _build_cls(cls_config: dict[str, Any]) -> TriPlaneClassifier:
+    return build_triplane_classifier(
+        depth=int(cls_config["depth"]),
+        planes=tuple(cls_config["planes"]),
+        norm_groups=int(cls_config["norm_groups"]),
+    )
+
+
+def build_random_base(
+    sam_config: str | dict[str, Any] = "small",
+    *,
+    cls_depth: int = 18,
+    cls_planes: tuple[str, ...] = ("transverse", "sagittal", "coronal"),
+    cls_norm_groups: int = 32,
+    seed: int = 0,
+    attention_impl: str = "fast",
+) -> BaseModels:
+    """Randomly initialised base (seeded): the starting point of ``fedabus pretrain`` and of tests."""
+    torch.manual_seed(seed)
+    sam = build_sam_med3d(sam_config, attention_impl=attention_impl)
+    cls_config = {"depth": cls_depth, "planes": list(cls_planes), "norm_groups": cls_norm_groups}
+    base = BaseModels(sam, _build_cls(cls_config), dict(sam.sam_config), cls_config)
+    base.refresh_fingerprints()
+    return base
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_base(base: BaseModels, path: str | Path, *, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``NAME.safetensors`` + ``NAME.json`` atomically; returns the tensor file's path."""
+    from safetensors.torch import save_file
+
+    tensor_path, manifest_path = _paths(path)
+    fingerprints = base.refresh_fingerprints()
+    tensors = {f"seg.{k}": v.detach().cpu().contiguous() for k, v in base.sam.state_dict().items()}
+    tensors |= {f"cls.{k}": v.detach().cpu().contiguous() for k, v in base.cls.state_dict().items()}
+    _atomic_replace(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": BASE_FORMAT}))
+    manifest = {
+        "format": BASE_FORMAT,
+        "fedabus_version": __version__,
+        "sam_config": base.sam_config,
+        "cls_config": base.cls_config,
+        "fingerprints": fingerprints,
+        "provenance": {**base.provenance, **(provenance or {})},
+    }
+    _atomic_replace(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    return tensor_path
+
+
+def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = True) -> BaseModels:
+    """Open a saved base (memory-mapped) and check its weights against the fingerprints in its manifest."""
+    from safetensors.torch import load_file
+
+    tensor_path, manifest_path = _paths(path)
+    if not manifest_path.is_file() or not tensor_path.is_file():
+        raise CheckpointError(
+            f"{tensor_path}: base not found (needs {tensor_path.name} and {manifest_path.name}); "
+            "create one with `fedabus pretrain` (demo) or `fedabus make-base` (real checkpoints)"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != BASE_FORMAT:
+        raise CheckpointError(f"{manifest_path}: not a fedabus base manifest")
+    tensors = load_file(str(tensor_path))
+    sam = build_sam_med3d(manifest["sam_config"], attention_impl=attention_impl)
+    cls = _build_cls(manifest["cls_config"])
+    for prefix, model in (("seg", sam), ("cls", cls)):
+        part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        load_state_dict_strict(model, part, source=f"{tensor_path} [{prefix}]")
+    base = BaseModels(
+        sam, cls, manifest["sam_config"], manifest["cls_config"], provenance=manifest["provenance"]
+    )
+    base.refresh_fingerprints()
+    if verify and base.fingerprints != manifest["fingerprints"]:
+        raise CheckpointError(f"{tensor_path}: weights do not match the fingerprints in {manifest_path.name}")
+    return base
+
+
+def base_from_checkpoints(
+    sam_checkpoint: str | Path,
+    *,
+    sam_config: str | dict[str, Any] = "vit_b_ori",
+    cls_backbone: str | Path | None = None,
+    cls_depth: int = 50,
+    cls_norm_groups: int = 32,
+    seed: int = 0,
+    trust_pickle: bool = False,
+) -> BaseModels:
+    """A base from the official SAM-Med3D checkpoint and optional torchvision-format ResNet weights.
+
+    The classifier's fusion head starts from a seeded random initialisation; the coordinator makes the base once
+    and distributes the pair of files, so every site holds the same weights (checked by fingerprint).
+    """
+    base = build_random_base(sam_config, cls_depth=cls_depth, cls_norm_groups=cls_norm_groups, seed=seed)
+    load_state_dict_strict(
+        base.sam, read_checkpoint(sam_checkpoint, trust_pickle=trust_pickle), source=str(sam_checkpoint)
+    )
+    if cls_backbone is not None:
+        load_backbone_weights(base.cls, cls_backbone)
+    base.provenance = {
+        "sam_checkpoint": Path(sam_checkpoint).name,
+        "cls_backbone": Path(cls_backbone).name if cls_backbone else None,
+    }
+    base.refresh_fingerprints()
+    return base
+
+
+def wrap_for_training(base: BaseModels, specs: dict[str, LoraSpec]) -> dict[str, PeftModel]:
+    """Attach LoRA to both base models (in place): ``{"seg": PeftModel, "cls": PeftModel}``."""
+    return {"seg": attach_lora(base.sam, specs["seg"]), "cls": attach_lora(base.cls, specs["cls"])}
