@@ -32,6 +32,7 @@ __all__ = [
     "load_site_config",
     "section_from_mapping",
     "to_flat_dict",
+    "TrainConfig",
 ]
 
 
@@ -69,7 +70,7 @@ class AdapterConfig:
     #: Comma-separated SAM-Med3D submodules trained fully (travel in the adapter).
     seg_trainable: str = "prompt_encoder,mask_decoder"
     #: Regex over classifier module names that receive LoRA (default: every backbone convolution).
-    cls_lora_targets: str = r"branches\.\w+\..*conv\d*"
+    cls_lora_targets: str = r"branches\.\w+\..*(conv\d*|downsample\.0)"
     #: Comma-separated classifier submodules trained fully.
     cls_trainable: str = "head"
 
@@ -101,12 +102,51 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Local training of both models (one site, one round or one ``train-local`` run)."""
+
+    #: Segmentation: epochs over the site's training cases, AdamW learning rate (seed 000: 2e-4).
+    seg_epochs: int = 2
+    seg_lr: float = 2e-4
+    seg_weight_decay: float = 0.0
+    #: Comma-separated epochs at which the learning rate is multiplied by ``seg_lr_decay`` (seed: "120,180").
+    seg_lr_milestones: str = ""
+    seg_lr_decay: float = 0.1
+    seg_batch_size: int = 2
+    seg_grad_accumulation: int = 1
+    #: Click iterations per training sample (1 = first click only; seed evaluates with up to 11 clicks).
+    seg_click_iterations: int = 3
+    #: Cap on corrective clicks added per iteration (one per 2D slice of the error region otherwise).
+    seg_clicks_per_step: int = 4
+    #: Total clicks per case in evaluation (seed 000: 11).
+    eval_clicks: int = 5
+    #: Classifier: epochs, optimiser (``sgd`` with momentum as seed 003, or ``adamw``), learning rate.
+    cls_epochs: int = 3
+    cls_optimizer: str = "sgd"
+    cls_lr: float = 1e-3
+    cls_momentum: float = 0.9
+    cls_batch_size: int = 8
+    #: Planes used by the classifier: comma-separated subset of ``transverse,sagittal,coronal``.
+    cls_planes: str = "transverse,sagittal,coronal"
+    #: Decision threshold on the lesion malignancy probability.
+    cls_threshold: float = 0.5
+    #: FedProx proximal coefficient (0 disables); the federation sets it per round.
+    proximal_mu: float = 0.0
+    #: bf16 autocast on CUDA (ignored on CPU).
+    bf16: bool = True
+    seed: int = 0
+    #: Show progress bars.
+    progress: bool = True
+
+
+@dataclass(frozen=True)
 class FedabusConfig:
     """All sections together (what a run or a command receives)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 T = TypeVar("T")
