@@ -12,11 +12,13 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord
 
-__all__ = ["ARRAYS", "CONFIG", "METRICS", "NUM_EXAMPLES", "adapter_to_record", "record_to_adapter"]
+__all__ = ["ARRAYS", "CONFIG", "METRICS", "NUM_EXAMPLES", "SITE", "adapter_to_record", "record_to_adapter"]
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
+#: ConfigRecord in replies naming the site (``site-id``) and, when it sent no update, why (``declined``).
+SITE = "site"
 #: The metric Flower's FedAvg weights by; fedabus sets it to the number of training cases.
 NUM_EXAMPLES = "num-examples"
 

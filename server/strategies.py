@@ -1,0 +1,223 @@
+"""Aggregation strategies: Flower's own, extended by hooks (never by copying the round loop).
+
+:func:`build_strategy` returns an instance of ``FedabusHooks`` mixed into the chosen Flower strategy. The hooks
+
+* sample sites with a deadline, so a round never waits forever for ``min_available_nodes``
+  (:class:`FederationStalled` after ``sample_timeout`` seconds);
+* number rounds from ``round_offset + 1`` so a resumed run continues its numbering;
+* skip client evaluation on rounds off the evaluation interval;
+* drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
+* remember, per round, which site sent which metrics (``last_train_metrics`` / ``last_eval_metrics``), for tracking.
+
+Strategy state that must survive a restart (FedAdam/Yogi/Adagrad moments) is exposed through
+:meth:`FedabusHooks.get_state` / :meth:`FedabusHooks.set_state`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
+
+from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
+
+__all__ = ["STRATEGIES", "FederationStalled", "FedabusHooks", "build_strategy", "site_of"]
+
+STRATEGIES: dict[str, type] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+}
+#: Strategy attributes holding state that must be checkpointed (dicts of name -> ndarray).
+_STATE_ATTRIBUTES = ("m_t", "v_t")
+
+
+class FederationStalled(RuntimeError):
+    """Not enough sites were online within the deadline; the run stops instead of hanging."""
+
+
+def site_of(message: Message) -> str:
+    """The site name a reply declares (``site`` ConfigRecord), else its node id."""
+    record = message.content.config_records.get(SITE) if message.has_content() else None
+    if record is not None and "site-id" in record:
+        return str(record["site-id"])
+    return f"node-{message.metadata.src_node_id}"
+
+
+class FedabusHooks:
+    """Mixin placed before a Flower strategy class; see the module docstring."""
+
+    round_offset: int = 0
+    eval_interval: int = 1
+    sample_timeout: float = 600.0
+    allowed_nodes: set[int] | None = None
+
+    def _eligible(self, grid: Grid) -> list[int]:
+        return [n for n in grid.get_node_ids() if self.allowed_nodes is None or n in self.allowed_nodes]
+
+    def _sample(self, grid: Grid, min_available: int, sample_size: int) -> list[int]:
+        """Sample ``sample_size`` eligible sites once ``min_available`` are online; raise after the deadline."""
+        deadline = time.monotonic() + self.sample_timeout
+        while True:
+            nodes = self._eligible(grid)
+            if len(nodes) >= min_available:
+                return random.sample(nodes, min(sample_size, len(nodes)))
+            if time.monotonic() > deadline:
+                raise FederationStalled(
+                    f"only {len(nodes)} eligible site(s) online after {self.sample_timeout:.0f} s; "
+                    f"{min_available} needed (federation.min-sites). Stopping instead of waiting forever."
+                )
+            log(INFO, "Waiting for sites: %d online, %d needed", len(nodes), min_available)
+            time.sleep(1.0)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        server_round += self.round_offset
+        # Let subclasses (FedProx's mu, FedOpt's current arrays) do their part, but sample with a deadline.
+        original_sampler = self._sample_hook_swap()
+        try:
+            messages = super().configure_train(server_round, arrays, config, grid)
+        finally:
+            self._sample_hook_restore(original_sampler)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        server_round += self.round_offset
+        if self.eval_interval > 1 and server_round % self.eval_interval:
+            return []
+        original_sampler = self._sample_hook_swap()
+        try:
+            return super().configure_evaluate(server_round, arrays, config, grid)
+        finally:
+            self._sample_hook_restore(original_sampler)
+
+    # Flower's strategies call the module-level ``sample_nodes`` (which waits forever); during our
+    # configure_* calls it is replaced by the deadline-bound sampler above.
+    def _sample_hook_swap(self):
+        import flwr.serverapp.strategy.fedavg as fedavg_module
+
+        original = fedavg_module.sample_nodes
+
+        def bounded(grid: Grid, min_available_nodes: int, sample_size: int):
+            nodes = self._sample(grid, min_available_nodes, sample_size)
+            return nodes, list(grid.get_node_ids())
+
+        fedavg_module.sample_nodes = bounded
+        return original
+
+    def _sample_hook_restore(self, original) -> None:
+        import flwr.serverapp.strategy.fedavg as fedavg_module
+
+        fedavg_module.sample_nodes = original
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
+        replies = list(replies)
+        self.last_train_metrics = _metrics_by_site(replies)
+        with_update = []
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "Round %d: site %s failed: %s", server_round, site_of(msg), msg.error.reason)
+                with_update.append(msg)  # Flower logs and drops errors itself
+            elif ARRAYS in msg.content.array_records:
+                with_update.append(msg)
+            else:
+                reason = msg.content.config_records.get(SITE, {}).get("declined", "no update sent")
+                log(WARNING, "Round %d: site %s sent no update: %s", server_round, site_of(msg), reason)
+        if not any(not m.has_error() for m in with_update):
+            log(WARNING, "Round %d: no site sent an update; the global adapter is unchanged", server_round)
+            return None, None
+        return super().aggregate_train(server_round, with_update)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
+        replies = list(replies)
+        self.last_eval_metrics = _metrics_by_site(replies)
+        for msg in replies:
+            if msg.has_error():
+                log(
+                    WARNING,
+                    "Round %d: evaluation failed at %s: %s",
+                    server_round,
+                    site_of(msg),
+                    msg.error.reason,
+                )
+        return super().aggregate_evaluate(server_round, replies)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Optimizer state to checkpoint, flattened as ``attribute/array-name`` -> ndarray."""
+        state = {}
+        for attribute in _STATE_ATTRIBUTES:
+            for key, value in (getattr(self, attribute, None) or {}).items():
+                state[f"{attribute}/{key}"] = np.asarray(value)
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        for attribute in _STATE_ATTRIBUTES:
+            values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attribute}/")}
+            if values:
+                setattr(self, attribute, values)
+
+
+def _metrics_by_site(replies: list[Message]) -> dict[str, dict[str, float]]:
+    out = {}
+    for msg in replies:
+        if msg.has_error() or METRICS not in msg.content.metric_records:
+            continue
+        out[site_of(msg)] = {k: float(v) for k, v in msg.content.metric_records[METRICS].items()}
+    return out
+
+
+def build_strategy(
+    name: str,
+    *,
+    min_sites: int,
+    fraction_train: float = 1.0,
+    fraction_evaluate: float = 1.0,
+    eval_interval: int = 1,
+    sample_timeout: float = 600.0,
+    proximal_mu: float = 0.0,
+    server_lr: float = 0.1,
+    trim_beta: float = 0.2,
+    num_malicious: int = 0,
+) -> FedabusHooks:
+    """A Flower strategy by name (``fedavg``, ``fedprox``, ``fedadam``, ``fedmedian``, ``fedtrimmedavg``,
+    ``krum``, ``multikrum``) with the fedabus hooks. FedAvg weights by ``num-examples`` (training cases)."""
+    try:
+        base = STRATEGIES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}") from None
+    common: dict[str, Any] = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": min_sites,
+        "min_evaluate_nodes": min_sites if fraction_evaluate > 0 else 0,
+        "min_available_nodes": min_sites,
+    }
+    if base is not FedMedian and base is not Krum and base is not MultiKrum:
+        common["weighted_by_key"] = NUM_EXAMPLES
+    extra: dict[str, Any] = {
+        FedProx: {"proximal_mu": proximal_mu},
+        FedAdam: {"eta": server_lr},
+        FedTrimmedAvg: {"beta": trim_beta},
+        Krum: {"num_malicious_nodes": num_malicious},
+        MultiKrum: {"num_malicious_nodes": num_malicious},
+    }.get(base, {})
+    cls = type(f"Fedabus{base.__name__}", (FedabusHooks, base), {})
+    strategy = cls(**common, **extra)
+    strategy.eval_interval = max(1, int(eval_interval))
+    strategy.sample_timeout = float(sample_timeout)
+    strategy.last_train_metrics = {}
+    strategy.last_eval_metrics = {}
+    return strategy

@@ -1,0 +1,108 @@
+"""Strategies with fedabus hooks, on mocked replies (no processes)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.strategies import FederationStalled, build_strategy, site_of
+from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+def arrays(value: float) -> ArrayRecord:
+    return ArrayRecord({"seg.w": Array(np.full((2, 3), value, dtype=np.float32))})
+
+
+def reply(node: int, site: str, *, value: float | None, examples: int, dice: float = 0.5) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: examples, "train/loss": dice})})
+    content[SITE] = ConfigRecord(
+        {"site-id": site} if value is not None else {"site-id": site, "declined": "budget"}
+    )
+    if value is not None:
+        content[ARRAYS] = arrays(value)
+    return Message(content, reply_to=request)
+
+
+def test_fedavg_weights_by_training_examples_and_remembers_sites():
+    strategy = build_strategy("fedavg", min_sites=2)
+    replies = [reply(1, "a", value=1.0, examples=1), reply(2, "b", value=5.0, examples=3)]
+    agg, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["seg.w"].numpy(), np.full((2, 3), (1 * 1 + 3 * 5) / 4))
+    assert metrics["train/loss"] == pytest.approx(0.5)
+    assert set(strategy.last_train_metrics) == {"a", "b"}
+
+
+def test_sites_without_update_or_with_errors_are_dropped():
+    strategy = build_strategy("fedavg", min_sites=1)
+    request = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    failed = Message(Error(code=1, reason="site crashed"), reply_to=request)
+    replies = [reply(1, "a", value=2.0, examples=2), reply(2, "b", value=None, examples=0), failed]
+    agg, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["seg.w"].numpy(), 2.0)
+    assert site_of(replies[1]) == "b"
+    assert strategy.aggregate_train(2, [reply(2, "b", value=None, examples=0)]) == (None, None)
+
+
+def test_round_offset_and_eval_interval():
+    strategy = build_strategy("fedprox", min_sites=1, proximal_mu=0.1, eval_interval=2)
+    strategy.round_offset = 4
+    messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2])))
+    assert len(messages) == 2
+    config = messages[0].content["config"]
+    assert config["server-round"] == 5 and config["proximal-mu"] == pytest.approx(0.1)
+    assert (
+        list(strategy.configure_evaluate(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2]))) == []
+    )  # round 5
+    assert len(list(strategy.configure_evaluate(2, arrays(0.0), ConfigRecord(), FakeGrid([1, 2])))) == 2
+
+
+def test_sampling_gives_up_after_the_deadline():
+    strategy = build_strategy("fedavg", min_sites=3, sample_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(FederationStalled, match="only 1 eligible site"):
+        strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1]))
+    assert time.monotonic() - started < 5
+
+
+def test_refused_nodes_are_never_sampled():
+    strategy = build_strategy("fedavg", min_sites=1)
+    strategy.allowed_nodes = {2}
+    messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2, 3])))
+    assert [m.metadata.dst_node_id for m in messages] == [2]
+
+
+def test_fedadam_state_round_trips():
+    strategy = build_strategy("fedadam", min_sites=1)
+    list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1])))
+    strategy.aggregate_train(1, [reply(1, "a", value=1.0, examples=1)])
+    state = strategy.get_state()
+    assert {k.split("/")[0] for k in state} == {"m_t", "v_t"}
+    fresh = build_strategy("fedadam", min_sites=1)
+    fresh.set_state(state)
+    np.testing.assert_array_equal(fresh.m_t["seg.w"], strategy.m_t["seg.w"])
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
+        build_strategy("fedsgd", min_sites=1)
