@@ -16,7 +16,11 @@ from shared import __version__
 __all__ = ["build_parser", "main"]
 
 #: Modules that contribute commands, in the order they appear in ``fedabus --help``.
-COMMAND_MODULES: tuple[str, ...] = ("shared.data.commands",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "shared.data.commands",
+    "shared.data.synth",
+    "shared.certs",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

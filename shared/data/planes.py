@@ -1,0 +1,198 @@
+"""Tri-plane extraction for the benign/malignant classifier (seed 003).
+
+From a 3D mask: connected components (26-connectivity, ``scipy.ndimage.label``) → the largest lesion's
+bounding box → lesion-region images in the transverse, sagittal and coronal planes, ``frames`` per plane,
+each resized to ``size × size`` → float32 array of shape **(3, F, S, S)**.
+
+Inputs are arrays in the canonical orientation of :mod:`shared.data.transforms` (after
+:func:`~shared.data.transforms.preprocess_case`): array axes (z, y, x) = (sweep inferior → superior,
+depth anterior → posterior from the skin, lateral right → left). The planes are:
+
+====  ============  ===========================  ==================================  ==========================
+axis  plane         slice of the (z, y, x) array  frame rows (top → bottom)           frame columns (left → right)
+====  ============  ===========================  ==================================  ==========================
+0     transverse    ``image[z_k, :, :]``         y: depth, skin at the top           x: patient right → left
+1     sagittal      ``image[:, :, x_k].T``       y: depth, skin at the top           z: inferior → superior
+2     coronal       ``image[:, y_k, :]``         z: inferior → superior              x: patient right → left
+====  ============  ===========================  ==================================  ==========================
+
+The transverse frame is the image the ABUS transducer acquires; the coronal frame is parallel to the skin (the
+characteristic ABUS view). A file's direction matrix reaches this table through the canonical orientation:
+DICOMOrient to LPS makes array axis 0 the one the direction matrix sends to superior/inferior, axis 1 the one
+sent to anterior/posterior and axis 2 the one sent to left/right.
+
+Frames: for the plane normal to axis ``a``, frame ``k`` (k = 0..F-1) is the slice at index
+``floor(start_a + extent_a · (k + 1) / (F + 1) - 0.5)`` of the lesion's box on that axis, i.e. evenly spread
+across the lesion (one frame = the central slice, :attr:`LesionBox.centre_voxel`).
+
+Region: a square **in millimetres**, centred on the box centre, whose side is the larger of the box's two
+in-plane extents plus a margin on each side (``max(margin · extent, margin_mm)``); the aspect ratio of the
+lesion is therefore kept (taller-than-wide stays visible). The region is cut from the slice (padded with
+``pad_value`` outside the volume) and resized to ``size × size`` with MONAI's bilinear Resize with
+anti-aliasing. The image is the normalised image, not masked: surroundings (margins, posterior shadowing)
+stay visible, as in the seed's lesion-region maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from monai.transforms import Resize
+from scipy import ndimage
+
+from shared.config import DataConfig
+from shared.data.transforms import crop_or_pad
+
+__all__ = [
+    "PLANES",
+    "LesionBox",
+    "extract_planes",
+    "frame_positions",
+    "largest_lesion_box",
+    "lesion_components",
+    "planes_from_config",
+]
+
+#: Plane names in the order of axis 0 of :func:`extract_planes`' output.
+PLANES = ("transverse", "sagittal", "coronal")
+# For each plane: the array axis it is normal to, and the (row, column) array axes of its frames.
+_PLANE_AXES = {"transverse": (0, (1, 2)), "sagittal": (2, (1, 0)), "coronal": (1, (0, 2))}
+
+
+@dataclass(frozen=True)
+class LesionBox:
+    """Bounding box of one connected lesion: ``start``/``stop`` (z, y, x) voxel indices, stop exclusive;
+    ``voxels`` its number of voxels."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+    voxels: int
+
+    @property
+    def extent(self) -> tuple[int, int, int]:
+        """Box size (voxels) per axis (z, y, x)."""
+        return tuple(b - a for a, b in zip(self.start, self.stop, strict=True))
+
+    @property
+    def centre(self) -> tuple[float, float, float]:
+        """Box centre (z, y, x) in voxel index units (may be a half index)."""
+        return tuple((a + b - 1) / 2 for a, b in zip(self.start, self.stop, strict=True))
+
+    @property
+    def centre_voxel(self) -> tuple[int, int, int]:
+        """A voxel at the box centre (rounded down)."""
+        return tuple(int((a + b - 1) // 2) for a, b in zip(self.start, self.stop, strict=True))
+
+
+def lesion_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of ``mask > 0`` with 26-connectivity: (labels (D, H, W) int32, count)."""
+    labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    return labels, int(count)
+
+
+def largest_lesion_box(mask: np.ndarray) -> LesionBox:
+    """Bounding box of the largest connected lesion of ``mask`` (D, H, W); ties go to the lower label.
+
+    Raises ValueError when the mask has no lesion voxel.
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"expected a 3D mask (D, H, W), got shape {mask.shape}")
+    labels, count = lesion_components(mask)
+    if count == 0:
+        raise ValueError("empty mask: no lesion to extract planes from")
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    largest = int(np.argmax(sizes)) + 1
+    found = ndimage.find_objects(labels, max_label=largest)[largest - 1]
+    start = tuple(int(s.start) for s in found)
+    stop = tuple(int(s.stop) for s in found)
+    return LesionBox(start, stop, int(sizes[largest - 1]))
+
+
+def frame_positions(start: int, stop: int, frames: int) -> list[int]:
+    """``frames`` slice indices spread evenly across [start, stop) (module docstring)."""
+    if frames < 1:
+        raise ValueError(f"data config: planes-frames = {frames} must be >= 1")
+    extent = stop - start
+    positions = [int(np.floor(start + extent * (k + 1) / (frames + 1) - 0.5)) for k in range(frames)]
+    return [min(max(p, start), stop - 1) for p in positions]
+
+
+def _region(
+    slice_2d: np.ndarray, centre: Sequence[float], sides: Sequence[int], pad_value: float
+) -> np.ndarray:
+    start = [int(np.floor(c - (n - 1) / 2 + 0.5)) for c, n in zip(centre, sides, strict=True)]
+    return crop_or_pad(slice_2d, start, sides, pad_value=pad_value)
+
+
+def _plane_frames(
+    image: np.ndarray,
+    box: LesionBox,
+    plane: str,
+    *,
+    frames: int,
+    resize: Resize,
+    spacing_mm: Sequence[float],
+    margin: float,
+    margin_mm: float,
+    pad_value: float,
+) -> np.ndarray:
+    """The (frames, S, S) float32 frames of one plane (module docstring)."""
+    normal, (row_axis, col_axis) = _PLANE_AXES[plane]
+    side_mm = max(
+        box.extent[a] * spacing_mm[a] + 2 * max(margin * box.extent[a] * spacing_mm[a], margin_mm)
+        for a in (row_axis, col_axis)
+    )
+    sides = [max(1, int(round(side_mm / spacing_mm[a]))) for a in (row_axis, col_axis)]
+    centre = [box.centre[row_axis], box.centre[col_axis]]
+    out = []
+    for position in frame_positions(box.start[normal], box.stop[normal], frames):
+        slice_2d = np.take(image, position, axis=normal)  # remaining axes keep their (z, y, x) order
+        if row_axis > col_axis:
+            slice_2d = slice_2d.T
+        region = _region(slice_2d, centre, sides, pad_value)
+        out.append(np.asarray(resize(region[None].astype(np.float32))[0], dtype=np.float32))
+    return np.stack(out)
+
+
+def extract_planes(
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    frames: int,
+    size: int,
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    margin: float = 0.15,
+    margin_mm: float = 1.0,
+    pad_value: float = 0.0,
+) -> np.ndarray:
+    """Lesion-region frames of the largest lesion of ``mask`` in ``image`` (both (D, H, W), canonical).
+
+    Returns float32 (3, frames, size, size): planes in :data:`PLANES` order, frames across the lesion.
+    ``spacing_mm`` is (z, y, x). Raises ValueError for an empty mask or mismatched shapes.
+    """
+    if image.shape != mask.shape:
+        raise ValueError(f"image shape {image.shape} and mask shape {mask.shape} differ")
+    if size < 1 or margin < 0 or margin_mm < 0:
+        raise ValueError(f"planes: size = {size} must be >= 1 and margins ({margin}, {margin_mm} mm) >= 0")
+    box = largest_lesion_box(mask)
+    resize = Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True)
+    options = dict(spacing_mm=spacing_mm, margin=margin, margin_mm=margin_mm, pad_value=pad_value)
+    return np.stack([_plane_frames(image, box, p, frames=frames, resize=resize, **options) for p in PLANES])
+
+
+def planes_from_config(
+    image: np.ndarray, mask: np.ndarray, config: DataConfig, *, spacing_mm: Sequence[float], pad_value: float
+) -> np.ndarray:
+    """:func:`extract_planes` with frames, size and margins from ``config``: (3, planes_frames, S, S)."""
+    return extract_planes(
+        image,
+        mask,
+        frames=config.planes_frames,
+        size=config.planes_size,
+        spacing_mm=spacing_mm,
+        margin=config.planes_margin,
+        margin_mm=config.planes_margin_mm,
+        pad_value=pad_value,
+    )

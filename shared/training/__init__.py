@@ -1,0 +1,4 @@
+"""Training loops in plain torch (no Flower): segmentation (``seg``) and the tri-plane classifier (``cls``).
+
+Used by the Flower client, ``fedabus train-local`` and ``fedabus pretrain``.
+"""

@@ -1,0 +1,690 @@
+"""Training, evaluation and Grad-CAM of the tri-plane benign/malignant classifier (seed 003), in plain torch.
+
+Data. A lesion is described by its tri-plane frames, a float array **(3, F, S, S)** (planes in the order
+transverse, sagittal, coronal; F frames spread across the lesion; S × S pixels; see
+:mod:`shared.data.planes`). Frame ``i`` of the three planes forms one *frame-triplet* (3, 1, S, S).
+
+Training is frame-level (seed 003): every frame-triplet of a lesion is one sample carrying the lesion's label
+(0 benign, 1 malignant); the loss is cross-entropy. A loader yields batches ``(frames, labels)`` with frames
+(B, 3, 1, S, S) float and labels (B,) int — a tuple/list or a mapping with keys ``"frames"`` and ``"label"``;
+:func:`frame_triplet_dataset` builds such a dataset from lesion planes. Frames may also hold only the model's
+P planes, (B, P, 1, S, S), in canonical order. Lesion-level batches as :func:`shared.data.loaders.cls_loader`
+yields them, ``{"planes": (B, 3, F, S, S), "label": (B,)}``, are split into their B * F frame-triplets
+(not under Opacus, see below).
+
+Inference is lesion-level: the lesion's malignancy probability is the mean of its frames' malignant
+probabilities; it is called malignant when the probability exceeds ``train.cls-threshold`` (0.5).
+
+Plane variants (seed 003 Table 3): ``train.cls-planes`` names the planes the model was built with
+(``build_triplane_classifier(planes=...)``); only those planes are fed to it, and a model built with other
+planes is refused.
+
+Differential privacy: :func:`train_classifier` runs unchanged on a model, optimizer and loader returned by
+Opacus' ``PrivacyEngine.make_private`` (pass the returned optimizer as ``optimizer=``): the model has no
+BatchNorm, batches of size 0 (Poisson sampling) are skipped, parameters are never changed in place outside the
+optimizer, and the FedProx term is added to the gradient *after* clipping and noising (it depends on no
+patient data, so it costs no privacy). A per-sample gradient is per frame-triplet: a lesion with F frames
+contributes F samples unless the loader draws one frame per lesion; lesion-level batches are refused under
+Opacus, because splitting them into frames inside the step would break Opacus' per-sample bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from shared.config import TrainConfig
+from shared.metrics import AucResult, BinaryMetrics, auc_with_ci, binary_metrics, classification_metrics_dict
+from shared.models.triplane import (
+    PLANES,
+    TriPlaneClassifier,
+    frame_probabilities_to_lesion,
+    malignant_probabilities,
+)
+
+__all__ = [
+    "FRAMES_KEY",
+    "GT_SOURCE",
+    "LABEL_KEY",
+    "NO_LESION_PROBABILITY",
+    "PLANES_KEY",
+    "PRED_SOURCE",
+    "SOURCE_SUFFIXES",
+    "ClsCase",
+    "ClsEvaluation",
+    "SourceEvaluation",
+    "build_cls_optimizer",
+    "evaluate_classifier",
+    "frame_triplet_dataset",
+    "grad_cam",
+    "parse_cls_planes",
+    "predict_frame_probabilities",
+    "predict_lesions",
+    "save_grad_cam_images",
+    "train_classifier",
+    "trainable_snapshot",
+    "unwrap_classifier",
+]
+
+#: Keys of a mapping batch: frame-triplets (B, 3, 1, S, S) or whole lesions' planes (B, 3, F, S, S), and
+#: labels (B,).
+FRAMES_KEY = "frames"
+PLANES_KEY = "planes"
+LABEL_KEY = "label"
+#: Plane sources of an evaluation case: planes cut from the ground-truth mask or from the predicted mask.
+GT_SOURCE = "gt"
+PRED_SOURCE = "pred"
+#: Metric-name suffix per source: the end-to-end result (predicted mask) is the plain ``test/auc``.
+SOURCE_SUFFIXES: dict[str, str] = {PRED_SOURCE: "", GT_SOURCE: "_gt_planes"}
+#: Malignancy probability given to a lesion whose mask is empty (segmentation found nothing): the end-to-end
+#: system calls it benign, and the case stays in the metrics instead of silently dropping out.
+NO_LESION_PROBABILITY = 0.0
+#: AdamW weight decay (``train.cls-optimizer = "adamw"``); SGD uses none.
+ADAMW_WEIGHT_DECAY = 0.01
+_OPTIMIZERS = ("sgd", "adamw")
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+#: (trainable parameter, its FedProx reference) pairs.
+_ProxPairs = list[tuple[nn.Parameter, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------- model and planes
+def unwrap_classifier(model: nn.Module) -> TriPlaneClassifier:
+    """The :class:`TriPlaneClassifier` inside ``model``: itself, a PEFT wrapper or an Opacus GradSampleModule."""
+    current = model
+    for _ in range(8):
+        if isinstance(current, TriPlaneClassifier):
+            return current
+        if callable(getattr(type(current), "get_base_model", None)):  # PEFT PeftModel
+            current = current.get_base_model()
+        elif "_module" in current._modules:  # Opacus GradSampleModule
+            current = current._modules["_module"]
+        else:
+            break
+    raise TypeError(
+        f"expected a TriPlaneClassifier (plain, PEFT- or Opacus-wrapped), got {type(model).__name__}"
+    )
+
+
+def parse_cls_planes(text: str) -> tuple[str, ...]:
+    """``train.cls-planes`` (comma-separated subset of transverse, sagittal, coronal) in canonical order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PLANES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"train.cls-planes = {text!r} is invalid: give one to three distinct planes out of {', '.join(PLANES)}"
+        )
+    return tuple(p for p in PLANES if p in names)
+
+
+def _checked_planes(model: nn.Module, config: TrainConfig) -> tuple[str, ...]:
+    """The configured planes, after checking the model was built with exactly those."""
+    planes = parse_cls_planes(config.cls_planes)
+    built = unwrap_classifier(model).planes
+    if built != planes:
+        raise ValueError(
+            f"train.cls-planes = {config.cls_planes!r} but the classifier was built with planes {built}; "
+            "build it with build_triplane_classifier(planes=...) from the same setting"
+        )
+    return planes
+
+
+def _select_planes(frames: torch.Tensor, planes: tuple[str, ...]) -> torch.Tensor:
+    """(B, 3, 1, S, S) or already selected (B, P, 1, S, S) -> (B, P, 1, S, S) holding only ``planes``."""
+    if frames.ndim != 5 or frames.shape[2] != 1 or frames.shape[1] not in (len(PLANES), len(planes)):
+        raise ValueError(
+            f"frames of shape {tuple(frames.shape)} are invalid: expected (B, 3, 1, S, S) in plane order "
+            f"{PLANES} or (B, {len(planes)}, 1, S, S) holding {planes}"
+        )
+    if frames.shape[1] == len(planes):
+        return frames
+    return frames[:, [PLANES.index(p) for p in planes]]
+
+
+def _lesion_frames(planes: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Lesion planes (N, 3, F, S, S) -> frame-triplets (N * F, 3, 1, S, S) float32, lesion-major order."""
+    tensor = torch.as_tensor(np.asarray(planes) if not isinstance(planes, torch.Tensor) else planes)
+    if tensor.ndim != 5 or tensor.shape[1] != len(PLANES):
+        raise ValueError(
+            f"lesion planes of shape {tuple(tensor.shape)} are invalid: expected (N, 3, F, S, S)"
+        )
+    n, _, frames, height, width = tensor.shape
+    return tensor.float().permute(0, 2, 1, 3, 4).reshape(n * frames, len(PLANES), 1, height, width)
+
+
+def frame_triplet_dataset(
+    planes: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray | torch.Tensor
+) -> TensorDataset:
+    """Frame-level training set: lesion planes (N, 3, F, S, S) and labels (N,) -> N * F samples
+    ``(frames (3, 1, S, S) float32, label () int64)``, the F frames of lesion 0 first."""
+    frames = _lesion_frames(planes)
+    n_lesions, n_frames = int(np.shape(planes)[0]), int(np.shape(planes)[2])
+    label_tensor = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    if label_tensor.numel() != n_lesions or not bool(((label_tensor == 0) | (label_tensor == 1)).all()):
+        raise ValueError(f"labels must be {n_lesions} values in {{0, 1}} (one per lesion), got {labels!r}")
+    return TensorDataset(frames, label_tensor.repeat_interleave(n_frames))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters under names without Opacus' ``_module.`` prefix."""
+    return [(n.removeprefix("_module."), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters, keyed as :func:`train_classifier` expects
+    ``proximal_ref`` (names from ``named_parameters`` without Opacus' ``_module.`` prefix)."""
+    return {name: param.detach().clone() for name, param in _trainable(model)}
+
+
+def build_cls_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``train.cls-optimizer`` over the parameters that require grad.
+
+    ``sgd``: SGD with momentum ``cls-momentum`` (seed 003: lr 1e-3); ``adamw``: AdamW, weight decay 0.01.
+    """
+    params = [p for _, p in _trainable(model)]
+    if not params:
+        raise ValueError("the classifier has no trainable parameter (attach an adapter or unfreeze a module)")
+    if config.cls_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.cls_lr, momentum=config.cls_momentum)
+    if config.cls_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.cls_lr, weight_decay=ADAMW_WEIGHT_DECAY)
+    raise ValueError(
+        f"train.cls-optimizer = {config.cls_optimizer!r} is unknown; choose one of {_OPTIMIZERS}"
+    )
+
+
+def _is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """True for Opacus' DPOptimizer (duck-typed: no Opacus import needed)."""
+    return hasattr(optimizer, "pre_step") and hasattr(optimizer, "original_optimizer")
+
+
+def _lesion_batch(batch: Mapping[str, Any], *, dp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lesion-level batch {planes (B, 3, F, S, S), label (B,)} as frames (B * F, 3, 1, S, S) and labels."""
+    if dp:
+        raise ValueError(
+            f"lesion-level batches ({PLANES_KEY!r}, e.g. shared.data.loaders.cls_loader) cannot train under "
+            "Opacus: their frames would become separate per-sample gradients and the batch-size scaling would "
+            "be wrong; train on frame_triplet_dataset (one frame-triplet per sample) instead"
+        )
+    planes, labels = torch.as_tensor(batch[PLANES_KEY]), torch.as_tensor(batch[LABEL_KEY]).reshape(-1)
+    if planes.shape[0] == 0:
+        return planes.new_zeros((0,)), labels
+    return _lesion_frames(planes), labels.repeat_interleave(planes.shape[2])
+
+
+def _unpack_batch(batch: Any, *, dp: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(frames, labels) from a tuple/list or mapping batch; None for an empty batch (Poisson sampling)."""
+    if isinstance(batch, Mapping) and LABEL_KEY in batch and PLANES_KEY in batch:
+        frames, labels = _lesion_batch(batch, dp=dp)
+    elif isinstance(batch, Mapping) and LABEL_KEY in batch and FRAMES_KEY in batch:
+        frames, labels = batch[FRAMES_KEY], batch[LABEL_KEY]
+    elif isinstance(batch, (list, tuple)) and len(batch) == 0:
+        return None  # Opacus' collate gives [] when the very first Poisson batch is empty
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2:
+        frames, labels = batch
+    else:
+        found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(
+            f"a batch must be (frames, labels) or a mapping with {LABEL_KEY!r} and {FRAMES_KEY!r} or "
+            f"{PLANES_KEY!r}; got {found}"
+        )
+    frames, labels = torch.as_tensor(frames), torch.as_tensor(labels)
+    if frames.shape[0] == 0:
+        return None
+    if labels.reshape(-1).shape[0] != frames.shape[0]:
+        raise ValueError(f"batch has {frames.shape[0]} frame-triplets but {labels.numel()} labels")
+    return frames, labels.reshape(-1).long()
+
+
+def _proximal_pairs(
+    model: nn.Module, proximal_ref: Mapping[str, torch.Tensor] | None, mu: float, device: torch.device
+) -> _ProxPairs:
+    """(parameter, reference) pairs for the FedProx term; empty when it is off."""
+    if mu < 0:
+        raise ValueError(f"train.proximal-mu = {mu} must be >= 0")
+    if mu == 0:
+        return []
+    if proximal_ref is None:
+        warnings.warn(
+            "train.proximal-mu > 0 but no proximal_ref given: training without FedProx", stacklevel=3
+        )
+        return []
+    pairs = []
+    for name, param in _trainable(model):
+        if name not in proximal_ref or proximal_ref[name].shape != param.shape:
+            found = tuple(proximal_ref[name].shape) if name in proximal_ref else "missing"
+            raise ValueError(
+                f"proximal_ref does not fit trainable parameter {name!r} {tuple(param.shape)} (found: {found}); "
+                "take it with trainable_snapshot(model)"
+            )
+        pairs.append((param, proximal_ref[name].detach().to(device=device, dtype=param.dtype)))
+    return pairs
+
+
+def _add_proximal_gradient(pairs: _ProxPairs, mu: float) -> None:
+    """grad += mu * (w - w_ref): the gradient of the FedProx term (mu / 2) * ||w - w_ref||²."""
+    for param, reference in pairs:
+        pull = mu * (param.detach() - reference)
+        param.grad = pull if param.grad is None else param.grad + pull
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, pairs: _ProxPairs, mu: float) -> None:
+    """One optimizer step with the FedProx gradient added; for Opacus' DPOptimizer it is added after
+    clipping and noising (``pre_step``), so the term is neither clipped nor dropped."""
+    if not pairs:
+        optimizer.step()
+    elif _is_dp_optimizer(optimizer):
+        if optimizer.pre_step():
+            _add_proximal_gradient(pairs, mu)
+            optimizer.original_optimizer.step()
+    else:
+        _add_proximal_gradient(pairs, mu)
+        optimizer.step()
+
+
+def _train_step(
+    model: nn.Module,
+    frames: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    pairs: _ProxPairs,
+    mu: float,
+    bf16: bool,
+) -> float:
+    """Forward, cross-entropy, backward and step on one batch; returns the batch's mean cross-entropy."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(frames)
+    loss = F.cross_entropy(logits.float(), labels)
+    loss.backward()
+    _optimizer_step(optimizer, pairs, mu)
+    return float(loss.detach())
+
+
+def train_classifier(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    config: TrainConfig,
+    device: torch.device | str,
+    proximal_ref: Mapping[str, torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Frame-level cross-entropy training of the classifier for ``train.cls-epochs`` epochs.
+
+    Args:
+        model: a TriPlaneClassifier built with the planes of ``train.cls-planes``; plain, PEFT-wrapped
+            (only adapter parameters require grad) or Opacus-wrapped. Moved to ``device``; left in train mode.
+        loader: yields batches ``(frames (B, 3, 1, S, S), labels (B,))``, mappings with keys ``frames``
+            and ``label``, or lesion-level mappings with ``planes`` (B, 3, F, S, S) and ``label`` (module
+            docstring); empty batches are skipped.
+        config: ``cls-epochs``, ``cls-optimizer``, ``cls-lr``, ``cls-momentum``, ``cls-planes``,
+            ``proximal-mu``, ``bf16`` (used on CUDA only), ``progress``.
+        device: where to train.
+        proximal_ref: FedProx reference {name: tensor} (:func:`trainable_snapshot` of the global model);
+            used when ``proximal-mu > 0``.
+        optimizer: an optimizer over the trainable parameters, e.g. Opacus' DPOptimizer; built by
+            :func:`build_cls_optimizer` when omitted.
+        progress: show a tqdm bar over epochs (also needs ``config.progress``).
+
+    Returns:
+        ``loss`` (mean cross-entropy of the last epoch), ``epoch_losses`` (list), ``num_examples``
+        (``len(loader.dataset)``: frame-triplets for :func:`frame_triplet_dataset`, lesions for a
+        lesion-level loader; frame-triplets per epoch when the loader has no dataset), ``samples_seen``
+        (frame-triplets over all epochs), ``steps`` (optimizer steps), ``skipped_empty_batches``.
+    """
+    planes = _checked_planes(model, config)
+    device = torch.device(device)
+    model.to(device)
+    model.train()
+    optimizer = optimizer if optimizer is not None else build_cls_optimizer(model, config)
+    pairs = _proximal_pairs(model, proximal_ref, config.proximal_mu, device)
+    bf16 = config.bf16 and device.type == "cuda"
+    dp = _is_dp_optimizer(optimizer)
+    epoch_losses: list[float] = []
+    seen = steps = skipped = 0
+    bar = tqdm(
+        range(config.cls_epochs), desc="classifier", unit="epoch", disable=not (progress and config.progress)
+    )
+    for _ in bar:
+        total, count = 0.0, 0
+        for batch in loader:
+            unpacked = _unpack_batch(batch, dp=dp)
+            if unpacked is None:
+                skipped += 1
+                continue
+            frames = _select_planes(unpacked[0].to(device, torch.float32), planes)
+            labels = unpacked[1].to(device)
+            loss = _train_step(
+                model, frames, labels, optimizer=optimizer, pairs=pairs, mu=config.proximal_mu, bf16=bf16
+            )
+            total, count, steps = total + loss * len(labels), count + len(labels), steps + 1
+        epoch_losses.append(total / count if count else math.nan)
+        seen += count
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+    dataset = getattr(loader, "dataset", None)
+    per_epoch = len(dataset) if hasattr(dataset, "__len__") else seen // max(1, config.cls_epochs)
+    return {
+        "loss": epoch_losses[-1] if epoch_losses else math.nan,
+        "epoch_losses": epoch_losses,
+        "num_examples": int(per_epoch),
+        "samples_seen": seen,
+        "steps": steps,
+        "skipped_empty_batches": skipped,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then the previous mode again."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def predict_frame_probabilities(
+    model: nn.Module, planes: np.ndarray | torch.Tensor, device: torch.device | str, *, batch_size: int = 64
+) -> np.ndarray:
+    """Malignant probability of every frame-triplet: lesion planes (N, 3, F, S, S) -> (N, F) float64.
+
+    Only the model's planes are fed (fewer-plane variants). The model is moved to ``device`` and run in eval
+    mode without gradients; its previous train/eval mode is restored.
+    """
+    frames = _lesion_frames(planes)
+    n_lesions = int(np.shape(planes)[0])
+    if n_lesions == 0:
+        return np.zeros((0, 0))
+    base = unwrap_classifier(model)
+    frames = _select_planes(frames, base.planes)
+    device = torch.device(device)
+    model.to(device)
+    outputs = []
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, frames.shape[0], batch_size):
+            logits = model(frames[start : start + batch_size].to(device))
+            outputs.append(malignant_probabilities(logits.float()).cpu())
+    return torch.cat(outputs).double().reshape(n_lesions, -1).numpy()
+
+
+def predict_lesions(
+    model: nn.Module, planes: np.ndarray | torch.Tensor, device: torch.device | str, *, batch_size: int = 64
+) -> np.ndarray:
+    """Lesion malignancy probabilities (seed 003): planes (N, 3, F, S, S) -> (N,) float64 in [0, 1], each the
+    mean of the lesion's F frame probabilities (:func:`predict_frame_probabilities`)."""
+    frame_probs = predict_frame_probabilities(model, planes, device, batch_size=batch_size)
+    if frame_probs.shape[0] == 0:
+        return np.zeros(0)
+    return frame_probabilities_to_lesion(torch.from_numpy(frame_probs)).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class ClsCase:
+    """One test lesion for :func:`evaluate_classifier`.
+
+    ``planes`` (3, F, S, S) come from the ground-truth mask (``source="gt"``) or from the predicted mask
+    (``source="pred"``, end to end); ``None`` when that mask is empty (then the lesion scores
+    :data:`NO_LESION_PROBABILITY`). ``label`` is 1 for malignant, 0 for benign.
+    """
+
+    case_id: str
+    label: int
+    planes: np.ndarray | None
+    source: str = GT_SOURCE
+
+
+@dataclass(frozen=True)
+class SourceEvaluation:
+    """Lesion-level results for the cases of one plane source.
+
+    ``case_ids``, ``labels`` (N,) int and ``probabilities`` (N,) float are aligned; ``auc`` and ``binary``
+    come from :mod:`shared.metrics`; ``n_missing_planes`` counts lesions whose mask was empty.
+    """
+
+    source: str
+    case_ids: tuple[str, ...]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    auc: AucResult
+    binary: BinaryMetrics
+    n_missing_planes: int
+
+
+@dataclass(frozen=True)
+class ClsEvaluation:
+    """Classifier evaluation: one :class:`SourceEvaluation` per plane source present in the cases."""
+
+    planes: tuple[str, ...]
+    threshold: float
+    by_source: dict[str, SourceEvaluation] = field(default_factory=dict)
+
+    def metrics_dict(self, *, split: str = "test") -> dict[str, float]:
+        """Flat metrics: ``{split}/auc``, ``/auc_ci_low``, ... for predicted-mask planes and the same names
+        with suffix ``_gt_planes`` for ground-truth planes (:data:`SOURCE_SUFFIXES`), plus
+        ``{split}/n_missing_planes{suffix}``."""
+        out: dict[str, float] = {}
+        for source, result in self.by_source.items():
+            suffix = SOURCE_SUFFIXES[source]
+            out.update(classification_metrics_dict(result.auc, result.binary, split=split, suffix=suffix))
+            out[f"{split}/n_missing_planes{suffix}"] = float(result.n_missing_planes)
+        return out
+
+    def per_case(self) -> list[dict[str, Any]]:
+        """One JSON-ready row per lesion and source: case id, source, label, probability, prediction."""
+        return [
+            {
+                "case_id": case_id,
+                "source": source,
+                "label": int(label),
+                "probability": float(prob),
+                "predicted_malignant": bool(prob > self.threshold),
+            }
+            for source, result in self.by_source.items()
+            for case_id, label, prob in zip(result.case_ids, result.labels, result.probabilities, strict=True)
+        ]
+
+
+def _check_case(case: ClsCase) -> None:
+    if case.source not in SOURCE_SUFFIXES:
+        raise ValueError(
+            f"case {case.case_id!r}: source {case.source!r} must be one of {tuple(SOURCE_SUFFIXES)}"
+        )
+    if case.label not in (0, 1):
+        raise ValueError(f"case {case.case_id!r}: label {case.label!r} must be 0 (benign) or 1 (malignant)")
+    if case.planes is not None and (np.ndim(case.planes) != 4 or np.shape(case.planes)[0] != len(PLANES)):
+        raise ValueError(
+            f"case {case.case_id!r}: planes of shape {np.shape(case.planes)}; expected (3, F, S, S)"
+        )
+
+
+def _case_probabilities(model: nn.Module, cases: Sequence[ClsCase], device: torch.device) -> np.ndarray:
+    """Lesion probabilities (N,) of ``cases`` (one source); empty masks score NO_LESION_PROBABILITY."""
+    probs = np.full(len(cases), NO_LESION_PROBABILITY, dtype=np.float64)
+    present = [i for i, case in enumerate(cases) if case.planes is not None]
+    shapes = {np.shape(cases[i].planes) for i in present}
+    if len(shapes) > 1:
+        raise ValueError(f"cases of source {cases[0].source!r} have different plane shapes {sorted(shapes)}")
+    if present:
+        stacked = np.stack([np.asarray(cases[i].planes, dtype=np.float32) for i in present])
+        probs[present] = predict_lesions(model, stacked, device)
+    return probs
+
+
+def evaluate_classifier(
+    model: nn.Module, cases: Iterable[ClsCase], *, config: TrainConfig, device: torch.device | str
+) -> ClsEvaluation:
+    """Lesion-level evaluation per plane source: AUC with a 95% bootstrap CI (seeded by ``train.seed``),
+    sensitivity, specificity, PPV, NPV, accuracy and F1 at ``train.cls-threshold``.
+
+    The model must be built with the planes of ``train.cls-planes``. Cases of both sources may be mixed;
+    each source is evaluated on its own (see :meth:`ClsEvaluation.metrics_dict` for the names).
+    """
+    planes = _checked_planes(model, config)
+    cases = list(cases)
+    if not cases:
+        raise ValueError("evaluate_classifier: no cases given")
+    for case in cases:
+        _check_case(case)
+    by_source: dict[str, SourceEvaluation] = {}
+    for source in SOURCE_SUFFIXES:
+        group = [c for c in cases if c.source == source]
+        if not group:
+            continue
+        labels = np.array([c.label for c in group], dtype=np.int64)
+        probs = _case_probabilities(model, group, torch.device(device))
+        by_source[source] = SourceEvaluation(
+            source=source,
+            case_ids=tuple(c.case_id for c in group),
+            labels=labels,
+            probabilities=probs,
+            auc=auc_with_ci(labels, probs, seed=config.seed),
+            binary=binary_metrics(labels, probs, threshold=config.cls_threshold),
+            n_missing_planes=sum(c.planes is None for c in group),
+        )
+    return ClsEvaluation(planes=planes, threshold=config.cls_threshold, by_source=by_source)
+
+
+# ------------------------------------------------------------------------------------------------- Grad-CAM
+@contextmanager
+def _opacus_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Pause Opacus' per-sample-gradient hooks (if ``model`` is a GradSampleModule) for the block."""
+    enabled = getattr(model, "hooks_enabled", None)
+    if enabled is None:
+        yield
+        return
+    model.disable_hooks()
+    try:
+        yield
+    finally:
+        if enabled:
+            model.enable_hooks()
+
+
+def _cam(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Grad-CAM of one branch: activation/gradient (1, C, h, w) -> heatmap (H, W) float32 in [0, 1]."""
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
+    peak = cam.max()
+    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
+    return cam.clamp(0, 1).detach().cpu().numpy().astype(np.float32)
+
+
+def grad_cam(
+    model: nn.Module,
+    planes: np.ndarray | torch.Tensor,
+    *,
+    frame: int = 0,
+    target_class: int | None = None,
+    stage: str = "layer4",
+) -> dict[str, np.ndarray]:
+    """Grad-CAM heatmaps of one lesion's frame-triplet, one per plane the model uses.
+
+    Args:
+        model: the classifier (plain, PEFT- or Opacus-wrapped), on any device; run in eval mode.
+        planes: the lesion's planes (3, F, S, S).
+        frame: which frame (0 .. F-1) to explain.
+        target_class: class whose logit is explained (1 malignant, 0 benign); default the predicted class.
+        stage: branch stage whose output is used; default ``layer4``, the last convolutional stage
+            (resolution S / 32; ``layer3`` gives S / 16).
+
+    Returns:
+        {plane: heatmap (S, S) float32 in [0, 1]}, 1 at the most important location (all 0 when no location
+        supports the class).
+    """
+    tensor = torch.as_tensor(np.asarray(planes) if not isinstance(planes, torch.Tensor) else planes).float()
+    if tensor.ndim != 4 or tensor.shape[0] != len(PLANES) or not 0 <= frame < tensor.shape[1]:
+        raise ValueError(
+            f"grad_cam: planes of shape {tuple(tensor.shape)} with frame={frame}; expected (3, F, S, S)"
+        )
+    if stage not in _STAGES:
+        raise ValueError(f"grad_cam: stage {stage!r} is not a ResNet stage; choose one of {_STAGES}")
+    base = unwrap_classifier(model)
+    x = _select_planes(tensor[:, frame : frame + 1].unsqueeze(0), base.planes)  # (1, P, 1, S, S)
+    x = x.to(_model_device(model)).requires_grad_(True)
+    activations: dict[str, torch.Tensor] = {}
+    handles = [
+        base.branches[p]
+        .get_submodule(stage)
+        .register_forward_hook(lambda _m, _i, out, p=p: activations.__setitem__(p, out))
+        for p in base.planes
+    ]
+    try:
+        with _eval_mode(model), _opacus_hooks_off(model), torch.enable_grad():
+            logits = model(x)
+            target = int(logits.argmax(dim=1)) if target_class is None else target_class
+            grads = torch.autograd.grad(logits[0, target], [activations[p] for p in base.planes])
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = (tensor.shape[-2], tensor.shape[-1])
+    return {p: _cam(activations[p].detach(), g, size) for p, g in zip(base.planes, grads, strict=True)}
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """Min-max scale a frame to [0, 1] for display."""
+    low, high = float(np.min(image)), float(np.max(image))
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def save_grad_cam_images(
+    heatmaps: Mapping[str, np.ndarray],
+    planes: np.ndarray | torch.Tensor,
+    out_dir: str | Path,
+    case_id: str,
+    *,
+    frame: int = 0,
+    alpha: float = 0.45,
+) -> list[Path]:
+    """Write one PNG per plane: the frame in grey with the heatmap overlaid (jet colours, ``alpha``).
+
+    ``heatmaps`` is :func:`grad_cam`'s output for the same ``planes`` (3, F, S, S) and ``frame``. Files are
+    ``{out_dir}/{case_id}_{plane}_gradcam.png`` (characters other than letters, digits, ``_ . -`` in the
+    case id become ``_``); ``out_dir`` is created. Returns the written paths in plane order.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    array = np.asarray(planes.detach().cpu() if isinstance(planes, torch.Tensor) else planes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", case_id) or "case"
+    written = []
+    for plane in (p for p in PLANES if p in heatmaps):
+        image = array[PLANES.index(plane), frame]
+        if heatmaps[plane].shape != image.shape:
+            raise ValueError(f"heatmap of {plane!r} has shape {heatmaps[plane].shape}, frame {image.shape}")
+        figure = Figure(figsize=(3, 3), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_axes((0, 0, 1, 0.92))
+        axes.imshow(_display(image), cmap="gray", vmin=0, vmax=1)
+        axes.imshow(heatmaps[plane], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        axes.set_axis_off()
+        figure.suptitle(f"{case_id} · {plane} · frame {frame}", fontsize=8)
+        path = out / f"{stem}_{plane}_gradcam.png"
+        figure.savefig(path)
+        written.append(path)
+    return written
