@@ -1,7 +1,81 @@
-"""fedabus ClientApp (Flower Message API). The site handlers arrive with the federation issue (#5)."""
+"""fedabus ClientApp: thin Flower handlers around :mod:`client.task`.
+
+Each handler decodes the message, calls plain training/evaluation code, and encodes a reply holding only
+the checked adapter update and aggregate metrics (:mod:`client.egress`), plus a ``site`` ConfigRecord with
+the site's name. A site whose base differs from the federation's does not train and says why.
+"""
 
 from __future__ import annotations
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.task import BaseMismatch, run_evaluate, run_train, site_settings
+from shared import __version__
+from shared.config import load_config
+from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record, record_to_adapter
+
 app = ClientApp()
+
+#: Run-config keys that are Flower's own, not fedabus sections.
+FLOWER_KEYS = ("num-server-rounds",)
+
+
+def _config(context: Context):
+    return load_config(dict(context.run_config), ignore=FLOWER_KEYS)
+
+
+def _reply(
+    msg: Message, metrics: dict[str, float], site: str, arrays: ArrayRecord | None = None, **extra
+) -> Message:
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"site-id": site, **extra})})
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Handshake: the site's name and base fingerprint (no data details beyond case counts)."""
+    from shared.base import load_base
+    from shared.training.site import open_site
+
+    config = _config(context)
+    settings = site_settings(dict(context.node_config), config)
+    base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
+    site = open_site(settings.site_dir, site_config_path=settings.site_config)
+    info = {"base-fingerprint": base.fingerprint, "fedabus-version": __version__}
+    counts = {"num-train-cases": float(len(site.train_cases)), "num-test-cases": float(len(site.test_cases))}
+    return _reply(msg, counts, site.name, **info)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = _config(context)
+    round_config = msg.content[CONFIG]
+    settings = site_settings(dict(context.node_config), config)
+    global_adapter = record_to_adapter(msg.content[ARRAYS])
+    try:
+        update, metrics, site = run_train(
+            settings,
+            config,
+            global_adapter,
+            fingerprint=str(round_config.get("base-fingerprint", "")),
+            server_round=int(round_config.get("server-round", 0)),
+        )
+    except BaseMismatch as exc:
+        return _reply(msg, {NUM_EXAMPLES: 0.0}, settings.site_dir.name, declined=str(exc))
+    return _reply(msg, metrics, site, arrays=adapter_to_record(update))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = _config(context)
+    settings = site_settings(dict(context.node_config), config)
+    metrics, site = run_evaluate(
+        settings,
+        config,
+        record_to_adapter(msg.content[ARRAYS]),
+        fingerprint=str(msg.content[CONFIG].get("base-fingerprint", "")),
+    )
+    return _reply(msg, metrics, site)

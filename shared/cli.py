@@ -19,6 +19,8 @@ __all__ = ["build_parser", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "shared.data.commands",
     "shared.data.synth",
+    "shared.training.commands",
+    "shared.inference",
     "shared.certs",
 )
 

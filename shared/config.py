@@ -33,6 +33,7 @@ __all__ = [
     "section_from_mapping",
     "to_flat_dict",
     "TrainConfig",
+    "FederationConfig",
 ]
 
 
@@ -140,6 +141,39 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    """The coordinator's settings of a federated run (the ServerApp reads them; sites ignore them)."""
+
+    #: Aggregation: fedavg (weighted by training cases), fedprox, fedadam, fedmedian, fedtrimmedavg, krum, multikrum.
+    strategy: str = "fedavg"
+    #: Sites needed to run a round; fewer within ``sample-timeout`` seconds stops the run with a message.
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    #: Seconds to wait for site replies in one round, and for enough sites to be online before it.
+    round_timeout: float = 1800.0
+    sample_timeout: float = 300.0
+    #: Evaluate the global adapter at every site every N rounds (and always before the first round).
+    eval_interval: int = 1
+    #: FedAdam server learning rate, FedTrimmedAvg trimming fraction, Krum's assumed malicious sites.
+    server_lr: float = 0.1
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+    #: Simulation only: a folder with one sub-folder per site; simulated node ``partition-id`` takes the
+    #: partition-id-th site in name order. Deployed sites pass ``data-path`` in their node config instead.
+    sites_dir: str = ""
+    #: Server work folder (checkpoints, summaries and, by default, the MLflow store); empty = ~/.fedabus/<run-name>.
+    work_dir: str = ""
+    run_name: str = "federation"
+    #: Continue from the latest checkpoint in the work folder when one exists.
+    resume: bool = True
+    checkpoint_keep: int = 2
+    #: MLflow tracking URI; empty = the MLFLOW_TRACKING_URI variable, else sqlite in the work folder.
+    tracking_uri: str = ""
+    experiment: str = "fedabus"
+
+
+@dataclass(frozen=True)
 class FedabusConfig:
     """All sections together (what a run or a command receives)."""
 
@@ -147,6 +181,7 @@ class FedabusConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
 
 T = TypeVar("T")

@@ -1,0 +1,88 @@
+"""What may leave a site, enforced: adapter tensors of the agreed names and shapes, and aggregate metrics.
+
+Every outgoing reply of the ClientApp passes through :func:`outgoing_adapter` and :func:`outgoing_metrics`.
+Anything else — an extra tensor, a tensor of another shape or dtype, a non-finite value, a metric that is not
+a number or whose name is not on the allow-list (case ids, paths, free text) — raises :class:`EgressRefused`
+and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import torch
+
+from shared.adapters import AdapterMismatchError, check_names_and_shapes
+
+__all__ = [
+    "EVAL_METRIC_KEYS",
+    "TRAIN_METRIC_KEYS",
+    "EgressRefused",
+    "eval_metric_keys",
+    "outgoing_adapter",
+    "outgoing_metrics",
+]
+
+#: Training metrics a site reports (``num-examples`` is the number of training cases, FedAvg's weight).
+TRAIN_METRIC_KEYS = ("num-examples", "train/seg_loss", "train/cls_loss")
+#: Evaluation metrics a site reports every evaluation round (same keys at every site; NaN when undefined).
+EVAL_METRIC_KEYS = (
+    "num-examples",
+    "test/dice_1click",
+    "test/dice",
+    "test/hd95_mm",
+    "test/auc",
+    "test/auc_gt_planes",
+    "test/sensitivity",
+    "test/specificity",
+    "test/accuracy",
+    "test/f1",
+)
+_NAME = re.compile(r"^(num-examples|(train|test|privacy)/[a-z0-9_.]+)$")
+
+
+class EgressRefused(RuntimeError):
+    """A reply would carry something that must not leave the site; nothing is sent."""
+
+
+def eval_metric_keys(eval_clicks: int) -> tuple[str, ...]:
+    """The evaluation keys including Dice after the configured number of click rounds."""
+    keys = list(EVAL_METRIC_KEYS)
+    keys.insert(2, f"test/dice_{eval_clicks}click")
+    return tuple(dict.fromkeys(keys))
+
+
+def outgoing_adapter(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Check adapter tensors against the names and shapes the server sent; return them as float32 CPU tensors."""
+    try:
+        check_names_and_shapes(tensors, expected, what="outgoing update")
+    except AdapterMismatchError as exc:
+        raise EgressRefused(str(exc)) from None
+    out = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EgressRefused(f"outgoing update: {name} has dtype {tensor.dtype}, expected float32")
+        value = tensor.detach().to("cpu", torch.float32)
+        if not torch.isfinite(value).all():
+            raise EgressRefused(f"outgoing update: {name} holds NaN or Inf; training diverged, nothing sent")
+        out[name] = value
+    return out
+
+
+def outgoing_metrics(metrics: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, float]:
+    """Exactly the ``allowed`` keys (missing ones as NaN, so every site sends the same keys), as floats.
+
+    Other local metrics (per-stratum numbers, per-case details) stay at the site."""
+    out: dict[str, float] = {}
+    for key in allowed:
+        if not _NAME.match(key):
+            raise EgressRefused(f"metric name {key!r} is not an aggregate metric name")
+        value = metrics.get(key, math.nan)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EgressRefused(f"metric {key!r} is not a number ({type(value).__name__}); nothing sent")
+        out[key] = float(value)
+    return out

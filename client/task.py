@@ -1,0 +1,123 @@
+"""The site's side of a round, without Flower: which site this is, its base, and the work per message."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.egress import TRAIN_METRIC_KEYS, eval_metric_keys, outgoing_adapter, outgoing_metrics
+from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config
+from shared.base import BaseModels, load_base, wrap_for_training
+from shared.config import FedabusConfig
+from shared.device import resolve_device
+from shared.training.site import SiteData, evaluate_site, open_site, train_site
+
+__all__ = ["BaseMismatch", "SiteSettings", "run_evaluate", "run_train", "site_settings"]
+
+logger = logging.getLogger(__name__)
+
+
+class BaseMismatch(RuntimeError):
+    """The site's base checkpoint is not the one the server federates; the site does not train."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where a site's data and base are, from its node config (deployment) or the run config (simulation)."""
+
+    site_dir: Path
+    site_config: Path | None
+    base_path: Path
+    device: str
+    state_dir: Path | None
+
+
+def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSettings:
+    """Deployment: ``--node-config 'data-path="..." [site-config="..."] [base-path="..."] [device="cuda"]'``.
+    Simulation: the ``partition-id``-th sub-folder (name order) of ``federation.sites-dir``."""
+    if "data-path" in node_config:
+        site_dir = Path(str(node_config["data-path"]))
+    elif "partition-id" in node_config and config.federation.sites_dir:
+        folders = sorted(p for p in Path(config.federation.sites_dir).iterdir() if p.is_dir())
+        index = int(node_config["partition-id"])
+        if index >= len(folders):
+            raise ValueError(
+                f"simulated node {index} has no site: {config.federation.sites_dir} holds {len(folders)}"
+            )
+        site_dir = folders[index]
+    else:
+        raise ValueError(
+            "this node has no data: start the SuperNode with --node-config 'data-path=\"/path/to/site\"'"
+        )
+    if not site_dir.is_dir():
+        raise ValueError(f"{site_dir}: site data folder not found (node config data-path)")
+    base = node_config.get("base-path") or config.model.base_path
+    if not base:
+        raise ValueError(
+            "no base checkpoint: set model.base-path in the run config or base-path in the node config"
+        )
+    site_config = node_config.get("site-config")
+    state_dir = node_config.get("state-dir")
+    return SiteSettings(
+        site_dir,
+        Path(str(site_config)) if site_config else None,
+        Path(str(base)),
+        str(node_config.get("device", config.model.device)),
+        Path(str(state_dir)) if state_dir else None,
+    )
+
+
+def _setup(settings: SiteSettings, config: FedabusConfig, fingerprint: str) -> tuple[BaseModels, SiteData]:
+    base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
+    if fingerprint and base.fingerprint != fingerprint:
+        raise BaseMismatch(
+            f"this site's base {settings.base_path} has fingerprint {base.fingerprint}, but the federation uses "
+            f"{fingerprint}; install the coordinator's base files (fedabus make-base output) and restart"
+        )
+    return base, open_site(settings.site_dir, site_config_path=settings.site_config)
+
+
+def _models(base: BaseModels, config: FedabusConfig, global_adapter: dict[str, torch.Tensor]):
+    models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    adapter = Adapter(global_adapter, {"base_fingerprint": dict(base.fingerprints)})
+    apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
+    return models
+
+
+def run_train(
+    settings: SiteSettings,
+    config: FedabusConfig,
+    global_adapter: dict[str, torch.Tensor],
+    *,
+    fingerprint: str,
+    server_round: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+    """Train from the global adapter; returns (checked update, checked metrics, site name)."""
+    base, site = _setup(settings, config, fingerprint)
+    models = _models(base, config, global_adapter)
+    device = resolve_device(settings.device)
+    seed = config.train.seed * 1_000_003 + server_round
+    metrics = train_site(
+        models, site, config, device=device, seed=seed, proximal=config.train.proximal_mu > 0
+    )
+    update = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
+    expected = {k: tuple(v.shape) for k, v in global_adapter.items()}
+    return outgoing_adapter(update, expected), outgoing_metrics(metrics, TRAIN_METRIC_KEYS), site.name
+
+
+def run_evaluate(
+    settings: SiteSettings,
+    config: FedabusConfig,
+    global_adapter: dict[str, torch.Tensor],
+    *,
+    fingerprint: str,
+) -> tuple[dict[str, float], str]:
+    """Evaluate the global adapter on the site's test split; returns (checked metrics, site name)."""
+    base, site = _setup(settings, config, fingerprint)
+    models = _models(base, config, global_adapter)
+    metrics = evaluate_site(models, site, config, device=resolve_device(settings.device))
+    return outgoing_metrics(metrics, eval_metric_keys(config.train.eval_clicks)), site.name

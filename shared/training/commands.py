@@ -1,0 +1,133 @@
+"""Commands of one site's model work: ``train-local``, ``pretrain`` and ``make-base``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+__all__ = ["register", "run_train_local"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train-local",
+        help="train both models on one site and write the adapter and a metrics JSON",
+        description="Evaluates the starting adapter on the site's test split, trains segmentation and "
+        "classification adapters on its training split, evaluates again, and writes OUT/adapter.safetensors "
+        "(+ .json) and OUT/metrics.json.",
+    )
+    train.add_argument("--site-dir", required=True, type=Path)
+    train.add_argument("--config", type=Path, help="experiment TOML (same keys as the run config)")
+    train.add_argument(
+        "--site-config", type=Path, help="site TOML (default: SITE_DIR/site.toml or SITE_DIR.toml)"
+    )
+    train.add_argument("--base", type=Path, help="base (.safetensors + .json); default: the cached demo base")
+    train.add_argument("--adapter", type=Path, help="adapter to start from (default: a fresh one)")
+    train.add_argument("--out", type=Path, default=Path("fedabus-local"), help="output folder")
+    train.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: model.device)")
+    train.set_defaults(func=run_train_local)
+
+    pretrain = subparsers.add_parser(
+        "pretrain",
+        help="train the small demo base fully on a synthetic public set (cached)",
+        description="Real sites use `fedabus make-base` with the official SAM-Med3D checkpoint instead.",
+    )
+    pretrain.add_argument("--config", type=Path)
+    pretrain.add_argument("--out", type=Path, help="write the base here instead of the cache")
+    pretrain.add_argument("--cache-dir", type=Path, help="cache folder (default ~/.cache/fedabus)")
+    pretrain.set_defaults(func=run_pretrain)
+
+    make = subparsers.add_parser(
+        "make-base",
+        help="make a base from the official SAM-Med3D checkpoint (+ optional ResNet weights)",
+        description="The coordinator runs this once and gives the resulting pair of files to every site.",
+    )
+    make.add_argument("--sam-checkpoint", required=True, type=Path, help="e.g. sam_med3d_turbo.pth")
+    make.add_argument("--cls-backbone", type=Path, help="torchvision-format ImageNet ResNet state dict")
+    make.add_argument("--cls-depth", type=int, default=50, choices=(18, 34, 50))
+    make.add_argument("--sam-preset", default="vit_b_ori")
+    make.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the .pth")
+    make.add_argument("--out", required=True, type=Path)
+    make.set_defaults(func=run_make_base)
+
+
+def run_train_local(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.adapters import extract_adapter, lora_specs_from_config, save_adapter
+    from shared.base import load_base, wrap_for_training
+    from shared.config import load_config
+    from shared.device import resolve_device
+    from shared.inference import adapted_models
+    from shared.pretrain import ensure_base
+    from shared.training.site import evaluate_site, open_site, train_site
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_config(path=args.config) if args.config else load_config()
+    device = resolve_device(args.device or config.model.device)
+    site = open_site(args.site_dir, site_config_path=args.site_config)
+    base_path = args.base or ensure_base(config)
+    base = load_base(base_path, attention_impl=config.model.attention_impl)
+    if args.adapter:
+        models = adapted_models(base, args.adapter)
+    else:
+        models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    print(
+        f"site {site.name}: {len(site.train_cases)} training and {len(site.test_cases)} test cases; device {device}"
+    )
+    started = time.monotonic()
+    before = evaluate_site(models, site, config, device=device)
+    torch.manual_seed(config.train.seed)
+    training = train_site(models, site, config, device=device, seed=config.train.seed)
+    after = evaluate_site(models, site, config, device=device)
+    adapter = extract_adapter(models, base_fingerprints=base.fingerprints, metadata={"site": site.name})
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_adapter(adapter, args.out / "adapter")
+    summary = {
+        "site": site.name,
+        "base": str(base_path),
+        "training": training,
+        "before": before,
+        "after": after,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (args.out / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
+    for key in ("test/dice_1click", f"test/dice_{config.train.eval_clicks}click", "test/hd95_mm", "test/auc"):
+        print(
+            f"  {key:22s} before {before.get(key, float('nan')):.3f}  after {after.get(key, float('nan')):.3f}"
+        )
+    print(f"adapter: {args.out / 'adapter.safetensors'}; metrics: {args.out / 'metrics.json'}")
+    return 0
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from shared.config import load_config
+    from shared.pretrain import PretrainRecipe, ensure_base, pretrain_base
+
+    config = load_config(path=args.config) if args.config else load_config()
+    if args.out:
+        recipe = PretrainRecipe(sam_preset=config.model.sam_preset, cls_depth=config.model.cls_depth)
+        pretrain_base(args.out, recipe, config, device=config.model.device)
+    else:
+        print(f"base: {ensure_base(config, cache_dir=args.cache_dir)}")
+    return 0
+
+
+def run_make_base(args: argparse.Namespace) -> int:
+    from shared.base import base_from_checkpoints, save_base
+
+    base = base_from_checkpoints(
+        args.sam_checkpoint,
+        sam_config=args.sam_preset,
+        cls_backbone=args.cls_backbone,
+        cls_depth=args.cls_depth,
+        trust_pickle=args.trust_checkpoint,
+    )
+    path = save_base(base, args.out)
+    print(
+        f"base: {path}\nfingerprint: {base.fingerprint}\nGive both {path.name} and {path.with_suffix('.json').name} to every site."
+    )
+    return 0
