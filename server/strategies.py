@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -63,9 +63,15 @@ class FedabusHooks:
     eval_interval: int = 1
     sample_timeout: float = 600.0
     allowed_nodes: set[int] | None = None
+    #: Optional ``callable(node_ids) -> accepted node ids`` (the base-fingerprint handshake).
+    node_vetting: Callable[[Iterable[int]], set[int]] | None = None
 
     def _eligible(self, grid: Grid) -> list[int]:
-        return [n for n in grid.get_node_ids() if self.allowed_nodes is None or n in self.allowed_nodes]
+        online = list(grid.get_node_ids())
+        accepted = self.node_vetting(online) if self.node_vetting is not None else set(online)
+        return [
+            n for n in online if n in accepted and (self.allowed_nodes is None or n in self.allowed_nodes)
+        ]
 
     def _sample(self, grid: Grid, min_available: int, sample_size: int) -> list[int]:
         """Sample ``sample_size`` eligible sites once ``min_available`` are online; raise after the deadline."""

@@ -550,7 +550,7 @@ def federation_params(
     code: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """All parent-run params, untruncated: the flat config plus ``federation.*``, ``base-fingerprint*`` and
-    ``code.*``. A config key that collides with one of those raises ValueError."""
+    ``code.*``. A config key that holds another value than one of those raises ValueError."""
     fingerprints = (
         {"base-fingerprint": base_fingerprint}
         if isinstance(base_fingerprint, str)
@@ -562,7 +562,7 @@ def federation_params(
         **fingerprints,
         **{f"code.{k}": v for k, v in (code if code is not None else code_version()).items()},
     }
-    clash = sorted(set(config) & set(ours))
+    clash = sorted(k for k in set(config) & set(ours) if str(config[k]) != str(ours[k]))
     if clash:
         raise ValueError(f"config keys {clash} collide with parameters fedabus logs itself")
     return {**dict(config), **ours}

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "shared.data.synth",
     "shared.training.commands",
     "shared.inference",
+    "shared.demo",
     "shared.certs",
 )
 

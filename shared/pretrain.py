@@ -40,10 +40,10 @@ class PretrainRecipe:
 
     sam_preset: str = "small"
     cls_depth: int = 18
-    public_cases: int = 24
+    public_cases: int = 32
     public_seed: int = 9_999
-    seg_epochs: int = 6
-    seg_lr: float = 1e-3
+    seg_epochs: int = 12
+    seg_lr: float = 2e-3
     cls_epochs: int = 6
     cls_lr: float = 1e-2
     seed: int = 0

@@ -126,9 +126,7 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"num_heads {cfg['num_heads']} must divide embed_dim {cfg['embed_dim']}")
 
 
-def build_sam_med3d(
-    config: str | Mapping[str, Any] = "vit_b_ori", *, attention_impl: str = "reference"
-) -> Sam3D:
+def build_sam_med3d(config: str | Mapping[str, Any] = "vit_b_ori", *, attention_impl: str = "fast") -> Sam3D:
     """Build SAM-Med3D with random (official default) initialisation.
 
     Args:

@@ -186,7 +186,7 @@ class Block3D(nn.Module):
         use_rel_pos: bool = False,
         window_size: int = 0,
         input_size: tuple[int, int, int] | None = None,
-        attention_impl: str = "reference",
+        attention_impl: str = "fast",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -240,7 +240,7 @@ class ImageEncoderViT3D(nn.Module):
         use_rel_pos: bool = True,
         window_size: int = 14,
         global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
-        attention_impl: str = "reference",
+        attention_impl: str = "fast",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
