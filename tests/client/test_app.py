@@ -1,0 +1,131 @@
+"""The ClientApp's replies, inspected: only the adapter and aggregate metrics leave a site."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app as client_app
+from client.egress import EgressRefused, eval_metric_keys, outgoing_adapter, outgoing_metrics
+from shared.adapters import extract_adapter, lora_specs_from_config
+from shared.base import build_random_base, save_base, wrap_for_training
+from shared.config import load_config
+from shared.data.synth import generate_consortium
+from shared.protocol import ARRAYS, CONFIG, METRICS, SITE, adapter_to_record
+
+RUN_CONFIG = {
+    "model.cls-depth": 18,
+    "train.seg-epochs": 1,
+    "train.cls-epochs": 1,
+    "train.eval-clicks": 2,
+    "train.seg-click-iterations": 1,
+    "train.progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client")
+    site_dir = generate_consortium(root / "sites", sites=1, cases=6, seed=11)[0]
+    base = build_random_base("small", cls_depth=18, seed=0)
+    base_path = save_base(base, root / "base")
+    config = load_config(RUN_CONFIG)
+    torch.manual_seed(0)
+    models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    adapter = extract_adapter(models, base_fingerprints=base.fingerprints)
+    return {"site_dir": site_dir, "base_path": base_path, "adapter": adapter, "fingerprint": base.fingerprint}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+def _context(federation) -> Context:
+    node = {"data-path": str(federation["site_dir"]), "device": "cpu"}
+    run = {**RUN_CONFIG, "model.base-path": str(federation["base_path"]), "num-server-rounds": 1}
+    return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=run)
+
+
+def _message(federation, kind: str, fingerprint: str | None = None) -> Message:
+    content = RecordDict(
+        {
+            ARRAYS: adapter_to_record(federation["adapter"].tensors),
+            CONFIG: ConfigRecord(
+                {"server-round": 1, "base-fingerprint": fingerprint or federation["fingerprint"]}
+            ),
+        }
+    )
+    return Message(content=content, dst_node_id=5, message_type=kind)
+
+
+def test_train_reply_holds_only_the_adapter_and_aggregate_metrics(federation):
+    reply = client_app.train(_message(federation, MessageType.TRAIN), _context(federation))
+    content = reply.content
+    assert set(content.array_records) == {ARRAYS}
+    assert set(content.metric_records) == {METRICS}
+    assert set(content.config_records) == {SITE}
+    sent = content[ARRAYS]
+    assert set(sent.keys()) == set(federation["adapter"].tensors)
+    for name, array in sent.items():
+        assert array.numpy().shape == tuple(federation["adapter"].tensors[name].shape), name
+        assert array.numpy().dtype.name == "float32"
+    assert set(content[METRICS].keys()) == {"num-examples", "train/seg_loss", "train/cls_loss"}
+    assert content[METRICS]["num-examples"] > 0
+    assert dict(content[SITE]) == {"site-id": federation["site_dir"].name}
+    changed = [
+        n
+        for n, a in sent.items()
+        if not torch.equal(torch.from_numpy(a.numpy()), federation["adapter"].tensors[n])
+    ]
+    assert changed, "training changed nothing"
+
+
+def test_evaluate_reply_has_the_fixed_metric_keys_and_no_case_ids(federation):
+    reply = client_app.evaluate(_message(federation, MessageType.EVALUATE), _context(federation))
+    content = reply.content
+    assert not content.array_records
+    assert set(content[METRICS].keys()) == set(eval_metric_keys(2))
+    assert all(isinstance(v, float) for v in content[METRICS].values())
+    text = repr(dict(content[METRICS])) + repr(dict(content[SITE]))
+    assert "site_a_0" not in text  # case ids never leave
+
+
+def test_site_with_another_base_declines_without_sending_weights(federation):
+    reply = client_app.train(
+        _message(federation, MessageType.TRAIN, "seg=sha256:0;cls=sha256:0"), _context(federation)
+    )
+    assert not reply.content.array_records
+    assert "fingerprint" in reply.content[SITE]["declined"]
+
+
+def test_query_reports_the_base_fingerprint(federation):
+    request = Message(content=RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
+    reply = client_app.query(request, _context(federation))
+    assert reply.content[SITE]["base-fingerprint"] == federation["fingerprint"]
+
+
+def test_egress_refuses_anything_else():
+    expected = {"seg.a": (2, 2)}
+    ok = outgoing_adapter({"seg.a": torch.zeros(2, 2)}, expected)
+    assert ok["seg.a"].dtype == torch.float32
+    with pytest.raises(EgressRefused, match="unexpected: seg.extra"):
+        outgoing_adapter({"seg.a": torch.zeros(2, 2), "seg.extra": torch.zeros(1)}, expected)
+    with pytest.raises(EgressRefused, match="shape mismatch"):
+        outgoing_adapter({"seg.a": torch.zeros(3, 2)}, expected)
+    with pytest.raises(EgressRefused, match="NaN or Inf"):
+        outgoing_adapter({"seg.a": torch.full((2, 2), math.inf)}, expected)
+    with pytest.raises(EgressRefused, match="dtype"):
+        outgoing_adapter({"seg.a": torch.zeros(2, 2, dtype=torch.int64)}, expected)
+    with pytest.raises(EgressRefused, match="not a number"):
+        outgoing_metrics({"test/dice": "site_a_003"}, ("test/dice",))
+    with pytest.raises(EgressRefused, match="not an aggregate metric name"):
+        outgoing_metrics({"case/site_a_003": 1.0}, ("case/site_a_003",))
+    assert math.isnan(outgoing_metrics({}, ("test/auc",))["test/auc"])
