@@ -18,3 +18,7 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+# The main job: a simulated 3-site federation on synthetic data with local MLflow (see docs/operations.md).
+demo: install
+	$(VENV)/bin/fedabus demo --out $(HOME)/.fedabus/demo --fresh

@@ -111,6 +111,22 @@ def run_config_overrides(values: dict[str, object]) -> list[str]:
     return ["-c", " ".join(pairs)]
 
 
+def _parse_sets(items: list[str]) -> dict[str, object]:
+    """``--set key=value`` options as run-config overrides (values parsed as TOML, else kept as strings)."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.seg-lr=1e-3")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def print_site_table(summary: dict, *, file=sys.stdout) -> None:
     """Per-site metrics before and after federation."""
     before, after = summary.get("before", {}), summary.get("after", {})
@@ -160,6 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "federation.round-timeout": 900.0,
         "train.seg-epochs": args.local_epochs,
         "train.cls-epochs": args.local_epochs,
+        **_parse_sets(args.set),
     }
     if work.exists():
         shutil.rmtree(work)
@@ -212,5 +229,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", type=Path, help="use this base instead of the cached pretrained demo base")
     parser.add_argument("--out", type=Path, default=Path.home() / ".fedabus" / "demo")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra run-config value (repeatable)"
+    )
     parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
     parser.set_defaults(func=run_demo)
