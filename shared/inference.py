@@ -74,6 +74,7 @@ class CasePrediction:
     probability: float | None
     volume_cm3: float
     clicks_used: int
+    planes: np.ndarray | None = None
 
 
 def predict_case(
@@ -81,21 +82,22 @@ def predict_case(
     clicks: Sequence[Sequence[int]],
     labels: Sequence[int],
     *,
-    base: BaseModels,
-    adapter_path: str | Path | None,
+    models: dict[str, torch.nn.Module],
     config: FedabusConfig,
     site_config: SiteConfig | None = None,
     device: torch.device | str = "cpu",
 ) -> CasePrediction:
-    """Segment the lesion the clicks point at and classify it (planes from the predicted mask)."""
+    """Segment the lesion the clicks point at and classify it (planes from the predicted mask).
+
+    ``models``: ``{"seg": SAM-Med3D, "cls": classifier}`` with or without adapter (:func:`adapted_models`).
+    """
     original = read_volume(image_path, site_config=site_config)
     processed: Preprocessed = preprocess_case(original, None, config.data)
     points = [file_index_to_processed(c, original, processed.grid) for c in clicks]
-    models = adapted_models(base, adapter_path)
     predictor = SamPredictor3D(models["seg"], device=device)
     predictor.set_image(processed.image, processed.spacing_mm, pad_value=processed.pad_value)
     result = predictor.predict_sequential(points, labels)
-    probability = None
+    probability, planes = None, None
     if result.mask.any():
         planes = planes_from_config(
             processed.image,
@@ -109,7 +111,7 @@ def predict_case(
     mask = restore_geometry(
         result.mask.astype(np.uint8), processed=processed.grid, original=Grid.of(original)
     )
-    return CasePrediction(mask, probability, float(result.volume_cm3 or 0.0), result.clicks_used)
+    return CasePrediction(mask, probability, float(result.volume_cm3 or 0.0), result.clicks_used, planes)
 
 
 def _click(text: str) -> tuple[int, int, int]:
@@ -142,6 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--site-config", type=Path, help="site TOML (spacing/orientation overrides)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: model.device)")
     parser.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz)")
+    parser.add_argument(
+        "--gradcam-dir", type=Path, help="also save Grad-CAM heatmaps of the three planes here"
+    )
     parser.set_defaults(func=run_predict)
 
 
@@ -157,15 +162,9 @@ def run_predict(args: argparse.Namespace) -> int:
     site_config = load_site_config(args.site_config) if args.site_config else None
     clicks = list(args.click) + list(args.negative_click)
     labels = [1] * len(args.click) + [0] * len(args.negative_click)
+    models = adapted_models(base, args.adapter)
     result = predict_case(
-        args.image,
-        clicks,
-        labels,
-        base=base,
-        adapter_path=args.adapter,
-        config=config,
-        site_config=site_config,
-        device=device,
+        args.image, clicks, labels, models=models, config=config, site_config=site_config, device=device
     )
     write_volume(result.mask, args.out)
     print(f"mask: {args.out} ({result.volume_cm3:.2f} cm³, {result.clicks_used} click(s) used)")
