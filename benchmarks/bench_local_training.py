@@ -68,7 +68,7 @@ def main() -> int:
         started = time.monotonic()
         subprocess.run(command, check=True, cwd=ROOT)
         seconds = time.monotonic() - started
-        metrics = json.loads(Path(tmp, "local", "metrics.json").read_text())
+        metrics = json.loads(Path(tmp, "local", "metrics.json").read_text(encoding="utf-8"))
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "site_cases": args.cases,

@@ -111,7 +111,11 @@ def main(grid: Grid, context: Context) -> None:
     round_config = ConfigRecord({"base-fingerprint": fingerprint})
     started = time.monotonic()
     summary_path = work / "summary.json"
-    summary = json.loads(summary_path.read_text()) if state is not None and summary_path.is_file() else {}
+    summary = (
+        json.loads(summary_path.read_text(encoding="utf-8"))
+        if state is not None and summary_path.is_file()
+        else {}
+    )
 
     def end_of_round(server_round: int, arrays: ArrayRecord):
         nonlocal best, global_adapter

@@ -326,7 +326,7 @@ class ServerCheckpoint:
     def _point_latest_to(self, name: str) -> None:
         tmp = self.folder / f"{_TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}"
         try:
-            with tmp.open("w") as fh:
+            with tmp.open("w", encoding="utf-8") as fh:
                 fh.write(name + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -368,7 +368,7 @@ class ServerCheckpoint:
 def _read_pointer(folder: Path) -> str | None:
     pointer = folder / LATEST
     try:
-        name = pointer.read_text().strip()
+        name = pointer.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
@@ -395,7 +395,7 @@ def load_latest(folder: str | Path) -> CheckpointState | None:
 def _read_state_json(path: Path) -> dict[str, Any]:
     state_path = path / STATE_FILE
     try:
-        state = json.loads(state_path.read_text())
+        state = json.loads(state_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing; the checkpoint is incomplete") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -319,7 +319,7 @@ def load_adapter(path: str | Path) -> Adapter:
         if not p.is_file():
             raise AdapterError(f"{p}: adapter file not found")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{manifest_path}: manifest is not valid JSON ({exc})") from None
     if manifest.get("format") != ADAPTER_FORMAT:

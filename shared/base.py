@@ -145,7 +145,7 @@ def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = 
             f"{tensor_path}: base not found (needs {tensor_path.name} and {manifest_path.name}); "
             "create one with `fedabus pretrain` (demo) or `fedabus make-base` (real checkpoints)"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("format") != BASE_FORMAT:
         raise CheckpointError(f"{manifest_path}: not a fedabus base manifest")
     tensors = load_file(str(tensor_path))

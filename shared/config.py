@@ -263,7 +263,7 @@ def load_config(
         path = Path(path)
         where = str(path)
         try:
-            flat.update(flatten(tomllib.loads(path.read_text())))
+            flat.update(flatten(tomllib.loads(path.read_text(encoding="utf-8"))))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as exc:

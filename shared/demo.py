@@ -86,7 +86,7 @@ def write_local_connection(flwr_home: Path, name: str = "fedabus-local") -> str:
     """A ``config.toml`` whose connection ``name`` is Flower's managed local simulation."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = ":local:"\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = ":local:"\n', encoding="utf-8"
     )
     return name
 
@@ -176,6 +176,10 @@ def run_demo(args: argparse.Namespace) -> int:
         "federation.round-timeout": 900.0,
         "train.seg-epochs": args.local_epochs,
         "train.cls-epochs": args.local_epochs,
+        # A few CPU epochs need larger steps than the seed's GPU schedule (configs/local-demo.toml).
+        "train.seg-lr": 2e-3,
+        "train.cls-lr": 5e-3,
+        "train.eval-clicks": 3,
         **_parse_sets(args.set),
     }
     if work.exists():
@@ -205,7 +209,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     import json
 
-    summary = json.loads(summary_path.read_text())
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     print(
         f"\n[4/4] results after {summary.get('rounds_done')} rounds ({time.monotonic() - started:.0f} s in all)\n"
     )
@@ -222,7 +226,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--cases", type=int, default=12, help="cases per site")
+    parser.add_argument("--cases", type=int, default=16, help="cases per site")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (both models)")
     parser.add_argument("--seed", type=int, default=0)

@@ -44,7 +44,7 @@ class PretrainRecipe:
     public_seed: int = 9_999
     seg_epochs: int = 12
     seg_lr: float = 2e-3
-    cls_epochs: int = 6
+    cls_epochs: int = 20
     cls_lr: float = 1e-2
     seed: int = 0
 

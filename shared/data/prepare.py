@@ -81,7 +81,7 @@ class PrepareResult:
 
 def _load_state(out_dir: Path) -> dict[str, dict[str, str]]:
     try:
-        state = json.loads((out_dir / STATE_NAME).read_text())
+        state = json.loads((out_dir / STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:

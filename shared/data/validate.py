@@ -348,7 +348,7 @@ def _load_cache(path: Path | None) -> dict[str, dict]:
     if path is None:
         return {}
     try:
-        entries = json.loads(path.read_text()).get("entries", {})
+        entries = json.loads(path.read_text(encoding="utf-8")).get("entries", {})
     except (OSError, ValueError, AttributeError):
         return {}
     return entries if isinstance(entries, dict) else {}

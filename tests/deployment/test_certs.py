@@ -139,7 +139,7 @@ def test_site_keys_load_with_flowers_own_loaders(made: CertPaths) -> None:
 
 
 def test_site_keys_differ(made: CertPaths) -> None:
-    keys = {made.sites[s].public_key.read_text().split()[1] for s in SITES}
+    keys = {made.sites[s].public_key.read_text(encoding="utf-8").split()[1] for s in SITES}
     assert len(keys) == len(SITES)
 
 
@@ -152,7 +152,7 @@ def test_private_keys_are_owner_only(made: CertPaths) -> None:
 
 
 def test_readme_says_where_each_file_goes(made: CertPaths) -> None:
-    text = made.readme.read_text()
+    text = made.readme.read_text(encoding="utf-8")
     for needle in ("ca.key", "--ssl-certfile", "--ssl-keyfile", "--auth-supernode-private-key", "register"):
         assert needle in text
     assert "fleet-proxy" in text and "site-b" in text
@@ -174,7 +174,7 @@ def test_refuses_when_only_one_key_exists(tmp_path: Path) -> None:
     (tmp_path / "superlink.key").write_text("not mine")
     with pytest.raises(FileExistsError, match="superlink.key"):
         make_certificates(tmp_path, sites=["site-a"])
-    assert (tmp_path / "superlink.key").read_text() == "not mine"
+    assert (tmp_path / "superlink.key").read_text(encoding="utf-8") == "not mine"
     assert not (tmp_path / "ca.key").exists()
 
 

@@ -27,7 +27,7 @@ LONG_RUNNING = ("superlink", "fleet-proxy", "mlflow", *SITES)
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def superlink_routes(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def test_proxy_forwards_exactly_the_fleet_api_and_health(superlink_routes: list[str]) -> None:
-    server = _fleet_server(_parse_nginx(PROXY_CONF.read_text()))
+    server = _fleet_server(_parse_nginx(PROXY_CONF.read_text(encoding="utf-8")))
     fleet = {p for p in superlink_routes if p.startswith("/v1/fleet/")}
     assert len(fleet) >= 10, superlink_routes
     assert any(p.startswith("/v1/control/") for p in superlink_routes)
@@ -141,14 +141,14 @@ def test_proxy_forwards_exactly_the_fleet_api_and_health(superlink_routes: list[
     ],
 )
 def test_proxy_blocks_everything_else(path: str) -> None:
-    server = _fleet_server(_parse_nginx(PROXY_CONF.read_text()))
+    server = _fleet_server(_parse_nginx(PROXY_CONF.read_text(encoding="utf-8")))
     location = _select_location(server, path)
     assert not _proxies(location)
     assert location is not None and next(location.find("return")).args[0] == "404"
 
 
 def test_proxy_fleet_location_is_post_only_and_forwards_the_normalised_path() -> None:
-    server = _fleet_server(_parse_nginx(PROXY_CONF.read_text()))
+    server = _fleet_server(_parse_nginx(PROXY_CONF.read_text(encoding="utf-8")))
     fleet = _select_location(server, "/v1/fleet/pull-messages")
     assert fleet is not None
     assert [d.args for d in fleet.find("limit_except")] == [["POST"]]
@@ -158,7 +158,7 @@ def test_proxy_fleet_location_is_post_only_and_forwards_the_normalised_path() ->
 
 
 def test_proxy_verifies_the_superlink_and_uses_the_generated_credentials(services: dict) -> None:
-    conf = _parse_nginx(PROXY_CONF.read_text())
+    conf = _parse_nginx(PROXY_CONF.read_text(encoding="utf-8"))
     server = _fleet_server(conf)
     values = {d.name: d.args for d in server.children if not d.children}
     assert values["proxy_ssl_verify"] == ["on"]
@@ -221,7 +221,7 @@ def test_long_running_services_have_healthchecks_and_run_unprivileged(services: 
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     assert services["fleet-proxy"]["user"] == "49999:49999"
     for dockerfile in ("Dockerfile.server", "Dockerfile.site"):
-        assert "USER 49999:49999" in (DOCKER / dockerfile).read_text()
+        assert "USER 49999:49999" in (DOCKER / dockerfile).read_text(encoding="utf-8")
 
 
 def _flag(command: list[str], name: str) -> str:
@@ -231,7 +231,7 @@ def _flag(command: list[str], name: str) -> str:
 
 
 def test_ports_and_names_agree_across_files(services: dict) -> None:
-    conf = _parse_nginx(PROXY_CONF.read_text())
+    conf = _parse_nginx(PROXY_CONF.read_text(encoding="utf-8"))
     superlink = services["superlink"]["command"]
     port = _flag(superlink, "--port")
     assert port == "8000" and _flag(superlink, "--host") == "0.0.0.0"
@@ -244,7 +244,7 @@ def test_ports_and_names_agree_across_files(services: dict) -> None:
     listen = next(_fleet_server(conf).find("listen")).args
     assert listen == ["8443", "ssl"]
     assert _published(services["fleet-proxy"]) == ["8443:8443"]
-    names = (DOCKER / "scripts" / "demo-credentials.sh").read_text()
+    names = (DOCKER / "scripts" / "demo-credentials.sh").read_text(encoding="utf-8")
     assert "--server-name superlink" in names and "--server-name fleet-proxy" in names
     for site in SITES:
         command = services[site]["command"]
@@ -285,7 +285,7 @@ def test_mlflow_command_parses_with_the_installed_mlflow(services: dict) -> None
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
@@ -309,13 +309,13 @@ def test_dockerfile_entrypoint_and_torch_pin(name: str, entrypoint: str) -> None
     assert ("ENTRYPOINT", f'["{entrypoint}"]') in instructions
     runs = " ".join(args for kind, args in instructions if kind == "RUN")
     assert '-c constraints.txt "torch==2.13.0"' in runs
-    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text()
+    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text(encoding="utf-8")
     assert instructions[0][1].startswith("PYTHON_IMAGE=python:3.11")
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.site"])
 def test_dockerignore_keeps_the_venv_and_secrets_out(name: str) -> None:
-    lines = (DOCKER / f"{name}.dockerignore").read_text().split()
+    lines = (DOCKER / f"{name}.dockerignore").read_text(encoding="utf-8").split()
     assert lines.index("*") < lines.index("!shared")
     assert not [line for line in lines if line.startswith("!") and ("venv" in line or "cert" in line)]
 
@@ -345,7 +345,7 @@ def test_documented_superlink_and_supernode_commands_parse_with_flower() -> None
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-    commands = _shell_commands((REPO / "docs" / "deployment.md").read_text())
+    commands = _shell_commands((REPO / "docs" / "deployment.md").read_text(encoding="utf-8"))
     superlinks = [c[1:] for c in commands if c[0] == "flower-superlink"]
     supernodes = [c[1:] for c in commands if c[0] == "flower-supernode"]
     assert superlinks and supernodes
@@ -380,7 +380,7 @@ def _resolve_click(argv: list[str], parsed: list[str]) -> None:
 def test_documented_flwr_commands_parse_with_flower() -> None:
     parsed: list[str] = []
     for source in (REPO / "docs" / "deployment.md", DOCKER / "README.md"):
-        for words in _shell_commands(source.read_text()):
+        for words in _shell_commands(source.read_text(encoding="utf-8")):
             if words[0] == "flwr":
                 _resolve_click([w.replace("RUN_ID", "1").replace("NODE_ID", "1") for w in words[1:]], parsed)
     assert {"flwr run", "flwr supernode register", "flwr list", "flwr log", "flwr stop"} <= set(parsed)

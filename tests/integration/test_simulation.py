@@ -43,7 +43,7 @@ def test_demo_simulation_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Dice@1" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
 
-    summary = json.loads((out / "server" / "summary.json").read_text())
+    summary = json.loads((out / "server" / "summary.json").read_text(encoding="utf-8"))
     assert summary["rounds_done"] == 1
     assert set(summary["before"]) == set(summary["after"]) == {"site_a", "site_b"}
     assert (out / "server" / "final_adapter.safetensors").is_file()

@@ -122,7 +122,7 @@ def test_latest_pointer_semantics(tmp_path: Path):
     assert ckpt.load_latest() is None and ckpt.latest_round() is None
     for r in (1, 2, 3):
         save_round(ckpt, r)
-    assert (tmp_path / LATEST).read_text() == "round-0003\n"
+    assert (tmp_path / LATEST).read_text(encoding="utf-8") == "round-0003\n"
     assert ckpt.latest_round() == 3 and ckpt.load_latest().server_round == 3
     with pytest.raises(ValueError, match="round 3 is not after the latest checkpoint"):
         save_round(ckpt, 3)

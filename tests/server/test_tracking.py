@@ -340,14 +340,19 @@ def test_finish_logs_adapters_summary_plots_and_ends_the_runs(experiment: str, t
     assert all(torch.equal(loaded.tensors[k], best_adapter.tensors[k]) for k in best_adapter.tensors)
     assert loaded.manifest["metadata"] == {"round": 1, "metric": "global/test/dice_1click_mean", "value": 0.6}
     assert load_adapter(local / "adapters" / "final").manifest["metadata"] == {"round": 2}
-    summary = json.loads((local / "summary" / "rounds.json").read_text())
+    summary = json.loads((local / "summary" / "rounds.json").read_text(encoding="utf-8"))
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     first = summary["rounds"][0]
     assert first["sites"]["site-b"]["test/auc"] is None  # NaN is written as null (valid JSON)
     assert first["aggregates"]["test/dice_1click"]["worst_site"] == "site-a"
     for name in ("dice", "auc"):
         assert (local / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((local / "config" / "run_config.json").read_text())["params"]["train.seg-lr"] == 0.0002
+    assert (
+        json.loads((local / "config" / "run_config.json").read_text(encoding="utf-8"))["params"][
+            "train.seg-lr"
+        ]
+        == 0.0002
+    )
     statuses = {client.get_run(r).info.status for r in [tracker.run_id, *tracker.site_runs.values()]}
     assert statuses == {"FINISHED"}
     assert client.get_run(tracker.run_id).data.tags["fedabus.best_round"] == "1"
@@ -430,14 +435,16 @@ def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"mlflow server exited with {process.returncode}:\n{log.read_text(encoding='utf-8')[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"mlflow server not healthy after {timeout_s} s:\n{log.read_text(encoding='utf-8')[-3000:]}")
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -80,7 +80,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert set(loaded.tensors) == set(adapter.tensors)
     for name, tensor in adapter.tensors.items():
         assert torch.equal(loaded.tensors[name], tensor), name
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     assert manifest["base_fingerprint"] == {"seg": fp}
     assert manifest["lora"]["seg"]["rank"] == 4
     assert manifest["num_parameters"] == adapter.num_parameters

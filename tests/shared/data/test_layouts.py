@@ -153,7 +153,7 @@ def test_manifest_split_column_absent_or_empty(tmp_path: Path) -> None:
 def test_tdsc_split_column_is_accepted(tmp_path: Path) -> None:
     site = tmp_path / "site-c"
     tdsc_split(site, [("3", "B")])
-    text = (site / "labels.csv").read_text().splitlines()
+    text = (site / "labels.csv").read_text(encoding="utf-8").splitlines()
     (site / "labels.csv").write_text("\n".join([text[0] + ",split", text[1] + ",val"]) + "\n")
     assert discover_site(site).cases[0].split == "val"
 

@@ -35,7 +35,7 @@ SMALL = SynthOptions(shape=(32, 48, 48), lesion_median_cm3=0.25)
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], dict]:
     out = tmp_path_factory.mktemp("consortium")
     sites = generate_consortium(out, sites=3, cases=6, seed=11, options=SMALL)
-    return out, sites, json.loads((out / "consortium.json").read_text())
+    return out, sites, json.loads((out / "consortium.json").read_text(encoding="utf-8"))
 
 
 def _arrays(site_dir: Path) -> list[np.ndarray]:
@@ -109,7 +109,9 @@ def test_tdsc_site_has_placeholder_spacing_and_toml_gives_the_real_one(consortiu
     _, sites, truth = consortium
     record = truth["sites"][1]
     case = discover_site(sites[1]).cases[0]
-    assert "\\" in (sites[1] / "Train" / "labels.csv").read_text()  # backslash paths, as in TDSC
+    assert "\\" in (sites[1] / "Train" / "labels.csv").read_text(
+        encoding="utf-8"
+    )  # backslash paths, as in TDSC
     assert read_volume(case.image).GetSpacing() == (1.0, 1.0, 1.0)
     report = validate_site(sites[1])  # without the site TOML: the placeholder is flagged
     assert report.ok and all(any("placeholder" in w for w in r.warnings) for r in report.results)

@@ -85,7 +85,7 @@ def test_fixture_replay_matches_official_outputs(fixture, impl):
 
 
 def test_vit_b_ori_has_the_official_324_entries_in_order():
-    official = json.loads(KEY_LIST.read_text())["state_dict"]
+    official = json.loads(KEY_LIST.read_text(encoding="utf-8"))["state_dict"]
     with torch.device("meta"):
         model = build_sam_med3d("vit_b_ori")
     ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
@@ -95,7 +95,7 @@ def test_vit_b_ori_has_the_official_324_entries_in_order():
 
 
 def test_official_checkpoint_format_loads_strictly(tmp_path):
-    official = json.loads(KEY_LIST.read_text())["state_dict"]
+    official = json.loads(KEY_LIST.read_text(encoding="utf-8"))["state_dict"]
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in official.items()}
     path = tmp_path / "sam_med3d_turbo.pth"
