@@ -24,7 +24,8 @@ TABLE_METRICS = (
     ("test/dice_1click", "Dice@1"),
     ("test/dice", "Dice@N"),
     ("test/hd95_mm", "HD95 mm"),
-    ("test/auc", "AUC"),
+    ("test/auc", "AUC e2e"),
+    ("test/auc_gt_planes", "AUC GT planes"),
 )
 
 
@@ -177,7 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "train.seg-epochs": args.local_epochs,
         "train.cls-epochs": args.local_epochs,
         # A few CPU epochs need larger steps than the seed's GPU schedule (configs/local-demo.toml).
-        "train.seg-lr": 2e-3,
+        "train.seg-lr": 3e-3,
         "train.cls-lr": 5e-3,
         "train.eval-clicks": 3,
         **_parse_sets(args.set),
@@ -226,9 +227,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--cases", type=int, default=16, help="cases per site")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (both models)")
+    parser.add_argument("--cases", type=int, default=20, help="cases per site")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-epochs", type=int, default=3, help="local epochs per round (both models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", type=Path, help="use this base instead of the cached pretrained demo base")
     parser.add_argument("--out", type=Path, default=Path.home() / ".fedabus" / "demo")
