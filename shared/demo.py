@@ -80,6 +80,10 @@ def _flwr_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Simulated sites run side by side with one CPU each; torch's default thread pool per site would
+    # oversubscribe the cores and slow every site down several times.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
     return env
 
 

@@ -76,10 +76,9 @@ def test_registered_site_joins_and_unregistered_site_is_refused(
     bad, bad_log = deployment.supernode("site-b", superlink)
     wait_until(lambda: bad.poll() is not None, "unregistered SuperNode exit", 45, log=bad_log)
     # Flower logs "Exit Code: 305" (SUPERNODE_CONNECTION_ERROR); the process itself exits with status 1.
-    assert bad.returncode != 0 and "Exit Code: 305" in bad_log.read_text(encoding="utf-8"), bad_log.read_text(
-        encoding="utf-8"
-    )
-    assert "Failed to activate SuperNode" in bad_log.read_text(encoding="utf-8")
+    refused = bad_log.read_text(encoding="utf-8")
+    assert bad.returncode != 0 and "Exit Code: 305" in refused, refused
+    assert "Failed to activate SuperNode" in refused
     wait_until(lambda: node_id(good_log) is not None, "registered SuperNode activation", 45, good, good_log)
     listing = deployment.flwr("supernode", "list", "demo", "--format", "json")
     nodes = {int(n["node-id"]): n["status"] for n in json.loads(listing.stdout)["nodes"]}
