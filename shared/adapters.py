@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +28,7 @@ from torch import nn
 
 from shared import __version__
 from shared.config import AdapterConfig
+from shared.tensor_files import atomic_write, describe_mismatch, pair_paths
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -219,18 +218,10 @@ def check_names_and_shapes(
     max_names: int = 5,
 ) -> None:
     """Raise AdapterMismatchError listing the first missing, unexpected and mis-shaped names."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [
-        f"{k}: expected {expected[k]}, found {tuple(tensors[k].shape)}"
-        for k in sorted(expected)
-        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])
-    ]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            more = f" (+{len(items) - max_names} more)" if len(items) > max_names else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:max_names])}{more}")
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = describe_mismatch(
+        dict(sorted(expected.items())), dict(sorted(found.items())), max_names=max_names
+    )
     if problems:
         raise AdapterMismatchError(f"{what} does not fit the model: " + "; ".join(problems))
 
@@ -270,24 +261,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapter(adapter: Adapter, path: str | Path) -> tuple[Path, Path]:
     """Write ``NAME.safetensors`` and ``NAME.json`` atomically; returns both paths.
 
@@ -295,9 +268,9 @@ def save_adapter(adapter: Adapter, path: str | Path) -> tuple[Path, Path]:
     """
     from safetensors.torch import save_file
 
-    tensor_path, manifest_path = _paths(path)
+    tensor_path, manifest_path = pair_paths(path)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors.items()}
-    _atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": ADAPTER_FORMAT}))
+    atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": ADAPTER_FORMAT}))
     manifest = {
         **adapter.manifest,
         "tensors": Adapter(tensors).describe(),
@@ -306,7 +279,7 @@ def save_adapter(adapter: Adapter, path: str | Path) -> tuple[Path, Path]:
         "tensor_file": tensor_path.name,
         "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
     return tensor_path, manifest_path
 
 
@@ -314,7 +287,7 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter pair; verifies format, checksum, and that tensors match the manifest exactly."""
     from safetensors.torch import load_file
 
-    tensor_path, manifest_path = _paths(path)
+    tensor_path, manifest_path = pair_paths(path)
     for p in (tensor_path, manifest_path):
         if not p.is_file():
             raise AdapterError(f"{p}: adapter file not found")

@@ -13,8 +13,6 @@ trained by ``fedabus pretrain``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from shared.models.sam_med3d import (
     read_checkpoint,
 )
 from shared.models.triplane import TriPlaneClassifier, build_triplane_classifier, load_backbone_weights
+from shared.tensor_files import atomic_write, pair_paths
 
 __all__ = [
     "BASE_FORMAT",
@@ -96,33 +95,15 @@ def build_random_base(
     return base
 
 
-def _atomic_replace(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
 def save_base(base: BaseModels, path: str | Path, *, provenance: dict[str, Any] | None = None) -> Path:
     """Write ``NAME.safetensors`` + ``NAME.json`` atomically; returns the tensor file's path."""
     from safetensors.torch import save_file
 
-    tensor_path, manifest_path = _paths(path)
+    tensor_path, manifest_path = pair_paths(path)
     fingerprints = base.refresh_fingerprints()
     tensors = {f"seg.{k}": v.detach().cpu().contiguous() for k, v in base.sam.state_dict().items()}
     tensors |= {f"cls.{k}": v.detach().cpu().contiguous() for k, v in base.cls.state_dict().items()}
-    _atomic_replace(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": BASE_FORMAT}))
+    atomic_write(tensor_path, lambda p: save_file(tensors, str(p), metadata={"format": BASE_FORMAT}))
     manifest = {
         "format": BASE_FORMAT,
         "fedabus_version": __version__,
@@ -131,7 +112,7 @@ def save_base(base: BaseModels, path: str | Path, *, provenance: dict[str, Any] 
         "fingerprints": fingerprints,
         "provenance": {**base.provenance, **(provenance or {})},
     }
-    _atomic_replace(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
     return tensor_path
 
 
@@ -139,7 +120,7 @@ def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = 
     """Open a saved base (memory-mapped) and check its weights against the fingerprints in its manifest."""
     from safetensors.torch import load_file
 
-    tensor_path, manifest_path = _paths(path)
+    tensor_path, manifest_path = pair_paths(path)
     if not manifest_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(
             f"{tensor_path}: base not found (needs {tensor_path.name} and {manifest_path.name}); "

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from shared.tensor_files import describe_mismatch
+
 from .common import activation_from_name
 from .image_encoder import ImageEncoderViT3D
 from .mask_decoder import MaskDecoder3D
@@ -229,19 +231,10 @@ def load_state_dict_strict(
 
     Raises CheckpointError naming ``source`` and the first missing, unexpected and mis-shaped entries.
     """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state_dict[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
-    ]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            more = f" (+{len(items) - max_names} more)" if len(items) > max_names else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:max_names])}{more}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = describe_mismatch(
+        expected, {k: tuple(v.shape) for k, v in state_dict.items()}, max_names=max_names
+    )
     if problems:
         raise CheckpointError(f"{source} does not fit this SAM-Med3D configuration: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)
