@@ -1,5 +1,8 @@
 """``fedabus pretrain``: a small base for CPU demos, trained fully on a synthetic "public" source set.
 
+The classifier's backbones are pretrained but its fusion head is re-initialised (``cls_fresh_head``), like a
+real base made from ImageNet backbones: the benign/malignant decision is learnt by the sites.
+
 No pretrained weights can be downloaded on the machines fedabus is developed on, so demos and tests need a
 base that already knows roughly what a lesion is — as the real SAM-Med3D checkpoint does. This trains the
 ``small`` SAM-Med3D preset and the classifier backbones with ALL parameters trainable on a synthetic public set
@@ -44,8 +47,11 @@ class PretrainRecipe:
     public_seed: int = 9_999
     seg_epochs: int = 12
     seg_lr: float = 2e-3
-    cls_epochs: int = 20
+    cls_epochs: int = 10
     cls_lr: float = 1e-2
+    #: Re-initialise the classifier's fusion head after pretraining, so the base carries pretrained backbones
+    #: but no benign/malignant decision — as a real base does (ImageNet backbones, fresh head); sites learn it.
+    cls_fresh_head: bool = True
     seed: int = 0
 
     def key(self) -> str:
@@ -95,6 +101,11 @@ def pretrain_base(
             cases, config.data, batch_size=train.cls_batch_size, site_config=site_config, seed=0
         )
         cls_result = train_classifier(cls, loader, config=train, device=dev)
+    if recipe.cls_fresh_head:
+        torch.manual_seed(recipe.seed)
+        for module in cls.head.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     base.sam, base.cls = sam.cpu().eval(), cls.cpu().eval()
     provenance = {
         "pretrained_on": f"synthetic public set ({recipe.public_cases} cases, seed {recipe.public_seed})",
