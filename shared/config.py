@@ -34,6 +34,7 @@ __all__ = [
     "to_flat_dict",
     "TrainConfig",
     "FederationConfig",
+    "PrivacyConfig",
 ]
 
 
@@ -174,6 +175,43 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy, off by default (see docs/privacy.md).
+
+    Sample-level DP (``sample-dp``): DP-SGD with Opacus around each site's local training of both models; the
+    privacy unit is one patient's case. Client-level DP (``client-dp``): clipping and Gaussian noise on whole
+    adapter updates with Flower's DP wrappers; the privacy unit is one site.
+    """
+
+    #: DP-SGD (Opacus, Poisson sampling) for the local training of both models.
+    sample_dp: bool = False
+    #: Target ε per model over the whole run at one site (``num-server-rounds`` rounds of local epochs); the
+    #: noise multiplier is derived from it. 0: use ``noise-multiplier`` as given.
+    target_epsilon: float = 0.0
+    #: Gaussian noise multiplier of DP-SGD when ``target-epsilon`` is 0.
+    noise_multiplier: float = 1.0
+    #: δ of sample-level DP; 0 picks 1 / (10 n) for a site with n training cases (below 1/n, as it must be).
+    delta: float = 0.0
+    #: Per-sample gradient L2 clipping norm.
+    max_grad_norm: float = 1.0
+    #: Privacy accountant of DP-SGD: ``rdp`` or ``prv``.
+    accountant: str = "rdp"
+    #: ε budget per model at a site across rounds (and runs sharing its ledger); a site whose next round would
+    #: exceed it does not train. 0: the budget is ``target-epsilon`` (no budget stop when both are 0). A site
+    #: may set a stricter one with ``epsilon-budget`` in its node config.
+    epsilon_budget: float = 0.0
+    #: Client-level DP on adapter updates: ``off``, ``server-fixed``, ``client-fixed``, ``server-adaptive`` or
+    #: ``client-adaptive`` (where the update is clipped, and with a fixed or adaptive clipping norm).
+    client_dp: str = "off"
+    #: Gaussian noise multiplier of client-level DP (noise std = multiplier × clip norm / sampled sites).
+    client_noise_multiplier: float = 1.0
+    #: L2 clipping norm of a site's update (the initial norm with adaptive clipping).
+    client_clip_norm: float = 1.0
+    #: δ of client-level DP (choose below 1 / number of sites).
+    client_delta: float = 1e-5
+
+
+@dataclass(frozen=True)
 class FedabusConfig:
     """All sections together (what a run or a command receives)."""
 
@@ -182,6 +220,7 @@ class FedabusConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 T = TypeVar("T")
