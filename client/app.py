@@ -10,12 +10,13 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.privacy import client_dp_clipping_mod
 from client.task import BaseMismatch, run_evaluate, run_train, site_settings
 from shared import __version__
 from shared.config import load_config
-from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record, record_to_adapter
+from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record
 
-app = ClientApp()
+app = ClientApp(mods=[client_dp_clipping_mod])
 
 #: Run-config keys that are Flower's own, not fedabus sections.
 FLOWER_KEYS = ("num-server-rounds",)
@@ -54,12 +55,11 @@ def train(msg: Message, context: Context) -> Message:
     config = _config(context)
     round_config = msg.content[CONFIG]
     settings = site_settings(dict(context.node_config), config)
-    global_adapter = record_to_adapter(msg.content[ARRAYS])
     try:
         update, metrics, site = run_train(
             settings,
             config,
-            global_adapter,
+            msg.content[ARRAYS],
             fingerprint=str(round_config.get("base-fingerprint", "")),
             server_round=int(round_config.get("server-round", 0)),
         )
@@ -75,7 +75,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics, site = run_evaluate(
         settings,
         config,
-        record_to_adapter(msg.content[ARRAYS]),
+        msg.content[ARRAYS],
         fingerprint=str(msg.content[CONFIG].get("base-fingerprint", "")),
     )
     return _reply(msg, metrics, site)

@@ -1,4 +1,7 @@
-"""The site's side of a round, without Flower: which site this is, its base, and the work per message."""
+"""The site's side of a round, without Flower's app API: which site this is, its base, and the work per message.
+
+The global adapter arrives packed (:mod:`shared.protocol`); it is unpacked with the layout of this site's own
+adapter, so a record built from another base or other adapter settings is refused before training."""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 
 from client.egress import TRAIN_METRIC_KEYS, eval_metric_keys, outgoing_adapter, outgoing_metrics
 from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config
 from shared.base import BaseModels, load_base, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
+from shared.protocol import Layout, layout_of, record_to_adapter
 from shared.training.site import SiteData, evaluate_site, open_site, train_site
 
 __all__ = ["BaseMismatch", "SiteSettings", "run_evaluate", "run_train", "site_settings"]
@@ -81,43 +86,45 @@ def _setup(settings: SiteSettings, config: FedabusConfig, fingerprint: str) -> t
     return base, open_site(settings.site_dir, site_config_path=settings.site_config)
 
 
-def _models(base: BaseModels, config: FedabusConfig, global_adapter: dict[str, torch.Tensor]):
+def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord) -> tuple[dict, Layout]:
+    """The site's models with the global adapter applied, and the adapter layout (name -> shape)."""
     models = wrap_for_training(base, lora_specs_from_config(config.adapter))
-    adapter = Adapter(global_adapter, {"base_fingerprint": dict(base.fingerprints)})
+    layout = layout_of(extract_adapter(models, base_fingerprints=base.fingerprints).tensors)
+    tensors = record_to_adapter(global_record, layout)
+    adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
     apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
-    return models
+    return models, layout
 
 
 def run_train(
     settings: SiteSettings,
     config: FedabusConfig,
-    global_adapter: dict[str, torch.Tensor],
+    global_record: ArrayRecord,
     *,
     fingerprint: str,
     server_round: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
     """Train from the global adapter; returns (checked update, checked metrics, site name)."""
     base, site = _setup(settings, config, fingerprint)
-    models = _models(base, config, global_adapter)
+    models, layout = _models(base, config, global_record)
     device = resolve_device(settings.device)
     seed = config.train.seed * 1_000_003 + server_round
     metrics = train_site(
         models, site, config, device=device, seed=seed, proximal=config.train.proximal_mu > 0
     )
     update = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
-    expected = {k: tuple(v.shape) for k, v in global_adapter.items()}
-    return outgoing_adapter(update, expected), outgoing_metrics(metrics, TRAIN_METRIC_KEYS), site.name
+    return outgoing_adapter(update, layout), outgoing_metrics(metrics, TRAIN_METRIC_KEYS), site.name
 
 
 def run_evaluate(
     settings: SiteSettings,
     config: FedabusConfig,
-    global_adapter: dict[str, torch.Tensor],
+    global_record: ArrayRecord,
     *,
     fingerprint: str,
 ) -> tuple[dict[str, float], str]:
     """Evaluate the global adapter on the site's test split; returns (checked metrics, site name)."""
     base, site = _setup(settings, config, fingerprint)
-    models = _models(base, config, global_adapter)
+    models, _ = _models(base, config, global_record)
     metrics = evaluate_site(models, site, config, device=resolve_device(settings.device))
     return outgoing_metrics(metrics, eval_metric_keys(config.train.eval_clicks)), site.name

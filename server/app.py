@@ -24,7 +24,7 @@ from server.tracking import FederationTracker, RoundReport, update_best
 from shared.adapters import Adapter, extract_adapter, lora_specs_from_config
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, load_config, to_flat_dict
-from shared.protocol import adapter_to_record, record_to_adapter
+from shared.protocol import adapter_to_record, layout_of, record_to_adapter
 
 app = ServerApp()
 
@@ -77,6 +77,7 @@ def main(grid: Grid, context: Context) -> None:
         server_lr=fed.server_lr,
         trim_beta=fed.trim_beta,
         num_malicious=fed.num_malicious,
+        privacy=config.privacy,
     )
     vetting = SiteVetting(grid, fingerprint, timeout=fed.sample_timeout)
     strategy.node_vetting = vetting
@@ -128,10 +129,13 @@ def main(grid: Grid, context: Context) -> None:
                 _write_json(summary_path, summary)
             return None
         actual = offset + server_round
-        tensors = record_to_adapter(arrays)
+        tensors = record_to_adapter(arrays, layout_of(initial.tensors))
         global_adapter = Adapter(tensors, {**initial.manifest, "metadata": {"round": actual}})
         report = RoundReport.from_site_metrics(
-            actual, evaluation=strategy.last_eval_metrics, training=strategy.last_train_metrics
+            actual,
+            evaluation=strategy.last_eval_metrics,
+            training=strategy.last_train_metrics,
+            global_metrics=strategy.privacy_metrics(),  # privacy/client_epsilon etc.; {} without client DP
         )
         tracker.log_round(report)
         parent = report.parent_metrics()

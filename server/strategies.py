@@ -11,6 +11,10 @@
 
 Strategy state that must survive a restart (FedAdam/Yogi/Adagrad moments) is exposed through
 :meth:`FedabusHooks.get_state` / :meth:`FedabusHooks.set_state`.
+
+With ``privacy.client-dp`` other than ``off``, :func:`build_strategy` wraps the hooked strategy in one of Flower's
+client-level DP wrappers (:mod:`server.privacy`); the wrapper offers the same attributes and methods, so the
+ServerApp does not care which one it holds (:data:`FederationStrategy`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -27,9 +31,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
+from shared.config import PrivacyConfig
 from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
 
-__all__ = ["STRATEGIES", "FederationStalled", "FedabusHooks", "build_strategy", "site_of"]
+if TYPE_CHECKING:
+    from server.privacy import ClientDPHooks
+
+__all__ = [
+    "STRATEGIES",
+    "FederationStalled",
+    "FederationStrategy",
+    "FedabusHooks",
+    "build_strategy",
+    "metrics_by_site",
+    "site_of",
+    "updates_of",
+]
 
 STRATEGIES: dict[str, type] = {
     "fedavg": FedAvg,
@@ -56,6 +73,30 @@ def site_of(message: Message) -> str:
     return f"node-{message.metadata.src_node_id}"
 
 
+def metrics_by_site(replies: Iterable[Message]) -> dict[str, dict[str, float]]:
+    """``{site: {metric: value}}`` of the replies that carry a metrics record (failed sites have none)."""
+    out = {}
+    for msg in replies:
+        if msg.has_error() or METRICS not in msg.content.metric_records:
+            continue
+        out[site_of(msg)] = {k: float(v) for k, v in msg.content.metric_records[METRICS].items()}
+    return out
+
+
+def updates_of(server_round: int, replies: Iterable[Message]) -> list[Message]:
+    """The replies that carry an update; logs every site that failed or sent none (with its reason)."""
+    with_update = []
+    for msg in replies:
+        if msg.has_error():
+            log(WARNING, "Round %d: site %s failed: %s", server_round, site_of(msg), msg.error.reason)
+        elif ARRAYS in msg.content.array_records:
+            with_update.append(msg)
+        else:
+            reason = msg.content.config_records.get(SITE, {}).get("declined", "no update sent")
+            log(WARNING, "Round %d: site %s sent no update: %s", server_round, site_of(msg), reason)
+    return with_update
+
+
 class FedabusHooks:
     """Mixin placed before a Flower strategy class; see the module docstring."""
 
@@ -65,6 +106,8 @@ class FedabusHooks:
     allowed_nodes: set[int] | None = None
     #: Optional ``callable(node_ids) -> accepted node ids`` (the base-fingerprint handshake).
     node_vetting: Callable[[Iterable[int]], set[int]] | None = None
+    #: Number of eligible sites the last sampling chose from (the population of client-level DP accounting).
+    last_sample_population: int | None = None
 
     def _eligible(self, grid: Grid) -> list[int]:
         online = list(grid.get_node_ids())
@@ -79,6 +122,7 @@ class FedabusHooks:
         while True:
             nodes = self._eligible(grid)
             if len(nodes) >= min_available:
+                self.last_sample_population = len(nodes)
                 return random.sample(nodes, min(sample_size, len(nodes)))
             if time.monotonic() > deadline:
                 raise FederationStalled(
@@ -130,18 +174,9 @@ class FedabusHooks:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        self.last_train_metrics = _metrics_by_site(replies)
-        with_update = []
-        for msg in replies:
-            if msg.has_error():
-                log(WARNING, "Round %d: site %s failed: %s", server_round, site_of(msg), msg.error.reason)
-                with_update.append(msg)  # Flower logs and drops errors itself
-            elif ARRAYS in msg.content.array_records:
-                with_update.append(msg)
-            else:
-                reason = msg.content.config_records.get(SITE, {}).get("declined", "no update sent")
-                log(WARNING, "Round %d: site %s sent no update: %s", server_round, site_of(msg), reason)
-        if not any(not m.has_error() for m in with_update):
+        self.last_train_metrics = metrics_by_site(replies)
+        with_update = updates_of(server_round, replies)
+        if not with_update:
             log(WARNING, "Round %d: no site sent an update; the global adapter is unchanged", server_round)
             return None, None
         return super().aggregate_train(server_round, with_update)
@@ -149,7 +184,7 @@ class FedabusHooks:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        self.last_eval_metrics = _metrics_by_site(replies)
+        self.last_eval_metrics = metrics_by_site(replies)
         for msg in replies:
             if msg.has_error():
                 log(
@@ -175,14 +210,17 @@ class FedabusHooks:
             if values:
                 setattr(self, attribute, values)
 
+    def client_privacy_spent(self) -> tuple[float, float] | None:
+        """Client-level (ε, δ) spent so far; None: this strategy adds no client-level DP."""
+        return None
 
-def _metrics_by_site(replies: list[Message]) -> dict[str, dict[str, float]]:
-    out = {}
-    for msg in replies:
-        if msg.has_error() or METRICS not in msg.content.metric_records:
-            continue
-        out[site_of(msg)] = {k: float(v) for k, v in msg.content.metric_records[METRICS].items()}
-    return out
+    def privacy_metrics(self) -> dict[str, float]:
+        """Parent-run metrics of client-level DP for the round just done (none without client-level DP)."""
+        return {}
+
+
+#: What :func:`build_strategy` returns: the hooked strategy, or Flower's DP wrapper around it.
+FederationStrategy: TypeAlias = "FedabusHooks | ClientDPHooks"
 
 
 def build_strategy(
@@ -197,13 +235,24 @@ def build_strategy(
     server_lr: float = 0.1,
     trim_beta: float = 0.2,
     num_malicious: int = 0,
-) -> FedabusHooks:
+    privacy: PrivacyConfig | None = None,
+) -> FederationStrategy:
     """A Flower strategy by name (``fedavg``, ``fedprox``, ``fedadam``, ``fedmedian``, ``fedtrimmedavg``,
-    ``krum``, ``multikrum``) with the fedabus hooks. FedAvg weights by ``num-examples`` (training cases)."""
+    ``krum``, ``multikrum``) with the fedabus hooks. FedAvg weights by ``num-examples`` (training cases).
+
+    With ``privacy.client_dp`` other than ``off`` the strategy is wrapped for client-level DP (see
+    :mod:`server.privacy`): only ``fedavg`` and ``fedprox`` are accepted, and the adapter update is then the
+    unweighted sum of the sites' clipped updates divided by the number of sampled sites, plus Gaussian noise.
+    Raises :class:`~shared.config.ConfigError` naming the setting when the privacy settings are invalid.
+    """
     try:
         base = STRATEGIES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}") from None
+    # server.privacy builds on this module (site_of, updates_of), so it is imported here, not at the top.
+    from server import privacy as client_dp
+
+    dp_mode = client_dp.check_client_dp(privacy, name.lower()) if privacy is not None else "off"
     common: dict[str, Any] = {
         "fraction_train": fraction_train,
         "fraction_evaluate": fraction_evaluate,
@@ -220,10 +269,15 @@ def build_strategy(
         Krum: {"num_malicious_nodes": num_malicious},
         MultiKrum: {"num_malicious_nodes": num_malicious},
     }.get(base, {})
-    cls = type(f"Fedabus{base.__name__}", (FedabusHooks, base), {})
+    if dp_mode == "off":
+        cls = type(f"Fedabus{base.__name__}", (FedabusHooks, base), {})
+    else:
+        cls = type(f"FedabusDP{base.__name__}", (FedabusHooks, client_dp.FixedDenominatorMean, base), {})
     strategy = cls(**common, **extra)
     strategy.eval_interval = max(1, int(eval_interval))
     strategy.sample_timeout = float(sample_timeout)
     strategy.last_train_metrics = {}
     strategy.last_eval_metrics = {}
-    return strategy
+    if dp_mode == "off" or privacy is None:
+        return strategy
+    return client_dp.wrap_with_client_dp(strategy, privacy, num_sampled_sites=min_sites)

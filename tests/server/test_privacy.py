@@ -1,0 +1,386 @@
+"""Client-level DP around the fedabus strategies, on mocked replies (no processes)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.privacy import ClientPrivacyAccountant, update_norm
+from server.strategies import FedabusHooks, build_strategy
+from shared.config import ConfigError, PrivacyConfig
+from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE
+
+MODES = {
+    "server-fixed": DifferentialPrivacyServerSideFixedClipping,
+    "client-fixed": DifferentialPrivacyClientSideFixedClipping,
+    "server-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
+    "client-adaptive": DifferentialPrivacyClientSideAdaptiveClipping,
+}
+#: Packed adapter layout as shared.protocol sends it: one flat float32 array per model.
+SIZES = {"cls": 6, "seg": 10}
+APP = Path(__file__).resolve().parents[2] / "server" / "app.py"
+
+
+class FakeGrid:
+    """Nodes online; ``send_and_receive`` answers train messages with ``train_reply(node, message)``."""
+
+    def __init__(self, nodes: list[int], train_reply=None) -> None:
+        self.nodes = nodes
+        self.train_reply = train_reply
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                replies.append(self.train_reply(node, msg))
+            else:
+                metrics = MetricRecord({NUM_EXAMPLES: 1, "test/dice": 0.5})
+                content = RecordDict({METRICS: metrics, SITE: ConfigRecord({"site-id": f"s{node}"})})
+                replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+def packed(values: dict[str, np.ndarray] | float) -> ArrayRecord:
+    if not isinstance(values, dict):
+        values = {k: np.full(n, values, dtype=np.float32) for k, n in SIZES.items()}
+    return ArrayRecord({k: Array(np.asarray(values[k], dtype=np.float32)) for k in sorted(SIZES)})
+
+
+def direction(seed: int, norm: float) -> dict[str, np.ndarray]:
+    """A fixed random update of the given L2 norm over both packed arrays."""
+    flat = np.random.default_rng(seed).normal(size=sum(SIZES.values()))
+    flat *= norm / np.linalg.norm(flat)
+    return {"cls": flat[: SIZES["cls"]], "seg": flat[SIZES["cls"] :]}
+
+
+def reply(node: int, site: str, update: ArrayRecord | None, *, examples: int = 1, norm_bit=None) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    metrics = {NUM_EXAMPLES: examples, "train/seg_loss": 0.25}
+    if norm_bit is not None:
+        metrics[KEY_NORM_BIT] = norm_bit
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    content[SITE] = ConfigRecord({"site-id": site} if update else {"site-id": site, "declined": "budget"})
+    if update is not None:
+        content[ARRAYS] = update
+    return Message(content, reply_to=request)
+
+
+def dp_strategy(mode: str, *, sigma: float = 0.0, clip: float = 1.0, delta: float = 1e-5, **kwargs):
+    privacy = PrivacyConfig(
+        client_dp=mode, client_noise_multiplier=sigma, client_clip_norm=clip, client_delta=delta
+    )
+    kwargs.setdefault("min_sites", 1)
+    return build_strategy(kwargs.pop("name", "fedavg"), privacy=privacy, **kwargs)
+
+
+def configure(strategy, nodes: list[int], global_arrays: ArrayRecord | None = None) -> list[Message]:
+    arrays = global_arrays if global_arrays is not None else packed(0.0)
+    return list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(nodes)))
+
+
+def as_flat(record: ArrayRecord) -> np.ndarray:
+    return np.concatenate([record[k].numpy().astype(np.float64) for k in record.keys()])
+
+
+def flat(values: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(values[k], dtype=np.float64) for k in sorted(SIZES)])
+
+
+# ------------------------------------------------------------------------------------------ the hooks survive
+def test_every_strategy_attribute_server_app_uses_is_offered_by_the_wrapper():
+    used = set(re.findall(r"\bstrategy\.(\w+)", APP.read_text(encoding="utf-8")))
+    assert {"round_offset", "last_train_metrics", "get_state", "set_state"} <= used  # the regex sees app.py
+    for mode in MODES:
+        strategy = dp_strategy(mode)
+        missing = [name for name in used if not hasattr(strategy, name)]
+        assert not missing, f"{mode}: wrapper lacks {missing}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wrapper_keeps_offset_vetting_eval_interval_and_site_metrics(mode):
+    strategy = dp_strategy(mode, clip=2.0, eval_interval=2)
+    assert isinstance(strategy, MODES[mode]) and isinstance(strategy.strategy, FedabusHooks)
+    strategy.round_offset = 4
+    strategy.node_vetting = lambda nodes: {n for n in nodes if n != 3}
+    messages = configure(strategy, [1, 2, 3])
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    config = messages[0].content[CONFIG]
+    assert config["server-round"] == 5 and strategy.strategy.round_offset == 4
+    assert (config.get(KEY_CLIPPING_NORM) == pytest.approx(2.0)) == mode.startswith("client-")
+    assert (
+        list(strategy.configure_evaluate(1, packed(0.0), ConfigRecord(), FakeGrid([1, 2]))) == []
+    )  # round 5
+    assert len(list(strategy.configure_evaluate(2, packed(0.0), ConfigRecord(), FakeGrid([1, 2])))) == 2
+    bit = 0 if mode == "client-adaptive" else None
+    replies = [reply(1, "a", packed(direction(0, 0.5)), norm_bit=bit), reply(2, "b", None)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert set(strategy.last_train_metrics) == {"a", "b"}
+    assert KEY_NORM_BIT not in strategy.last_train_metrics["a"]  # a site's clip bit is not tracked
+    assert strategy.client_privacy_spent() == (math.inf, 1e-5)  # σ = 0: clipped, not private
+    assert strategy.privacy_metrics() == {"privacy/client_clip_norm": 2.0, "privacy/client_noise_std": 0.0}
+
+
+def test_without_client_dp_the_strategy_is_unwrapped_and_reports_no_privacy():
+    strategy = build_strategy("krum", min_sites=1, privacy=PrivacyConfig())
+    assert isinstance(strategy, FedabusHooks)
+    assert strategy.client_privacy_spent() is None and strategy.privacy_metrics() == {}
+
+
+def test_state_round_trips_clip_norm_and_ledger():
+    strategy = dp_strategy("server-adaptive", sigma=1.0, clip=1.0)
+    np.random.seed(0)  # Flower's clipped-count noise uses numpy's global generator
+    for server_round in (1, 2):
+        configure(strategy, [1, 2])
+        replies = [reply(1, "a", packed(direction(1, 3.0))), reply(2, "b", packed(direction(2, 4.0)))]
+        strategy.aggregate_train(server_round, replies)
+    state = strategy.get_state()
+    fresh = dp_strategy("server-adaptive", sigma=1.0, clip=1.0)
+    fresh.set_state(state)
+    assert fresh.clipping_norm == strategy.clipping_norm != 1.0
+    assert fresh.client_privacy_spent() == strategy.client_privacy_spent()
+    assert fresh.client_accountant.releases == 2
+
+
+# ------------------------------------------------------------------------------------------ clipping and noise
+def test_server_fixed_clips_each_update_and_divides_by_the_sampled_sites():
+    strategy = dp_strategy("server-fixed", clip=1.0)
+    configure(strategy, [1, 2, 3])
+    big, small = direction(1, 10.0), direction(2, 0.5)
+    replies = [
+        reply(1, "a", packed(big), examples=1),
+        reply(2, "b", packed(small), examples=100),  # case counts do not weigh
+        reply(3, "c", None),  # declined: a zero update
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = (flat(big) / 10.0 + flat(small)) / 3
+    np.testing.assert_allclose(as_flat(arrays), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_server_fixed_clips_relative_to_the_global_adapter():
+    strategy = dp_strategy("server-fixed", clip=0.5)
+    start = packed(3.0)
+    configure(strategy, [1], start)
+    update = {k: np.full(n, 3.0) + direction(4, 2.0)[k] for k, n in SIZES.items()}
+    arrays, _ = strategy.aggregate_train(1, [reply(1, "a", packed(update))])
+    assert update_norm(arrays, start) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_failed_and_malformed_replies_count_as_zero_updates():
+    strategy = dp_strategy("server-fixed", clip=1.0)
+    configure(strategy, [1, 2, 3, 4])
+    request = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    wrong = ArrayRecord({"seg": Array(np.ones(4, dtype=np.float32))})
+    replies = [
+        reply(1, "a", packed(direction(5, 0.3))),
+        reply(2, "b", wrong),
+        Message(Error(code=1, reason="site crashed"), reply_to=request),
+        reply(4, "d", packed(math.nan)),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(as_flat(arrays), flat(direction(5, 0.3)) / 4, rtol=1e-5, atol=1e-7)
+
+
+def test_client_fixed_sends_the_norm_and_reclips_an_unclipped_update():
+    strategy = dp_strategy("client-fixed", clip=1.0)
+    configure(strategy, [1, 2])
+    unclipped, clipped = direction(6, 5.0), direction(7, 0.8)
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(1, "a", packed(unclipped)), reply(2, "b", packed(clipped))]
+    )
+    expected = (flat(unclipped) / 5.0 + flat(clipped)) / 2
+    np.testing.assert_allclose(as_flat(arrays), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_client_adaptive_drops_a_reply_without_norm_bit_and_adapts_the_norm():
+    strategy = dp_strategy("client-adaptive", clip=1.0)
+    configure(strategy, [1, 2])
+    replies = [reply(1, "a", packed(direction(8, 1.0)), norm_bit=1), reply(2, "b", packed(direction(9, 0.4)))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(as_flat(arrays), flat(direction(8, 1.0)) / 2, rtol=1e-5, atol=1e-7)
+    assert strategy.clipping_norm == pytest.approx(math.exp(-0.2 * (1.0 - 0.5)))  # σ = 0: exact count
+
+
+def test_noise_std_is_sigma_times_clip_norm_over_sampled_sites():
+    sigma, clip, sites, size = 2.0, 0.5, 4, 40_000
+    strategy = dp_strategy("server-fixed", sigma=sigma, clip=clip)
+    strategy.noise_rng = np.random.default_rng(123)
+    zeros = ArrayRecord({"seg": Array(np.zeros(size, dtype=np.float32))})
+    strategy.configure_train(1, zeros, ConfigRecord(), FakeGrid(list(range(1, sites + 1))))
+    update = ArrayRecord({"seg": Array(np.full(size, 1e-3, dtype=np.float32))})  # norm 0.2 < clip
+    replies = [reply(n, f"s{n}", update) for n in range(1, sites + 1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    noise = arrays["seg"].numpy().astype(np.float64) - 1e-3
+    std = sigma * clip / sites
+    assert strategy.last_noise_std == pytest.approx(std)
+    expected = np.random.default_rng(123).normal(0.0, std, size)  # the seeded draw, exactly
+    np.testing.assert_allclose(noise, expected, rtol=0, atol=1e-6)
+    assert np.std(noise) == pytest.approx(std, rel=0.02) and abs(np.mean(noise)) < 4 * std / math.sqrt(size)
+
+
+def test_adaptive_noise_uses_the_norm_the_round_clipped_with():
+    sigma, clip = 1.0, 1.0
+    strategy = dp_strategy("server-adaptive", sigma=sigma, clip=clip)
+    strategy.noise_rng = np.random.default_rng(0)
+    np.random.seed(1)
+    configure(strategy, [1, 2])
+    strategy.aggregate_train(
+        1, [reply(1, "a", packed(direction(1, 5.0))), reply(2, "b", packed(direction(2, 6.0)))]
+    )
+    count_std = max(2 / 20, sigma)  # fedabus' clipped-count noise
+    update_sigma = (sigma**-2 - (2 * count_std) ** -2) ** -0.5
+    assert strategy.last_noise_std == pytest.approx(update_sigma * clip / 2)
+    assert strategy.clipping_norm != clip  # the next round clips with the adapted norm
+    assert strategy.client_accountant.ledger() == [[sigma, 1.0]]  # accounted at the configured σ
+
+
+# ------------------------------------------------------------------------------------------ accounting
+def _rdp_gaussian_epsilon(rounds: int, sigma: float, delta: float, orders: list[float]) -> float:
+    """Independent: RDP of the Gaussian mechanism α / (2σ²) per round, Balle et al. (2020) conversion."""
+    best = math.inf
+    for a in orders:
+        rdp = rounds * a / (2 * sigma**2)
+        best = min(best, rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1))
+    return best
+
+
+def _rdp_subsampled_integer(q: float, sigma: float, alpha: int) -> float:
+    """Independent: sampled Gaussian RDP at integer α by binomial expansion (Mironov et al. 2019, eq. 3.3)."""
+    log_terms = [
+        math.log(math.comb(alpha, k))
+        + (alpha - k) * math.log(1 - q)
+        + k * math.log(q)
+        + (k * k - k) / (2 * sigma**2)
+        for k in range(alpha + 1)
+    ]
+    top = max(log_terms)
+    return (top + math.log(math.fsum(math.exp(t - top) for t in log_terms))) / (alpha - 1)
+
+
+def test_epsilon_grows_with_rounds_and_matches_the_gaussian_rdp_bound():
+    sigma, delta = 1.5, 1e-5
+    accountant = ClientPrivacyAccountant(delta)
+    previous = accountant.epsilon()
+    assert previous == 0.0
+    for rounds in range(1, 6):
+        accountant.compose(sigma, 1.0)
+        epsilon = accountant.epsilon()
+        assert epsilon > previous
+        assert epsilon == pytest.approx(
+            _rdp_gaussian_epsilon(rounds, sigma, delta, accountant.orders), rel=1e-9
+        )
+        previous = epsilon
+    assert accountant.spent() == (previous, delta)
+
+
+def test_sampling_amplification_matches_the_binomial_expansion():
+    sigma, q, delta, rounds = 1.0, 0.25, 1e-4, 7
+    orders = [float(a) for a in range(2, 40)]
+    accountant = ClientPrivacyAccountant(delta, orders=orders)
+    for _ in range(rounds):
+        accountant.compose(sigma, q)
+    independent = min(
+        rounds * _rdp_subsampled_integer(q, sigma, int(a))
+        + math.log((a - 1) / a)
+        - (math.log(delta) + math.log(a)) / (a - 1)
+        for a in orders
+    )
+    assert accountant.epsilon() == pytest.approx(independent, rel=1e-6)
+    assert accountant.epsilon() < accountant.epsilon(amplification=False)
+    restored = ClientPrivacyAccountant(delta, orders=orders)
+    restored.restore(accountant.ledger())
+    assert restored.epsilon() == accountant.epsilon()
+
+
+def test_rounds_are_accounted_at_sampled_over_eligible_sites():
+    strategy = dp_strategy("server-fixed", sigma=1.0, fraction_train=0.5)
+    messages = configure(strategy, [1, 2, 3, 4])
+    assert len(messages) == 2
+    replies = [reply(m.metadata.dst_node_id, "x", packed(direction(3, 0.1))) for m in messages]
+    strategy.aggregate_train(1, replies)
+    assert strategy.client_accountant.ledger() == [[1.0, 0.5]]
+    metrics = strategy.privacy_metrics()
+    assert 0 < metrics["privacy/client_epsilon"] < metrics["privacy/client_epsilon_no_amplification"]
+
+
+def test_federation_loop_reports_epsilon_after_every_round():
+    strategy = dp_strategy("client-fixed", sigma=1.0, clip=0.5, min_sites=2)
+    strategy.noise_rng = np.random.default_rng(0)
+
+    def train_reply(node, msg):
+        assert msg.content[CONFIG][KEY_CLIPPING_NORM] == pytest.approx(0.5)
+        sent = msg.content[ARRAYS]
+        update = {k: sent[k].numpy() + direction(node, 0.5)[k] for k in SIZES}
+        return Message(
+            RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: node}), ARRAYS: packed(update)}), reply_to=msg
+        )
+
+    epsilons = []
+
+    def after_round(server_round, arrays):
+        if server_round:
+            epsilons.append(strategy.privacy_metrics()["privacy/client_epsilon"])
+
+    strategy.start(
+        grid=FakeGrid([1, 2], train_reply), initial_arrays=packed(0.0), num_rounds=3, evaluate_fn=after_round
+    )
+    accountant = ClientPrivacyAccountant(1e-5)
+    for expected in epsilons:
+        accountant.compose(1.0, 1.0)
+        assert expected == pytest.approx(accountant.epsilon())
+    assert len(epsilons) == 3 and epsilons == sorted(set(epsilons))
+
+
+# ------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"client_dp": "local"}, "privacy.client-dp = 'local'"),
+        ({"client_noise_multiplier": -0.5}, "privacy.client-noise-multiplier = -0.5"),
+        ({"client_noise_multiplier": math.nan}, "privacy.client-noise-multiplier = nan"),
+        ({"client_clip_norm": 0.0}, "privacy.client-clip-norm = 0.0"),
+        ({"client_clip_norm": -1.0}, "privacy.client-clip-norm = -1.0"),
+        ({"client_delta": 0.0}, "privacy.client-delta = 0.0"),
+        ({"client_delta": 1.0}, "privacy.client-delta = 1.0"),
+    ],
+)
+def test_invalid_privacy_settings_are_refused(settings, message):
+    privacy = PrivacyConfig(**{"client_dp": "server-fixed", **settings})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_strategy("fedavg", min_sites=1, privacy=privacy)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_aggregators_the_noise_cannot_protect_are_refused(name):
+    with pytest.raises(ConfigError, match=f"federation.strategy = '{name}' cannot be combined"):
+        dp_strategy("server-fixed", name=name)
+
+
+def test_fedprox_is_accepted_and_keeps_its_proximal_term():
+    strategy = dp_strategy("server-fixed", name="fedprox", proximal_mu=0.1)
+    assert configure(strategy, [1])[0].content[CONFIG]["proximal-mu"] == pytest.approx(0.1)

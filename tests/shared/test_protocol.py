@@ -1,0 +1,51 @@
+"""The packed adapter encoding: exact round trip, one array per model, refusal of foreign layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.adapters import AdapterMismatchError
+from shared.protocol import adapter_to_record, layout_of, record_to_adapter
+
+
+def _adapter() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = {
+        "seg.b.lora_A.weight": (4, 8),
+        "seg.a.bias": (3,),
+        "seg.scale": (),
+        "cls.head.weight": (2, 5),
+        "cls.head.bias": (2,),
+    }
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+def test_round_trip_is_exact_with_one_float32_array_per_model():
+    tensors = _adapter()
+    record = adapter_to_record(tensors)
+    assert sorted(record.keys()) == ["cls", "seg"]
+    assert record["seg"].numpy().shape == (4 * 8 + 3 + 1,)
+    assert record["cls"].numpy().dtype.name == "float32"
+    back = record_to_adapter(record, layout_of(tensors))
+    assert layout_of(back) == layout_of(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_packing_order_does_not_depend_on_insertion_order():
+    tensors = _adapter()
+    reversed_order = dict(reversed(list(tensors.items())))
+    first, second = adapter_to_record(tensors), adapter_to_record(reversed_order)
+    for key in ("seg", "cls"):
+        assert (first[key].numpy() == second[key].numpy()).all()
+
+
+def test_a_record_of_another_layout_is_refused_with_the_sizes():
+    tensors = _adapter()
+    other = {**tensors, "seg.extra": torch.zeros(7)}
+    with pytest.raises(AdapterMismatchError, match=r"seg: expected \(36,\), found \(43,\)"):
+        record_to_adapter(adapter_to_record(other), layout_of(tensors))
+    only_seg = {k: v for k, v in tensors.items() if k.startswith("seg.")}
+    with pytest.raises(AdapterMismatchError, match="missing: cls"):
+        record_to_adapter(adapter_to_record(only_seg), layout_of(tensors))
