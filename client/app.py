@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.privacy import client_dp_clipping_mod
-from client.task import BaseMismatch, run_evaluate, run_train, site_settings
+from client.task import BaseMismatch, BudgetSpent, run_evaluate, run_train, site_settings
 from shared import __version__
 from shared.config import load_config
 from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record
@@ -62,9 +62,13 @@ def train(msg: Message, context: Context) -> Message:
             msg.content[ARRAYS],
             fingerprint=str(round_config.get("base-fingerprint", "")),
             server_round=int(round_config.get("server-round", 0)),
+            num_rounds=int(context.run_config.get("num-server-rounds", 1)),
+            run=str(context.run_id),
         )
     except BaseMismatch as exc:
         return _reply(msg, {NUM_EXAMPLES: 0.0}, settings.site_dir.name, declined=str(exc))
+    except BudgetSpent as exc:
+        return _reply(msg, exc.metrics, exc.site, declined=str(exc))
     return _reply(msg, metrics, site, arrays=adapter_to_record(update))
 
 

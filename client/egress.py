@@ -18,15 +18,25 @@ from shared.adapters import AdapterMismatchError, check_names_and_shapes
 
 __all__ = [
     "EVAL_METRIC_KEYS",
+    "PRIVACY_METRIC_KEYS",
     "TRAIN_METRIC_KEYS",
     "EgressRefused",
     "eval_metric_keys",
     "outgoing_adapter",
     "outgoing_metrics",
+    "train_metric_keys",
 ]
 
 #: Training metrics a site reports (``num-examples`` is the number of training cases, FedAvg's weight).
 TRAIN_METRIC_KEYS = ("num-examples", "train/seg_loss", "train/cls_loss")
+#: Added under sample-level DP: cumulative ε per model at the site, δ and this round's noise multipliers.
+PRIVACY_METRIC_KEYS = (
+    "privacy/seg_epsilon",
+    "privacy/cls_epsilon",
+    "privacy/delta",
+    "privacy/noise_multiplier_seg",
+    "privacy/noise_multiplier_cls",
+)
 #: Evaluation metrics a site reports every evaluation round (same keys at every site; NaN when undefined).
 EVAL_METRIC_KEYS = (
     "num-examples",
@@ -45,6 +55,11 @@ _NAME = re.compile(r"^(num-examples|(train|test|privacy)/[a-z0-9_.]+)$")
 
 class EgressRefused(RuntimeError):
     """A reply would carry something that must not leave the site; nothing is sent."""
+
+
+def train_metric_keys(sample_dp: bool) -> tuple[str, ...]:
+    """The training keys every site sends (the privacy keys too when sample-level DP is on)."""
+    return TRAIN_METRIC_KEYS + (PRIVACY_METRIC_KEYS if sample_dp else ())
 
 
 def eval_metric_keys(eval_clicks: int) -> tuple[str, ...]:

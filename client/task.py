@@ -13,21 +13,34 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from client.egress import TRAIN_METRIC_KEYS, eval_metric_keys, outgoing_adapter, outgoing_metrics
+from client.egress import eval_metric_keys, outgoing_adapter, outgoing_metrics, train_metric_keys
 from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config
 from shared.base import BaseModels, load_base, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
+from shared.privacy.ledger import PrivacyLedger
+from shared.privacy.planning import RoundPlan, plan_private_round
 from shared.protocol import Layout, layout_of, record_to_adapter
 from shared.training.site import SiteData, evaluate_site, open_site, train_site
 
-__all__ = ["BaseMismatch", "SiteSettings", "run_evaluate", "run_train", "site_settings"]
+__all__ = ["BaseMismatch", "BudgetSpent", "SiteSettings", "run_evaluate", "run_train", "site_settings"]
 
 logger = logging.getLogger(__name__)
 
 
 class BaseMismatch(RuntimeError):
     """The site's base checkpoint is not the one the server federates; the site does not train."""
+
+
+class BudgetSpent(RuntimeError):
+    """Sample-level DP: the next round would exceed this site's ε budget; the site does not train.
+
+    ``metrics`` holds the site's privacy metrics (ε spent so far), which it reports with its refusal."""
+
+    def __init__(self, message: str, metrics: dict[str, float], site: str) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+        self.site = site
 
 
 @dataclass(frozen=True)
@@ -38,12 +51,17 @@ class SiteSettings:
     site_config: Path | None
     base_path: Path
     device: str
-    state_dir: Path | None
+    #: The site's own state (the privacy ledger): node config ``state-dir``; default
+    #: ``~/.fedabus/site-state/<site folder>``, in simulation ``<sites-dir>/../site-state/<site folder>``.
+    state_dir: Path
+    #: The site's own ε budget (node config ``epsilon-budget``; 0: the run's budget only).
+    epsilon_budget: float = 0.0
 
 
 def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSettings:
-    """Deployment: ``--node-config 'data-path="..." [site-config="..."] [base-path="..."] [device="cuda"]'``.
-    Simulation: the ``partition-id``-th sub-folder (name order) of ``federation.sites-dir``."""
+    """Deployment: ``--node-config 'data-path="..." [site-config="..."] [base-path="..."] [device="cuda"]
+    [state-dir="..."] [epsilon-budget=3.0]'``. Simulation: the ``partition-id``-th sub-folder (name order) of
+    ``federation.sites-dir``."""
     if "data-path" in node_config:
         site_dir = Path(str(node_config["data-path"]))
     elif "partition-id" in node_config and config.federation.sites_dir:
@@ -66,13 +84,25 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
             "no base checkpoint: set model.base-path in the run config or base-path in the node config"
         )
     site_config = node_config.get("site-config")
-    state_dir = node_config.get("state-dir")
+    if node_config.get("state-dir"):
+        state_dir = Path(str(node_config["state-dir"]))
+    elif "data-path" in node_config:
+        state_dir = Path.home() / ".fedabus" / "site-state" / site_dir.name
+    else:
+        state_dir = Path(config.federation.sites_dir).resolve().parent / "site-state" / site_dir.name
+    try:
+        budget = float(node_config.get("epsilon-budget", 0.0))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"node config epsilon-budget = {node_config['epsilon-budget']!r} is not a number"
+        ) from None
     return SiteSettings(
         site_dir,
         Path(str(site_config)) if site_config else None,
         Path(str(base)),
         str(node_config.get("device", config.model.device)),
-        Path(str(state_dir)) if state_dir else None,
+        state_dir,
+        budget,
     )
 
 
@@ -103,17 +133,77 @@ def run_train(
     *,
     fingerprint: str,
     server_round: int,
+    num_rounds: int = 1,
+    run: str = "",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
-    """Train from the global adapter; returns (checked update, checked metrics, site name)."""
+    """Train from the global adapter; returns (checked update, checked metrics, site name).
+
+    Under sample-level DP the round is planned against the site's ledger first; :class:`BudgetSpent` when
+    it would exceed the site's budget (nothing is trained)."""
     base, site = _setup(settings, config, fingerprint)
+    plan, ledger = _privacy_plan(settings, config, site, num_rounds, server_round, run)
     models, layout = _models(base, config, global_record)
     device = resolve_device(settings.device)
     seed = config.train.seed * 1_000_003 + server_round
     metrics = train_site(
-        models, site, config, device=device, seed=seed, proximal=config.train.proximal_mu > 0
+        models,
+        site,
+        config,
+        device=device,
+        seed=seed,
+        proximal=config.train.proximal_mu > 0,
+        plan=plan,
+        ledger=ledger,
     )
     update = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
-    return outgoing_adapter(update, layout), outgoing_metrics(metrics, TRAIN_METRIC_KEYS), site.name
+    keys = train_metric_keys(config.privacy.sample_dp)
+    return outgoing_adapter(update, layout), outgoing_metrics(metrics, keys), site.name
+
+
+def _privacy_plan(
+    settings: SiteSettings,
+    config: FedabusConfig,
+    site: SiteData,
+    num_rounds: int,
+    server_round: int,
+    run: str,
+) -> tuple[RoundPlan | None, PrivacyLedger | None]:
+    """The DP plan of this round and the site's ledger (None, None without sample-level DP)."""
+    if not config.privacy.sample_dp:
+        return None, None
+    ledger = PrivacyLedger.open(settings.state_dir)
+    plan = plan_private_round(
+        config,
+        len(site.train_cases),
+        num_rounds,
+        ledger,
+        site_budget=settings.epsilon_budget,
+        server_round=server_round,
+        run=run,
+    )
+    if not plan.allowed:
+        spent = {
+            "num-examples": 0.0,
+            "privacy/seg_epsilon": plan.seg.epsilon_before,
+            "privacy/cls_epsilon": plan.cls.epsilon_before,
+            "privacy/delta": plan.delta,
+        }
+        metrics = outgoing_metrics(spent, train_metric_keys(True))
+        raise BudgetSpent(
+            f"{site.name} stops training at its privacy budget: {plan.reason}", metrics, site.name
+        )
+    logger.info(
+        "%s: DP round %d, noise multiplier seg %.3f / cls %.3f, ε after %.3f / %.3f (δ %.2g, budget %.3g)",
+        site.name,
+        server_round,
+        plan.seg.noise_multiplier,
+        plan.cls.noise_multiplier,
+        plan.seg.epsilon_after,
+        plan.cls.epsilon_after,
+        plan.delta,
+        plan.budget,
+    )
+    return plan, ledger
 
 
 def run_evaluate(

@@ -24,6 +24,7 @@ from server.tracking import FederationTracker, RoundReport, update_best
 from shared.adapters import Adapter, extract_adapter, lora_specs_from_config
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, load_config, to_flat_dict
+from shared.privacy.validation import validate_privacy
 from shared.protocol import adapter_to_record, layout_of, record_to_adapter
 
 app = ServerApp()
@@ -60,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     num_rounds = int(run_config.get("num-server-rounds", 3))
     config = load_config(run_config, ignore=FLOWER_KEYS)
+    validate_privacy(config)  # refuse DP settings that would not protect anything before any site trains
     fed = config.federation
     flat = {**to_flat_dict(config), "num-server-rounds": num_rounds}
     work = work_dir_of(config)
@@ -159,6 +161,12 @@ def main(grid: Grid, context: Context) -> None:
         if strategy.last_eval_metrics:
             summary["after"] = {site: dict(m) for site, m in strategy.last_eval_metrics.items()}
             summary["after_round"] = actual
+        # Last training metrics per site (a site keeps its entry in rounds it skips, e.g. at its DP budget).
+        summary.setdefault("train", {}).update(
+            {site: dict(m) for site, m in strategy.last_train_metrics.items()}
+        )
+        if strategy.privacy_metrics():
+            summary["client_privacy"] = strategy.privacy_metrics()
         summary.update(
             rounds_done=actual,
             num_rounds=num_rounds,

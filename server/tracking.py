@@ -78,6 +78,8 @@ ROUND_METRIC = "federation/round"
 EVAL_WEIGHT_METRIC = "federation/eval_examples"
 TRAIN_WEIGHT_METRIC = "federation/train_examples"
 TRAIN_PREFIX = "train/"
+#: Training-side metrics of sample-level DP (cumulative ε per model at a site), logged as sent.
+PRIVACY_PREFIX = "privacy/"
 _SITE_RESERVED = frozenset({ROUND_METRIC, EVAL_WEIGHT_METRIC, TRAIN_WEIGHT_METRIC})
 
 TAG_ROLE = "fedabus.role"
@@ -202,7 +204,8 @@ class RoundReport:
 
     ``evaluation``: ``{site: {metric: value}}`` of the global adapter on each site's test split (keys such as
     ``test/dice_1click``; none may start with ``train/``), weighted by ``evaluation_weights`` (test cases).
-    ``training``: ``{site: {metric: value}}`` with keys starting ``train/``, weighted by ``training_weights``.
+    ``training``: ``{site: {metric: value}}`` with keys starting ``train/`` (or ``privacy/``: the ε a site spent
+    under sample-level DP), weighted by ``training_weights``.
     ``global_metrics``: extra parent-run metrics of the round (e.g. ``federation/replies``); their names may
     not start with ``global/`` (reserved for the aggregates).
     """
@@ -226,9 +229,11 @@ class RoundReport:
             if bad:
                 raise ValueError(f"evaluation metrics of site {site!r} use the training prefix: {bad}")
         for site, metrics in self.training.items():
-            bad = [k for k in metrics if not k.startswith(TRAIN_PREFIX)]
+            bad = [k for k in metrics if not k.startswith((TRAIN_PREFIX, PRIVACY_PREFIX))]
             if bad:
-                raise ValueError(f"training metrics of site {site!r} must start with {TRAIN_PREFIX!r}: {bad}")
+                raise ValueError(
+                    f"training metrics of site {site!r} must start with {TRAIN_PREFIX!r} or {PRIVACY_PREFIX!r}: {bad}"
+                )
         for site in self.sites:
             clash = sorted(
                 _SITE_RESERVED & (set(self.evaluation.get(site, {})) | set(self.training.get(site, {})))
@@ -261,7 +266,7 @@ class RoundReport:
         """Build a report from the metric dicts sites send (``{site: MetricRecord as dict}``).
 
         Each site's ``weight_key`` entry becomes its weight (missing: ValueError naming the site); training
-        metric names without the ``train/`` prefix get it.
+        metric names other than ``train/...`` and ``privacy/...`` get the ``train/`` prefix.
         """
 
         def split(per_site: Mapping[str, Mapping[str, float]], what: str, prefix: str = ""):
@@ -273,7 +278,7 @@ class RoundReport:
                     )
                 weights[site] = int(values[weight_key])
                 metrics[site] = {
-                    (k if k.startswith(prefix) else prefix + k): float(v)
+                    (k if k.startswith((prefix, PRIVACY_PREFIX)) else prefix + k): float(v)
                     for k, v in values.items()
                     if k != weight_key
                 }

@@ -19,13 +19,18 @@ Plane variants (seed 003 Table 3): ``train.cls-planes`` names the planes the mod
 (``build_triplane_classifier(planes=...)``); only those planes are fed to it, and a model built with other
 planes is refused.
 
-Differential privacy: :func:`train_classifier` runs unchanged on a model, optimizer and loader returned by
-Opacus' ``PrivacyEngine.make_private`` (pass the returned optimizer as ``optimizer=``): the model has no
-BatchNorm, batches of size 0 (Poisson sampling) are skipped, parameters are never changed in place outside the
-optimizer, and the FedProx term is added to the gradient *after* clipping and noising (it depends on no
-patient data, so it costs no privacy). A per-sample gradient is per frame-triplet: a lesion with F frames
-contributes F samples unless the loader draws one frame per lesion; lesion-level batches are refused under
-Opacus, because splitting them into frames inside the step would break Opacus' per-sample bookkeeping.
+Differential privacy (sample level, the privacy unit is one case): ``train_classifier(..., privacy=DPSettings)``
+wraps the model and its optimizer with Opacus (:func:`shared.privacy.dp_sgd.private_training`) and needs a
+Poisson loader (:func:`shared.privacy.sampling.poisson_loader`) over one sample per case: under DP a lesion
+contributes ONE frame-triplet per draw (:class:`shared.privacy.sampling.OneFramePerCase` picks a frame at
+random each time), not its F frames, so one case is one per-sample gradient. An empty Poisson batch becomes a
+noise-only step (the accountant counts it). :func:`train_classifier` also runs on a model, optimizer and loader
+returned by Opacus' ``PrivacyEngine.make_private`` (pass the returned optimizer as ``optimizer=``; the caller
+then owns the sampling and the frame-per-case choice). In both cases the model has no BatchNorm, parameters are
+never changed in place outside the optimizer, and the FedProx term is added to the gradient *after* clipping
+and noising (:mod:`shared.privacy.steps`; it depends on no patient data, so it costs no privacy). Lesion-level
+batches are refused under Opacus, because splitting them into frames inside the step would break Opacus'
+per-sample bookkeeping and make a case count F times.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from shared.models.triplane import (
     frame_probabilities_to_lesion,
     malignant_probabilities,
 )
+from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, private_training
+from shared.privacy.steps import ProximalPull, is_dp_optimizer, noise_only_step, optimizer_step, proximal_pull
 
 __all__ = [
     "FRAMES_KEY",
@@ -96,8 +103,6 @@ NO_LESION_PROBABILITY = 0.0
 ADAMW_WEIGHT_DECAY = 0.01
 _OPTIMIZERS = ("sgd", "adamw")
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
-#: (trainable parameter, its FedProx reference) pairs.
-_ProxPairs = list[tuple[nn.Parameter, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------- model and planes
@@ -206,11 +211,6 @@ def build_cls_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Op
     )
 
 
-def _is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
-    """True for Opacus' DPOptimizer (duck-typed: no Opacus import needed)."""
-    return hasattr(optimizer, "pre_step") and hasattr(optimizer, "original_optimizer")
-
-
 def _lesion_batch(batch: Mapping[str, Any], *, dp: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A lesion-level batch {planes (B, 3, F, S, S), label (B,)} as frames (B * F, 3, 1, S, S) and labels."""
     if dp:
@@ -249,50 +249,22 @@ def _unpack_batch(batch: Any, *, dp: bool) -> tuple[torch.Tensor, torch.Tensor] 
     return frames, labels.reshape(-1).long()
 
 
-def _proximal_pairs(
-    model: nn.Module, proximal_ref: Mapping[str, torch.Tensor] | None, mu: float, device: torch.device
-) -> _ProxPairs:
-    """(parameter, reference) pairs for the FedProx term; empty when it is off."""
+def _proximal(
+    model: nn.Module, proximal_ref: Mapping[str, torch.Tensor] | None, mu: float
+) -> ProximalPull | None:
+    """The FedProx pull of the trainable parameters (on their device); None when it is off."""
     if mu < 0:
         raise ValueError(f"train.proximal-mu = {mu} must be >= 0")
     if mu == 0:
-        return []
+        return None
     if proximal_ref is None:
         warnings.warn(
             "train.proximal-mu > 0 but no proximal_ref given: training without FedProx", stacklevel=3
         )
-        return []
-    pairs = []
-    for name, param in _trainable(model):
-        if name not in proximal_ref or proximal_ref[name].shape != param.shape:
-            found = tuple(proximal_ref[name].shape) if name in proximal_ref else "missing"
-            raise ValueError(
-                f"proximal_ref does not fit trainable parameter {name!r} {tuple(param.shape)} (found: {found}); "
-                "take it with trainable_snapshot(model)"
-            )
-        pairs.append((param, proximal_ref[name].detach().to(device=device, dtype=param.dtype)))
-    return pairs
-
-
-def _add_proximal_gradient(pairs: _ProxPairs, mu: float) -> None:
-    """grad += mu * (w - w_ref): the gradient of the FedProx term (mu / 2) * ||w - w_ref||²."""
-    for param, reference in pairs:
-        pull = mu * (param.detach() - reference)
-        param.grad = pull if param.grad is None else param.grad + pull
-
-
-def _optimizer_step(optimizer: torch.optim.Optimizer, pairs: _ProxPairs, mu: float) -> None:
-    """One optimizer step with the FedProx gradient added; for Opacus' DPOptimizer it is added after
-    clipping and noising (``pre_step``), so the term is neither clipped nor dropped."""
-    if not pairs:
-        optimizer.step()
-    elif _is_dp_optimizer(optimizer):
-        if optimizer.pre_step():
-            _add_proximal_gradient(pairs, mu)
-            optimizer.original_optimizer.step()
-    else:
-        _add_proximal_gradient(pairs, mu)
-        optimizer.step()
+        return None
+    return proximal_pull(
+        dict(_trainable(model)), proximal_ref, mu, hint="take it with trainable_snapshot(model)"
+    )
 
 
 def _train_step(
@@ -301,8 +273,7 @@ def _train_step(
     labels: torch.Tensor,
     *,
     optimizer: torch.optim.Optimizer,
-    pairs: _ProxPairs,
-    mu: float,
+    pull: ProximalPull | None,
     bf16: bool,
 ) -> float:
     """Forward, cross-entropy, backward and step on one batch; returns the batch's mean cross-entropy."""
@@ -311,8 +282,92 @@ def _train_step(
         logits = model(frames)
     loss = F.cross_entropy(logits.float(), labels)
     loss.backward()
-    _optimizer_step(optimizer, pairs, mu)
+    optimizer_step(optimizer, pull)
     return float(loss.detach())
+
+
+@dataclass
+class _Counts:
+    """Totals of one :func:`train_classifier` call."""
+
+    seen: int = 0
+    steps: int = 0
+    skipped: int = 0
+    noise_only: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def _epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    pull: ProximalPull | None,
+    planes: tuple[str, ...],
+    device: torch.device,
+    bf16: bool,
+    counts: _Counts,
+) -> None:
+    """One pass over ``loader``; an empty batch is skipped, or a noise-only step under DP."""
+    dp = is_dp_optimizer(optimizer)
+    total, count = 0.0, 0
+    for batch in loader:
+        unpacked = _unpack_batch(batch, dp=dp)
+        if unpacked is None and dp:
+            noise_only_step(optimizer, pull)
+            counts.steps, counts.noise_only = counts.steps + 1, counts.noise_only + 1
+            continue
+        if unpacked is None:
+            counts.skipped += 1
+            continue
+        frames = _select_planes(unpacked[0].to(device, torch.float32), planes)
+        labels = unpacked[1].to(device)
+        loss = _train_step(model, frames, labels, optimizer=optimizer, pull=pull, bf16=bf16)
+        total, count, counts.steps = total + loss * len(labels), count + len(labels), counts.steps + 1
+    counts.epoch_losses.append(total / count if count else math.nan)
+    counts.seen += count
+
+
+def _train_epochs(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    pull: ProximalPull | None,
+    planes: tuple[str, ...],
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """The epochs of :func:`train_classifier` and its report."""
+    bf16 = config.bf16 and device.type == "cuda"
+    counts = _Counts()
+    bar = tqdm(
+        range(config.cls_epochs), desc="classifier", unit="epoch", disable=not (progress and config.progress)
+    )
+    for _ in bar:
+        _epoch(
+            model,
+            loader,
+            optimizer=optimizer,
+            pull=pull,
+            planes=planes,
+            device=device,
+            bf16=bf16,
+            counts=counts,
+        )
+        bar.set_postfix(loss=f"{counts.epoch_losses[-1]:.4f}")
+    dataset = getattr(loader, "dataset", None)
+    per_epoch = len(dataset) if hasattr(dataset, "__len__") else counts.seen // max(1, config.cls_epochs)
+    return {
+        "loss": counts.epoch_losses[-1] if counts.epoch_losses else math.nan,
+        "epoch_losses": counts.epoch_losses,
+        "num_examples": int(per_epoch),
+        "samples_seen": counts.seen,
+        "steps": counts.steps,
+        "noise_only_steps": counts.noise_only,
+        "skipped_empty_batches": counts.skipped,
+    }
 
 
 def train_classifier(
@@ -324,69 +379,54 @@ def train_classifier(
     proximal_ref: Mapping[str, torch.Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
+    privacy: DPSettings | None = None,
 ) -> dict[str, Any]:
     """Frame-level cross-entropy training of the classifier for ``train.cls-epochs`` epochs.
 
     Args:
         model: a TriPlaneClassifier built with the planes of ``train.cls-planes``; plain, PEFT-wrapped
-            (only adapter parameters require grad) or Opacus-wrapped. Moved to ``device``; left in train mode.
+            (only adapter parameters require grad) or, without ``privacy``, Opacus-wrapped. Moved to
+            ``device``; left in train mode.
         loader: yields batches ``(frames (B, 3, 1, S, S), labels (B,))``, mappings with keys ``frames``
             and ``label``, or lesion-level mappings with ``planes`` (B, 3, F, S, S) and ``label`` (module
-            docstring); empty batches are skipped.
+            docstring); empty batches (or ``[]``) are skipped, or become noise-only steps under DP. With
+            ``privacy``: a Poisson loader at the settings' rate and step count over one frame-triplet per
+            case (:func:`shared.privacy.sampling.poisson_loader` of a
+            :class:`shared.privacy.sampling.OneFramePerCase`).
         config: ``cls-epochs``, ``cls-optimizer``, ``cls-lr``, ``cls-momentum``, ``cls-planes``,
             ``proximal-mu``, ``bf16`` (used on CUDA only), ``progress``.
         device: where to train.
         proximal_ref: FedProx reference {name: tensor} (:func:`trainable_snapshot` of the global model);
             used when ``proximal-mu > 0``.
         optimizer: an optimizer over the trainable parameters, e.g. Opacus' DPOptimizer; built by
-            :func:`build_cls_optimizer` when omitted.
+            :func:`build_cls_optimizer` when omitted. Not together with ``privacy``.
         progress: show a tqdm bar over epochs (also needs ``config.progress``).
+        privacy: sample-level DP-SGD settings (module docstring); None trains without DP (or with the
+            caller's Opacus objects).
 
     Returns:
         ``loss`` (mean cross-entropy of the last epoch), ``epoch_losses`` (list), ``num_examples``
         (``len(loader.dataset)``: frame-triplets for :func:`frame_triplet_dataset`, lesions for a
-        lesion-level loader; frame-triplets per epoch when the loader has no dataset), ``samples_seen``
-        (frame-triplets over all epochs), ``steps`` (optimizer steps), ``skipped_empty_batches``.
+        lesion-level or one-frame-per-case loader; frame-triplets per epoch when the loader has no dataset),
+        ``samples_seen`` (frame-triplets over all epochs), ``steps`` (optimizer steps, noise-only ones
+        included), ``noise_only_steps``, ``skipped_empty_batches``; under ``privacy`` also
+        ``privacy_history``, the accountant's ``[(noise_multiplier, sample_rate, steps)]``.
     """
+    if privacy is not None and optimizer is not None:
+        raise ValueError("train_classifier: pass privacy= (DP-SGD is set up here) or an optimizer=, not both")
     planes = _checked_planes(model, config)
     device = torch.device(device)
     model.to(device)
     model.train()
     optimizer = optimizer if optimizer is not None else build_cls_optimizer(model, config)
-    pairs = _proximal_pairs(model, proximal_ref, config.proximal_mu, device)
-    bf16 = config.bf16 and device.type == "cuda"
-    dp = _is_dp_optimizer(optimizer)
-    epoch_losses: list[float] = []
-    seen = steps = skipped = 0
-    bar = tqdm(
-        range(config.cls_epochs), desc="classifier", unit="epoch", disable=not (progress and config.progress)
-    )
-    for _ in bar:
-        total, count = 0.0, 0
-        for batch in loader:
-            unpacked = _unpack_batch(batch, dp=dp)
-            if unpacked is None:
-                skipped += 1
-                continue
-            frames = _select_planes(unpacked[0].to(device, torch.float32), planes)
-            labels = unpacked[1].to(device)
-            loss = _train_step(
-                model, frames, labels, optimizer=optimizer, pairs=pairs, mu=config.proximal_mu, bf16=bf16
-            )
-            total, count, steps = total + loss * len(labels), count + len(labels), steps + 1
-        epoch_losses.append(total / count if count else math.nan)
-        seen += count
-        bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
-    dataset = getattr(loader, "dataset", None)
-    per_epoch = len(dataset) if hasattr(dataset, "__len__") else seen // max(1, config.cls_epochs)
-    return {
-        "loss": epoch_losses[-1] if epoch_losses else math.nan,
-        "epoch_losses": epoch_losses,
-        "num_examples": int(per_epoch),
-        "samples_seen": seen,
-        "steps": steps,
-        "skipped_empty_batches": skipped,
-    }
+    pull = _proximal(model, proximal_ref, config.proximal_mu)
+    common = {"config": config, "pull": pull, "planes": planes, "device": device, "progress": progress}
+    if privacy is None:
+        return _train_epochs(model, loader, optimizer=optimizer, **common)
+    check_poisson_loader(loader, privacy)
+    with private_training(model, optimizer, privacy, what="tri-plane classifier") as private:
+        report = _train_epochs(private.module, loader, optimizer=private.optimizer, **common)
+        return {**report, "privacy_history": private.history()}
 
 
 # ------------------------------------------------------------------------------------------------ inference

@@ -16,13 +16,23 @@ Choices worth knowing:
   of 2 draws the same clicks as two batches of 1 (gradient accumulation gives the same update).
 * **Padding**: samples with fewer clicks than others in their batch get padding points (label -1, SAM's "not
   a point"). The decoder attends to them, so that count is the one coupling between samples of a batch. It
-  vanishes when every sample gets the same number of clicks, e.g. with ``seg-clicks-per-step = 1``.
-* **DP-ready** (Opacus): no BatchNorm (SAM-Med3D uses LayerNorm only), parameters are never modified in
-  place outside the optimiser, the losses are per-sample means, the model parts are reached through Opacus'
-  ``_module`` and PEFT wrappers, and empty batches (Poisson sampling) are skipped without a step. Two things
-  stay with the DP wrapper: Opacus builds per-sample gradients only for parameters used through a module's
-  forward (SAM's point/mask-token embeddings are read as ``.weight``, and the IoU head gets no gradient from
-  this loss), and the FedProx gradient does not enter ``grad_sample``.
+  vanishes with ``fixed_prompt_length`` (always on under DP, below): every sample is then padded to the most
+  clicks the configuration allows at that iteration.
+* **Sample-level DP** (``train_segmentation(..., privacy=DPSettings)``, Opacus): one sample is one case's
+  crop, drawn by Poisson sampling (:func:`shared.privacy.sampling.poisson_loader`; other loaders are refused).
+  The AdamW optimiser is wrapped by Opacus' DPOptimizer (per-sample clipping, Gaussian noise, accountant);
+  an empty Poisson batch becomes a noise-only step, so the accountant counts every drawn step; gradient
+  accumulation is refused. Three things keep each sample's gradient its own: (1) every sample's prompt is
+  padded to the most clicks the configuration allows at that iteration (``fixed_prompt_length``), so no
+  sample's padding depends on the others of its batch; (2) parameters Opacus cannot give per-sample gradients
+  are frozen for the call (:data:`DP_FROZEN_PARAMETERS`: SAM's point / not-a-point / no-mask embeddings and
+  the IoU and mask tokens are read as ``.weight``; the IoU head gets no gradient from this loss; with one
+  click iteration the mask-prompt path is unused too) — they keep the global value and still travel, and a
+  parameter that gets no per-sample gradient anyway stops training with an error naming it; (3) the FedProx
+  gradient is added after clipping and noising (:mod:`shared.privacy.steps`; it depends on no patient data).
+  No BatchNorm (SAM-Med3D uses LayerNorm only; checked), parameters are never modified in place outside the
+  optimiser, the losses are per-sample means, and the model parts are reached through Opacus' ``_module``
+  and PEFT wrappers. Without DP, empty batches are skipped without a step.
 * The model stays in ``train()`` mode while training: LayerNorm has no running statistics, and the only
   dropout is LoRA's.
 """
@@ -43,11 +53,24 @@ from torch import nn
 from shared.adapters import adapter_parameters
 from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_generator
 from shared.config import TrainConfig
+from shared.privacy.dp_sgd import (
+    DPSettings,
+    PrivateModel,
+    check_poisson_loader,
+    frozen_parameters,
+    private_training,
+)
+from shared.privacy.steps import noise_only_step, optimizer_step, proximal_pull
+from shared.privacy.validation import PrivacyConfigError
 
 __all__ = [
+    "DP_FROZEN_PARAMETERS",
+    "MASK_PROMPT_PARAMETERS",
     "autocast_context",
     "decode_clicks",
+    "dp_frozen_parameters",
     "encode_images",
+    "max_prompt_clicks",
     "parse_milestones",
     "patch_size_of",
     "proximal_term",
@@ -60,6 +83,20 @@ __all__ = [
 ]
 
 _SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+#: Name prefixes (in the un-wrapped SAM-Med3D) of parameters frozen under DP: Opacus builds per-sample gradients
+#: only through a module's forward, and these embeddings are read as ``.weight`` (points, padding, no-mask,
+#: IoU and mask tokens), while the IoU head gets no gradient from the click loss. Checked against the model
+#: (each prefix must name a parameter) and, in the tests, against a probe of which parameters get none.
+DP_FROZEN_PARAMETERS: tuple[str, ...] = (
+    "prompt_encoder.point_embeddings.",
+    "prompt_encoder.not_a_point_embed.",
+    "prompt_encoder.no_mask_embed.",
+    "mask_decoder.iou_token.",
+    "mask_decoder.mask_tokens.",
+    "mask_decoder.iou_prediction_head.",
+)
+#: The mask-prompt path: used from the second click iteration on, so also frozen under DP with one iteration.
+MASK_PROMPT_PARAMETERS = "prompt_encoder.mask_downscaling."
 
 
 # ---------------------------------------------------------------------------------- model access
@@ -164,10 +201,15 @@ class _BatchClicks:
         for i, session in enumerate(self.sessions):
             session.step(pred[i : i + 1])
 
-    def prompts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """coords ``(B, N, 3)`` float32 and labels ``(B, N)`` int64, padded with :data:`PAD_LABEL`."""
+    def prompts(self, device: torch.device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """coords ``(B, N, 3)`` float32 and labels ``(B, N)`` int64, padded with :data:`PAD_LABEL` to N = the
+        batch's largest click count, or to ``length`` when given (then no sample's padding depends on others)."""
         per_sample = [session.points(0) for session in self.sessions]
         n = max(len(labels) for _, labels in per_sample)
+        if length is not None:
+            if length < n:
+                raise ValueError(f"a sample has {n} clicks, more than the fixed prompt length {length}")
+            n = length
         coords = np.zeros((len(per_sample), n, 3), dtype=np.float32)
         labels = np.full((len(per_sample), n), PAD_LABEL, dtype=np.int64)
         for i, (points, point_labels) in enumerate(per_sample):
@@ -192,6 +234,13 @@ def _check_batch(images: torch.Tensor, masks: torch.Tensor, patch_size: int) -> 
         raise ValueError(f"masks shape {tuple(masks.shape)} differs from images shape {tuple(images.shape)}")
 
 
+def max_prompt_clicks(iteration: int, config: TrainConfig) -> int:
+    """The most clicks a sample can have at click iteration ``iteration`` (0 = first click): 1 plus
+    ``seg-clicks-per-step`` per corrective iteration (uncapped when <= 0), at most 11 in total (seed 000)."""
+    per_step = config.seg_clicks_per_step if config.seg_clicks_per_step > 0 else DEFAULT_MAX_TOTAL_CLICKS
+    return min(DEFAULT_MAX_TOTAL_CLICKS, 1 + iteration * per_step)
+
+
 def seg_click_loss(
     model: nn.Module,
     images: torch.Tensor,
@@ -200,6 +249,7 @@ def seg_click_loss(
     config: TrainConfig,
     rng: np.random.Generator | int,
     loss_fn: nn.Module | None = None,
+    fixed_prompt_length: bool = False,
 ) -> torch.Tensor:
     """DiceCE loss of one click episode per sample, averaged over ``config.seg_click_iterations`` iterations.
 
@@ -211,6 +261,9 @@ def seg_click_loss(
             more than 11 clicks in total (seed 000).
         rng: generator (or seed) the per-sample click generators are spawned from.
         loss_fn: ``(logits, target) -> loss``; default MONAI ``DiceCELoss(sigmoid=True)``.
+        fixed_prompt_length: pad every sample's prompt to :func:`max_prompt_clicks` of the iteration instead of
+            the batch's largest click count, so that a sample's loss does not depend on the other samples of
+            its batch (required for per-sample gradients under DP).
 
     Returns:
         a scalar tensor (mean over the batch and the iterations).
@@ -228,7 +281,8 @@ def seg_click_loss(
     previous: torch.Tensor | None = None
     total = images.new_zeros((), dtype=torch.float32)
     for iteration in range(iterations):
-        coords, labels = clicks.prompts(images.device)
+        length = max_prompt_clicks(iteration, config) if fixed_prompt_length else None
+        coords, labels = clicks.prompts(images.device, length)
         low_res, _ = decode_clicks(model, embeddings, coords, labels, previous)
         logits = upsample_logits(low_res, patch).float()
         total = total + loss_fn(logits, target)
@@ -259,6 +313,29 @@ def snapshot_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
 
 
+def dp_frozen_parameters(model: nn.Module, config: TrainConfig) -> dict[str, nn.Parameter]:
+    """The trainable parameters to freeze under DP, by name in the un-wrapped SAM-Med3D.
+
+    Those under :data:`DP_FROZEN_PARAMETERS`, plus :data:`MASK_PROMPT_PARAMETERS` when
+    ``seg-click-iterations`` is 1 (no mask prompt is ever fed). Raises ValueError when a prefix names no
+    parameter of the model: the list no longer fits the architecture and must be updated.
+    """
+    sam = sam_parts(model)
+    if isinstance(sam, PeftModel):  # PEFT forwards the parts' names to its base model
+        sam = sam.get_base_model()
+    named = dict(sam.named_parameters())
+    prefixes = DP_FROZEN_PARAMETERS
+    if config.seg_click_iterations == 1:
+        prefixes = (*prefixes, MASK_PROMPT_PARAMETERS)
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in named):
+            raise ValueError(
+                f"SAM-Med3D has no parameter under {prefix!r}: the DP freeze list (shared.training.seg."
+                "DP_FROZEN_PARAMETERS) no longer fits the architecture"
+            )
+    return {name: p for name, p in named.items() if p.requires_grad and name.startswith(prefixes)}
+
+
 def proximal_term(
     params: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], mu: float
 ) -> torch.Tensor:
@@ -287,20 +364,26 @@ def parse_milestones(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------- training loop
-def _batch_tensors(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_tensors(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(images, masks) from a dict batch with ``image`` and ``mask`` (:func:`shared.data.loaders.seg_train_loader`)
-    or an ``(image, mask)`` pair. ``label`` is never read as a mask: in fedabus it is the malignancy label."""
+    or an ``(image, mask)`` pair; None for an empty batch (no rows, or ``[]`` from a Poisson loader). ``label``
+    is never read as a mask: in fedabus it is the malignancy label."""
     if isinstance(batch, Mapping):
         if "image" not in batch or "mask" not in batch:
             raise KeyError(f"a segmentation batch needs keys 'image' and 'mask'; got {sorted(batch)}")
         images, masks = batch["image"], batch["mask"]
+    elif isinstance(batch, Sequence) and len(batch) == 0:
+        return None
     elif isinstance(batch, Sequence) and len(batch) == 2:
         images, masks = batch
     else:
         raise TypeError(
             f"a segmentation batch must be a dict or an (image, mask) pair, got {type(batch).__name__}"
         )
-    return torch.as_tensor(images).to(device, torch.float32), torch.as_tensor(masks).to(device)
+    images, masks = torch.as_tensor(images), torch.as_tensor(masks)
+    if images.shape[0] == 0:
+        return None
+    return images.to(device, torch.float32), masks.to(device)
 
 
 def _progress_bar(loader: Iterable[Any], *, enabled: bool, description: str) -> Any:
@@ -310,7 +393,8 @@ def _progress_bar(loader: Iterable[Any], *, enabled: bool, description: str) -> 
 
 
 class _Stepper:
-    """AdamW + step decay over the trainable parameters, with gradient accumulation and FedProx."""
+    """AdamW + step decay over the trainable parameters, with gradient accumulation, FedProx (its gradient
+    added at the step) and, after :meth:`use`, Opacus' DPOptimizer around the AdamW."""
 
     def __init__(
         self, model: nn.Module, config: TrainConfig, proximal_ref: Mapping[str, torch.Tensor] | None
@@ -330,23 +414,36 @@ class _Stepper:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=parse_milestones(config.seg_lr_milestones), gamma=config.seg_lr_decay
         )
-        self.mu = config.proximal_mu
-        self.reference: Mapping[str, torch.Tensor] | None = None
-        if self.mu > 0:
-            self.reference = proximal_ref if proximal_ref is not None else snapshot_parameters(model)
+        reference = None
+        if config.proximal_mu > 0:
+            reference = proximal_ref if proximal_ref is not None else snapshot_parameters(model)
+        hint = "take it with snapshot_parameters(model)"
+        self.pull = (
+            proximal_pull(self.params, reference, config.proximal_mu, hint=hint) if reference else None
+        )
         self.accumulation = config.seg_grad_accumulation
+        self.private: PrivateModel | None = None
+        self.step_optimizer: torch.optim.Optimizer = self.optimizer
         self.pending = 0
         self.steps = 0
+        self.noise_only_steps = 0
+
+    def use(self, private: PrivateModel) -> None:
+        """Step through Opacus' DPOptimizer (which wraps :attr:`optimizer`) from now on."""
+        if self.accumulation != 1:
+            raise PrivacyConfigError(
+                f"train.seg-grad-accumulation = {self.accumulation}: gradient accumulation is not supported "
+                "under sample-level DP; set it to 1 and raise train.seg-batch-size instead"
+            )
+        self.private, self.step_optimizer = private, private.optimizer
 
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def backward(self, loss: torch.Tensor) -> bool:
-        """Back-propagate one micro-batch (loss scaled by 1/accumulation, proximal term added); return whether
-        an optimiser step followed."""
-        if self.reference is not None:
-            loss = loss + proximal_term(self.params, self.reference, self.mu)
+        """Back-propagate one micro-batch (loss scaled by 1/accumulation); return whether an optimiser step
+        followed."""
         (loss / self.accumulation).backward()
         self.pending += 1
         return self.step() if self.pending == self.accumulation else False
@@ -355,11 +452,20 @@ class _Stepper:
         """Apply the accumulated gradients (also at the end of an epoch with a partial accumulation)."""
         if self.pending == 0:
             return False
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.private is not None:
+            self.private.check_per_sample_gradients()
+        optimizer_step(self.step_optimizer, self.pull)
+        self.step_optimizer.zero_grad(set_to_none=True)
         self.pending = 0
         self.steps += 1
         return True
+
+    def noise_only(self) -> None:
+        """The DP step of an empty Poisson batch (:func:`shared.privacy.steps.noise_only_step`)."""
+        noise_only_step(self.step_optimizer, self.pull)
+        self.step_optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.noise_only_steps += 1
 
 
 class _Run:
@@ -378,19 +484,33 @@ class _Run:
             "skipped_empty_batches": 0,
         }
 
+    def _empty_batch(self) -> None:
+        if self.stepper.private is not None:
+            self.stepper.noise_only()
+        else:
+            self.history["skipped_empty_batches"] += 1
+
     def epoch(self, loader: Iterable[Any], bar_description: str, show: bool) -> None:
         losses: list[float] = []
         pending: list[float] = []
         examples = 0
+        private = self.stepper.private is not None
         bar = _progress_bar(loader, enabled=show, description=bar_description)
         for batch in bar:
-            images, masks = _batch_tensors(batch, self.device)
-            if images.shape[0] == 0:  # Poisson sampling (Opacus) can draw no sample
-                self.history["skipped_empty_batches"] += 1
+            tensors = _batch_tensors(batch, self.device)
+            if tensors is None:  # Poisson sampling can draw no sample
+                self._empty_batch()
                 continue
+            images, masks = tensors
             with autocast_context(self.device, self.config.bf16):
                 loss = seg_click_loss(
-                    self.model, images, masks, config=self.config, rng=self.rng, loss_fn=self.loss_fn
+                    self.model,
+                    images,
+                    masks,
+                    config=self.config,
+                    rng=self.rng,
+                    loss_fn=self.loss_fn,
+                    fixed_prompt_length=private,
                 )
             stepped = self.stepper.backward(loss)
             losses.append(float(loss.detach()))
@@ -405,6 +525,24 @@ class _Run:
         self.history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
         self.history["examples_per_epoch"].append(examples)
 
+    def run(self, loader: Iterable[Any], show: bool) -> dict[str, Any]:
+        was_training = self.model.training
+        self.model.train()
+        try:
+            for epoch in range(self.config.seg_epochs):
+                self.epoch(loader, f"seg epoch {epoch + 1}/{self.config.seg_epochs}", show)
+                self.stepper.scheduler.step()
+        finally:
+            self.model.train(was_training)
+        history = self.history
+        return {
+            **history,
+            "steps": self.stepper.steps,
+            "noise_only_steps": self.stepper.noise_only_steps,
+            "examples": int(sum(history["examples_per_epoch"])),
+            "lr": self.stepper.lr,
+        }
+
 
 def train_segmentation(
     model: nn.Module,
@@ -414,44 +552,46 @@ def train_segmentation(
     device: torch.device | str,
     proximal_ref: Mapping[str, torch.Tensor] | None = None,
     progress: bool | None = None,
+    privacy: DPSettings | None = None,
 ) -> dict[str, Any]:
     """Train the trainable (adapter) parameters of SAM-Med3D on click episodes for ``config.seg_epochs``.
 
     Args:
-        model: SAM-Med3D with an adapter attached (PEFT), possibly wrapped by Opacus, or any SAM-Med3D whose
-            parameters to train require grad (e.g. a fully trained base); already on ``device``.
+        model: SAM-Med3D with an adapter attached (PEFT), or any SAM-Med3D whose parameters to train require
+            grad (e.g. a fully trained base); already on ``device``. Without ``privacy`` it may also come
+            wrapped by Opacus; with ``privacy`` pass the plain (PEFT) model.
         loader: yields batches ``{"image": (B, 1, P, P, P), "mask": (B, 1, P, P, P), ...}`` (as
             :func:`shared.data.loaders.seg_train_loader`) or ``(image, mask)`` pairs, once per epoch; the
-            loader sets the batch size (``seg-batch-size``). Empty batches are skipped without a step.
+            loader sets the batch size (``seg-batch-size``). Empty batches (or ``[]``) are skipped without a
+            step, or become noise-only steps under DP. With ``privacy`` it must be a Poisson loader
+            (:func:`shared.privacy.sampling.poisson_loader`) at the settings' rate and step count.
         config: AdamW with ``seg_lr`` / ``seg_weight_decay``; the learning rate is multiplied by
             ``seg_lr_decay`` at each epoch in ``seg_lr_milestones``; ``seg_grad_accumulation`` micro-batches
             per optimiser step (each loss scaled by 1/accumulation; a partial accumulation at the end of an
-            epoch is applied as is); FedProx when ``proximal_mu > 0``; bf16 autocast on CUDA when ``bf16``;
-            click streams seeded by ``seed``.
+            epoch is applied as is; refused under DP); FedProx when ``proximal_mu > 0`` (its gradient
+            ``mu * (w - w_ref)`` is added at each step, after clipping and noising under DP); bf16 autocast on
+            CUDA when ``bf16``; click streams seeded by ``seed``.
         proximal_ref: FedProx reference by :func:`trainable_parameters` names (see
             :func:`snapshot_parameters`); None takes the weights the model has when the call starts (the
             global weights a federated round begins with).
         progress: show a progress bar per epoch (None: ``config.progress``).
+        privacy: DP-SGD settings (module docstring, "Sample-level DP"); None trains without DP.
 
     Returns:
-        ``{"loss_history": [mean loss per optimiser step], "epoch_loss": [mean per epoch], "steps": int,
-        "examples": int (samples processed over all epochs), "examples_per_epoch": [int],
-        "skipped_empty_batches": int, "lr": final learning rate}``; losses exclude the proximal term.
+        ``{"loss_history": [mean loss per optimiser step], "epoch_loss": [mean per epoch], "steps": int
+        (optimiser steps, noise-only ones included), "noise_only_steps": int, "examples": int (samples
+        processed over all epochs), "examples_per_epoch": [int], "skipped_empty_batches": int, "lr": final
+        learning rate}``, and under DP ``"privacy_history"``: the accountant's ``[(noise_multiplier,
+        sample_rate, steps)]``; losses exclude the proximal term.
     """
-    run = _Run(model, config, torch.device(device), _Stepper(model, config, proximal_ref))
+    device = torch.device(device)
     show = config.progress if progress is None else progress
-    was_training = model.training
-    model.train()
-    try:
-        for epoch in range(config.seg_epochs):
-            run.epoch(loader, f"seg epoch {epoch + 1}/{config.seg_epochs}", show)
-            run.stepper.scheduler.step()
-    finally:
-        model.train(was_training)
-    history = run.history
-    return {
-        **history,
-        "steps": run.stepper.steps,
-        "examples": int(sum(history["examples_per_epoch"])),
-        "lr": run.stepper.lr,
-    }
+    if privacy is None:
+        return _Run(model, config, device, _Stepper(model, config, proximal_ref)).run(loader, show)
+    check_poisson_loader(loader, privacy)
+    with frozen_parameters(dp_frozen_parameters(model, config).values()):
+        stepper = _Stepper(model, config, proximal_ref)
+        with private_training(model, stepper.optimizer, privacy, what="SAM-Med3D") as private:
+            stepper.use(private)
+            result = _Run(private.module, config, device, stepper).run(loader, show)
+            return {**result, "privacy_history": private.history()}

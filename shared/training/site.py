@@ -2,6 +2,10 @@
 
 Used by ``fedabus train-local``, by the ClientApp every round, and by the demo. Plain torch; no Flower.
 Only aggregate numbers come out of :func:`train_site` and :func:`evaluate_site` — no case ids, no images.
+
+With ``privacy.sample-dp`` :func:`train_site` trains both models with DP-SGD (the privacy unit is one case)
+according to a :class:`~shared.privacy.planning.RoundPlan` and records the spent steps in the site's
+:class:`~shared.privacy.ledger.PrivacyLedger` once both models trained; see :mod:`shared.privacy`.
 """
 
 from __future__ import annotations
@@ -15,10 +19,21 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from shared.config import FedabusConfig, SiteConfig, load_site_config
+from shared.config import DataConfig, FedabusConfig, SiteConfig, load_site_config
 from shared.data.layouts import CaseRecord
-from shared.data.loaders import cls_loader, seg_eval_loader, seg_train_loader, site_cases
+from shared.data.loaders import (
+    cls_dataset,
+    cls_loader,
+    seg_eval_loader,
+    seg_train_dataset,
+    seg_train_loader,
+    site_cases,
+)
 from shared.data.planes import planes_from_config
+from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from shared.privacy.planning import RoundPlan
+from shared.privacy.sampling import OneFramePerCase, poisson_loader
+from shared.privacy.validation import validate_privacy
 from shared.training.cls import ClsCase, evaluate_classifier, train_classifier, trainable_snapshot
 from shared.training.seg import snapshot_parameters, train_segmentation
 from shared.training.seg_eval import evaluate_segmentation
@@ -73,12 +88,22 @@ def train_site(
     device: torch.device,
     seed: int = 0,
     proximal: bool = False,
+    plan: RoundPlan | None = None,
+    ledger: PrivacyLedger | None = None,
 ) -> dict[str, float]:
     """Train ``models["seg"]`` and ``models["cls"]`` in place on the site's training split.
 
     Returns aggregate metrics: ``num-examples`` (training cases), ``train/seg_loss``, ``train/cls_loss``.
     With ``proximal`` the current adapter is the FedProx reference (``train.proximal-mu``).
+
+    With ``privacy.sample-dp``, ``plan`` (:func:`shared.privacy.planning.plan_private_round` for this site and
+    round, which must be allowed) and the site's ``ledger`` are required; see :func:`_train_site_private` for
+    what differs (metrics ``privacy/...`` instead of the training losses).
     """
+    if config.privacy.sample_dp:
+        return _train_site_private(
+            models, site, config, device=device, seed=seed, proximal=proximal, plan=plan, ledger=ledger
+        )
     train_config = replace(config.train, seed=seed)
     cases = list(site.train_cases)
     seg = models["seg"].to(device)
@@ -97,6 +122,122 @@ def train_site(
         "num-examples": float(len(cases)),
         "train/seg_loss": float(seg_result["epoch_loss"][-1]) if seg_result["epoch_loss"] else float("nan"),
         "train/cls_loss": float(cls_result["loss"]),
+    }
+
+
+def _check_private_round(
+    site: SiteData, config: FedabusConfig, plan: RoundPlan | None, ledger: PrivacyLedger | None
+) -> tuple[RoundPlan, PrivacyLedger]:
+    if plan is None or ledger is None:
+        raise ValueError(
+            "privacy.sample-dp is on: train_site needs plan= (shared.privacy.planning.plan_private_round) and "
+            "the site's ledger= (shared.privacy.ledger.PrivacyLedger.open(state folder))"
+        )
+    n_cases = len(site.train_cases)
+    validate_privacy(config, n_cases)
+    if plan.n_cases != n_cases:
+        raise ValueError(
+            f"{site.name}: the privacy plan is for {plan.n_cases} training cases, the site has {n_cases}"
+        )
+    if not plan.allowed:
+        raise PrivacyBudgetExceeded(f"{site.name}: {plan.reason}")
+    return plan, ledger
+
+
+def _train_seg_private(
+    model: PeftModel, site: SiteData, data: DataConfig, plan: RoundPlan, **train: Any
+) -> dict[str, Any]:
+    """DP-SGD of the SAM-Med3D adapter: one crop per case, Poisson-sampled; ``train`` holds the keyword
+    arguments of :func:`train_segmentation` (``config``, ``device``, ``proximal_ref``)."""
+    if plan.seg.steps == 0:
+        return {"epoch_loss": [], "privacy_history": []}
+    dataset = seg_train_dataset(
+        list(site.train_cases), data, site_config=site.site_config, seed=train["config"].seed
+    )
+    loader = poisson_loader(
+        dataset,
+        sample_rate=plan.seg.sample_rate,
+        steps_per_epoch=plan.seg.steps_per_epoch,
+        keys=("image", "mask"),
+    )
+    return train_segmentation(model, loader, privacy=plan.settings("seg"), **train)
+
+
+def _train_cls_private(
+    model: PeftModel, site: SiteData, data: DataConfig, plan: RoundPlan, **train: Any
+) -> dict[str, Any]:
+    """DP-SGD of the classifier: one random frame-triplet per case and draw, Poisson-sampled; ``train`` holds
+    the keyword arguments of :func:`train_classifier`."""
+    if plan.cls.steps == 0:
+        return {"loss": float("nan"), "privacy_history": []}
+    lesions = cls_dataset(list(site.train_cases), data, site_config=site.site_config)
+    loader = poisson_loader(
+        OneFramePerCase(lesions), sample_rate=plan.cls.sample_rate, steps_per_epoch=plan.cls.steps_per_epoch
+    )
+    return train_classifier(model, loader, privacy=plan.settings("cls"), **train)
+
+
+def _train_site_private(
+    models: dict[str, PeftModel],
+    site: SiteData,
+    config: FedabusConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    proximal: bool,
+    plan: RoundPlan | None,
+    ledger: PrivacyLedger | None,
+) -> dict[str, float]:
+    """:func:`train_site` under sample-level DP.
+
+    Both models train with DP-SGD by the plan (Poisson sampling at the plan's rate; the classifier on one
+    random frame-triplet per case and draw). Only after both trained are their accountant histories recorded
+    in the ledger and saved (atomically, re-checking the budget under the ledger's lock; an exceeded budget
+    raises :class:`PrivacyBudgetExceeded` and the update must not leave the site). The training losses are
+    logged at the site but not returned: they are computed from the patients' data outside DP-SGD. Returns
+    ``num-examples``, ``privacy/seg_epsilon`` and ``privacy/cls_epsilon`` (cumulative ε of the site after
+    this round, at ``privacy/delta``), ``privacy/delta``, ``privacy/noise_multiplier_seg`` and
+    ``privacy/noise_multiplier_cls`` (0 for a model that trained no step).
+    """
+    plan, ledger = _check_private_round(site, config, plan, ledger)
+    train_config = replace(config.train, seed=seed)
+    results = {}
+    for name, trainer, snapshot in (
+        ("seg", _train_seg_private, snapshot_parameters),
+        ("cls", _train_cls_private, trainable_snapshot),
+    ):
+        model = models[name].to(device)
+        reference = snapshot(model) if proximal else None
+        results[name] = trainer(
+            model, site, config.data, plan, config=train_config, device=device, proximal_ref=reference
+        )
+    for name, result in results.items():
+        for sigma, rate, steps in result["privacy_history"]:
+            ledger.record(
+                name,
+                noise_multiplier=sigma,
+                sample_rate=rate,
+                steps=steps,
+                accountant=plan.accountant,
+                round=plan.server_round,
+                run=plan.run,
+            )
+    ledger.save(budget=plan.budget, delta=plan.delta)
+    seg_losses = results["seg"]["epoch_loss"]
+    logger.info(
+        "%s: private round %d: seg loss %.4f, cls loss %.4f (kept at the site)",
+        site.name,
+        plan.server_round,
+        seg_losses[-1] if seg_losses else float("nan"),
+        results["cls"]["loss"],
+    )
+    return {
+        "num-examples": float(len(site.train_cases)),
+        "privacy/seg_epsilon": ledger.epsilon("seg", plan.delta, accountant=plan.accountant),
+        "privacy/cls_epsilon": ledger.epsilon("cls", plan.delta, accountant=plan.accountant),
+        "privacy/delta": float(plan.delta),
+        "privacy/noise_multiplier_seg": float(plan.seg.noise_multiplier),
+        "privacy/noise_multiplier_cls": float(plan.cls.noise_multiplier),
     }
 
 

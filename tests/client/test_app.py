@@ -48,9 +48,14 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
 
 
-def _context(federation) -> Context:
-    node = {"data-path": str(federation["site_dir"]), "device": "cpu"}
-    run = {**RUN_CONFIG, "model.base-path": str(federation["base_path"]), "num-server-rounds": 1}
+def _context(federation, *, run: dict | None = None, node: dict | None = None) -> Context:
+    node = {"data-path": str(federation["site_dir"]), "device": "cpu", **(node or {})}
+    run = {
+        **RUN_CONFIG,
+        "model.base-path": str(federation["base_path"]),
+        "num-server-rounds": 1,
+        **(run or {}),
+    }
     return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=run)
 
 
@@ -127,3 +132,39 @@ def test_egress_refuses_anything_else():
     with pytest.raises(EgressRefused, match="not an aggregate metric name"):
         outgoing_metrics({"case/site_a_003": 1.0}, ("case/site_a_003",))
     assert math.isnan(outgoing_metrics({}, ("test/auc",))["test/auc"])
+
+
+#: Sample-level DP with a target ε over 2 rounds; small noise so two rounds fit the default budget exactly.
+DP_RUN = {"privacy.sample-dp": True, "privacy.target-epsilon": 8.0, "num-server-rounds": 2}
+
+
+def test_dp_rounds_are_recorded_in_the_site_ledger_and_reported(federation, tmp_path):
+    state = tmp_path / "state"
+    context = lambda: _context(federation, run=DP_RUN, node={"state-dir": str(state)})
+    first = client_app.train(_message(federation, MessageType.TRAIN), context())
+    metrics = first.content[METRICS]
+    assert {"privacy/seg_epsilon", "privacy/cls_epsilon", "privacy/delta"} <= set(metrics.keys())
+    assert 0 < metrics["privacy/seg_epsilon"] < 8.0 and 0 < metrics["privacy/cls_epsilon"] < 8.0
+    assert (state / "privacy_ledger.json").is_file()
+    second = client_app.train(
+        _message(federation, MessageType.TRAIN), context()
+    )  # a fresh process per message
+    assert second.content[METRICS]["privacy/seg_epsilon"] > metrics["privacy/seg_epsilon"]
+    assert second.content[METRICS]["privacy/seg_epsilon"] <= 8.0 + 1e-6
+    third = client_app.train(_message(federation, MessageType.TRAIN), context())  # beyond the planned run
+    assert not third.content.array_records
+    assert "privacy budget" in third.content[SITE]["declined"]
+    assert third.content[METRICS]["num-examples"] == 0.0
+    assert third.content[METRICS]["privacy/seg_epsilon"] == pytest.approx(
+        second.content[METRICS]["privacy/seg_epsilon"]
+    )
+
+
+def test_a_site_budget_stricter_than_the_run_stops_it_before_training(federation, tmp_path):
+    node = {"state-dir": str(tmp_path / "state"), "epsilon-budget": 0.5}
+    reply = client_app.train(
+        _message(federation, MessageType.TRAIN), _context(federation, run=DP_RUN, node=node)
+    )
+    assert not reply.content.array_records
+    assert "budget 0.5" in reply.content[SITE]["declined"]
+    assert not (tmp_path / "state" / "privacy_ledger.json").exists()  # nothing trained, nothing spent

@@ -189,12 +189,19 @@ def test_round_report_validation_and_json_round_trip():
     assert back.to_json() == original.to_json() and math.isnan(back.evaluation["site-b"]["test/auc"])
     with pytest.raises(ValueError, match="no evaluation_weights entry"):
         RoundReport(1, evaluation={"a": {"test/auc": 0.5}})
-    with pytest.raises(ValueError, match="must start with 'train/'"):
+    with pytest.raises(ValueError, match="must start with 'train/' or 'privacy/'"):
         RoundReport(1, training={"a": {"loss": 0.5}}, training_weights={"a": 1})
     with pytest.raises(ValueError, match="reserved"):
         RoundReport(1, global_metrics={"global/x": 1.0})
     with pytest.raises(ValueError, match="carry no 'num-examples'"):
         RoundReport.from_site_metrics(1, evaluation={"a": {"test/auc": 0.5}})
+
+
+def test_privacy_metrics_of_a_site_keep_their_name_in_its_run():
+    training = {"a": {"num-examples": 4.0, "seg_loss": 0.3, "privacy/seg_epsilon": 1.5}}
+    report_ = RoundReport.from_site_metrics(1, training=training)
+    assert report_.site_metrics("a")["privacy/seg_epsilon"] == 1.5
+    assert report_.site_metrics("a")["train/seg_loss"] == 0.3
 
 
 def test_update_best_follows_the_metric_direction_and_ignores_nan():

@@ -1,0 +1,165 @@
+"""A site's private round end to end (shared/training/site.py): plan, DP-SGD of both models, ledger, metrics.
+
+The SAM-Med3D base is the ``small`` preset shrunk to 32³ crops and the classifier a ResNet-18 on 32-pixel
+planes, on a synthetic site, so a round takes a few seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from shared.adapters import extract_adapter, lora_specs_from_config
+from shared.base import build_random_base, wrap_for_training
+from shared.config import load_config
+from shared.data.synth import SynthOptions, generate_consortium
+from shared.models.sam_med3d import resolve_config
+from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from shared.privacy.planning import plan_private_round
+from shared.training import site as site_module
+from shared.training.site import open_site, train_site
+
+P = 32
+TINY_SAM = {
+    **resolve_config("small"),
+    "img_size": P,
+    "input_image_size": [P] * 3,
+    "patch_size": 8,
+    "image_embedding_size": [4, 4, 4],
+    "window_size": 4,
+}
+RUN = {
+    "data.patch-size": P,
+    "data.crop-jitter-voxels": 2,
+    "data.planes-frames": 2,
+    "data.planes-size": 32,
+    "model.cls-depth": 18,
+    "model.cls-norm-groups": 8,
+    "train.seg-epochs": 1,
+    "train.seg-batch-size": 2,
+    "train.seg-click-iterations": 2,
+    "train.seg-clicks-per-step": 2,
+    "train.cls-epochs": 1,
+    "train.cls-batch-size": 2,
+    "train.progress": False,
+    "privacy.sample-dp": True,
+    "privacy.target-epsilon": 20.0,
+}
+METRICS = {
+    "num-examples",
+    "privacy/seg_epsilon",
+    "privacy/cls_epsilon",
+    "privacy/delta",
+    "privacy/noise_multiplier_seg",
+    "privacy/noise_multiplier_cls",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    options = SynthOptions(shape=(40, 48, 48), lesion_median_cm3=0.3, second_lesion_prob=0.0)
+    site_dir = generate_consortium(
+        tmp_path_factory.mktemp("sites"), sites=1, cases=6, seed=3, options=options
+    )[0]
+    return open_site(site_dir)
+
+
+def fresh_models():
+    base = build_random_base(TINY_SAM, cls_depth=18, cls_norm_groups=8, seed=0)
+    models = wrap_for_training(base, lora_specs_from_config(load_config(RUN).adapter))
+    return base, models
+
+
+def adapter(base, models) -> dict[str, torch.Tensor]:
+    return extract_adapter(models, base_fingerprints=base.fingerprints).tensors
+
+
+def test_private_rounds_spend_the_budget_and_record_it(site, tmp_path) -> None:
+    config = load_config(RUN)
+    n = len(site.train_cases)
+    base, models = fresh_models()
+    start = adapter(base, models)
+    metrics = []
+    for server_round in (1, 2):
+        plan = plan_private_round(
+            config, n, 2, PrivacyLedger.open(tmp_path), server_round=server_round, run="t"
+        )
+        assert plan.allowed
+        metrics.append(
+            train_site(
+                models,
+                site,
+                config,
+                device=torch.device("cpu"),
+                seed=server_round,
+                proximal=True,
+                plan=plan,
+                ledger=PrivacyLedger.open(tmp_path),
+            )
+        )
+    assert set(metrics[0]) == METRICS and metrics[0]["num-examples"] == n
+    assert all(math.isfinite(v) for m in metrics for v in m.values())
+    assert 0 < metrics[0]["privacy/seg_epsilon"] < metrics[1]["privacy/seg_epsilon"] <= 20.0
+    assert metrics[1]["privacy/delta"] == pytest.approx(1 / (10 * n))
+    ledger = PrivacyLedger.open(tmp_path)
+    for name in ("seg", "cls"):
+        entries = ledger.entries(name)
+        assert [e.round for e in entries] == [1, 2] and {e.run for e in entries} == {"t"}
+        sigma = metrics[1][f"privacy/noise_multiplier_{name}"]
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, plan.models[name].sample_rate, 2 * plan.models[name].steps)]
+        expected = accountant.get_epsilon(delta=plan.delta)
+        assert ledger.epsilon(name, plan.delta) == metrics[1][f"privacy/{name}_epsilon"] == expected
+    after = adapter(base, models)
+    assert set(after) == set(start)  # frozen parameters still travel
+    frozen = "seg.prompt_encoder.point_embeddings.0.weight"
+    assert torch.equal(after[frozen], start[frozen])
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("seg.") and "lora_B" in k)
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("cls.head."))
+    over = plan_private_round(config, n, 2, ledger, server_round=3)
+    assert not over.allowed
+    with pytest.raises(PrivacyBudgetExceeded, match="budget"):
+        train_site(models, site, config, device=torch.device("cpu"), plan=over, ledger=ledger)
+    assert PrivacyLedger.open(tmp_path).steps("seg") == 2 * plan.seg.steps
+
+
+def test_nothing_is_recorded_when_a_round_fails(site, tmp_path, monkeypatch) -> None:
+    config = load_config(RUN)
+    _, models = fresh_models()
+    plan = plan_private_round(config, len(site.train_cases), 2, PrivacyLedger.open(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("classifier training failed")
+
+    monkeypatch.setattr(site_module, "train_classifier", broken)
+    ledger = PrivacyLedger.open(tmp_path)
+    with pytest.raises(RuntimeError, match="classifier training failed"):
+        train_site(models, site, config, device=torch.device("cpu"), plan=plan, ledger=ledger)
+    assert PrivacyLedger.open(tmp_path).steps("seg") == 0 and not ledger.path.exists()
+
+
+def test_a_private_round_needs_a_plan_and_a_ledger(site, tmp_path) -> None:
+    _, models = fresh_models()
+    with pytest.raises(ValueError, match="plan="):
+        train_site(models, site, load_config(RUN), device=torch.device("cpu"))
+    other = plan_private_round(load_config(RUN), len(site.train_cases) + 1, 2, PrivacyLedger.open(tmp_path))
+    with pytest.raises(ValueError, match="training cases"):
+        train_site(
+            models,
+            site,
+            load_config(RUN),
+            device=torch.device("cpu"),
+            plan=other,
+            ledger=PrivacyLedger.open(tmp_path),
+        )
