@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.privacy import client_dp_clipping_mod
-from client.task import BaseMismatch, BudgetSpent, run_evaluate, run_train, site_settings
+from client.task import BaseMismatch, BudgetSpent, open_site_of, run_evaluate, run_train, site_settings
 from shared import __version__
 from shared.config import load_config
 from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record
@@ -39,12 +39,11 @@ def _reply(
 def query(msg: Message, context: Context) -> Message:
     """Handshake: the site's name and base fingerprint (no data details beyond case counts)."""
     from shared.base import load_base
-    from shared.training.site import open_site
 
     config = _config(context)
     settings = site_settings(dict(context.node_config), config)
     base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
-    site = open_site(settings.site_dir, site_config_path=settings.site_config)
+    site = open_site_of(settings)
     info = {"base-fingerprint": base.fingerprint, "fedabus-version": __version__}
     counts = {"num-train-cases": float(len(site.train_cases)), "num-test-cases": float(len(site.test_cases))}
     return _reply(msg, counts, site.name, **info)
@@ -66,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
             run=str(context.run_id),
         )
     except BaseMismatch as exc:
-        return _reply(msg, {NUM_EXAMPLES: 0.0}, settings.site_dir.name, declined=str(exc))
+        return _reply(msg, {NUM_EXAMPLES: 0.0}, settings.site_id or settings.site_dir.name, declined=str(exc))
     except BudgetSpent as exc:
         return _reply(msg, exc.metrics, exc.site, declined=str(exc))
     return _reply(msg, metrics, site, arrays=adapter_to_record(update))

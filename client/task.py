@@ -6,7 +6,7 @@ adapter, so a record built from another base or other adapter settings is refuse
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,15 @@ from shared.privacy.planning import RoundPlan, plan_private_round
 from shared.protocol import Layout, layout_of, record_to_adapter
 from shared.training.site import SiteData, evaluate_site, open_site, train_site
 
-__all__ = ["BaseMismatch", "BudgetSpent", "SiteSettings", "run_evaluate", "run_train", "site_settings"]
+__all__ = [
+    "BaseMismatch",
+    "BudgetSpent",
+    "SiteSettings",
+    "open_site_of",
+    "run_evaluate",
+    "run_train",
+    "site_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +64,21 @@ class SiteSettings:
     state_dir: Path
     #: The site's own ε budget (node config ``epsilon-budget``; 0: the run's budget only).
     epsilon_budget: float = 0.0
+    #: CPU threads torch may use (node config ``threads``; 0: torch's default, one per core).
+    threads: int = 0
+    #: Name shown in reports and MLflow (node config ``site-id``; empty: the site config's name or the folder's).
+    site_id: str = ""
+
+    def apply_threads(self) -> None:
+        """Limit torch's CPU threads when the node config asks (several sites sharing one machine)."""
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
 
 
 def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSettings:
     """Deployment: ``--node-config 'data-path="..." [site-config="..."] [base-path="..."] [device="cuda"]
-    [state-dir="..."] [epsilon-budget=3.0]'``. Simulation: the ``partition-id``-th sub-folder (name order) of
+    [state-dir="..."] [epsilon-budget=3.0] [threads=4] [site-id="..."]'``. Simulation: the
+    ``partition-id``-th sub-folder (name order) of
     ``federation.sites-dir``."""
     if "data-path" in node_config:
         site_dir = Path(str(node_config["data-path"]))
@@ -92,9 +110,11 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
         state_dir = Path(config.federation.sites_dir).resolve().parent / "site-state" / site_dir.name
     try:
         budget = float(node_config.get("epsilon-budget", 0.0))
+        threads = int(node_config.get("threads", 0))
     except (TypeError, ValueError):
         raise ValueError(
-            f"node config epsilon-budget = {node_config['epsilon-budget']!r} is not a number"
+            "node config epsilon-budget / threads must be numbers, got "
+            f"{node_config.get('epsilon-budget')!r} / {node_config.get('threads')!r}"
         ) from None
     return SiteSettings(
         site_dir,
@@ -103,6 +123,8 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
         str(node_config.get("device", config.model.device)),
         state_dir,
         budget,
+        threads,
+        str(node_config.get("site-id", "")),
     )
 
 
@@ -113,7 +135,13 @@ def _setup(settings: SiteSettings, config: FedabusConfig, fingerprint: str) -> t
             f"this site's base {settings.base_path} has fingerprint {base.fingerprint}, but the federation uses "
             f"{fingerprint}; install the coordinator's base files (fedabus make-base output) and restart"
         )
-    return base, open_site(settings.site_dir, site_config_path=settings.site_config)
+    return base, open_site_of(settings)
+
+
+def open_site_of(settings: SiteSettings) -> SiteData:
+    """The site's validated data, named by the node config's ``site-id`` when given."""
+    site = open_site(settings.site_dir, site_config_path=settings.site_config)
+    return replace(site, name=settings.site_id) if settings.site_id else site
 
 
 def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord) -> tuple[dict, Layout]:
@@ -140,6 +168,7 @@ def run_train(
 
     Under sample-level DP the round is planned against the site's ledger first; :class:`BudgetSpent` when
     it would exceed the site's budget (nothing is trained)."""
+    settings.apply_threads()
     base, site = _setup(settings, config, fingerprint)
     plan, ledger = _privacy_plan(settings, config, site, num_rounds, server_round, run)
     models, layout = _models(base, config, global_record)
@@ -214,6 +243,7 @@ def run_evaluate(
     fingerprint: str,
 ) -> tuple[dict[str, float], str]:
     """Evaluate the global adapter on the site's test split; returns (checked metrics, site name)."""
+    settings.apply_threads()
     base, site = _setup(settings, config, fingerprint)
     models, _ = _models(base, config, global_record)
     metrics = evaluate_site(models, site, config, device=resolve_device(settings.device))

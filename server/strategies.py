@@ -65,11 +65,41 @@ class FederationStalled(RuntimeError):
     """Not enough sites were online within the deadline; the run stops instead of hanging."""
 
 
+class _Recipients:
+    """Who the messages of the last rounds went to. Flower's error replies (a site died or timed out) come from
+    the SuperLink itself; their ``reply_to_message_id`` is the only link back to the site."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.names: dict[int, str] = {}
+
+    def remember(self, messages: list[Message], names: dict[int, str]) -> None:
+        # The grid sets each message's id when it pushes it, so ids are read at lookup time.
+        self.sent = [*self.sent[-len(messages) * 2 :], *messages] if messages else self.sent
+        self.names.update(names)
+
+    def name_of(self, reply: Message) -> str | None:
+        target = reply.metadata.reply_to_message_id
+        for message in self.sent:
+            if target and message.metadata.message_id == target:
+                node = message.metadata.dst_node_id
+                return self.names.get(node, f"node-{node}")
+        return None
+
+
+_RECIPIENTS = _Recipients()
+
+
 def site_of(message: Message) -> str:
-    """The site name a reply declares (``site`` ConfigRecord), else its node id."""
+    """The site name a reply declares (``site`` ConfigRecord); for an error reply the site the message went to
+    (its name from the handshake); else the sending node id."""
     record = message.content.config_records.get(SITE) if message.has_content() else None
     if record is not None and "site-id" in record:
         return str(record["site-id"])
+    if message.has_error():
+        name = _RECIPIENTS.name_of(message)
+        if name is not None:
+            return name
     return f"node-{message.metadata.src_node_id}"
 
 
@@ -137,9 +167,10 @@ class FedabusHooks:
         # Let subclasses (FedProx's mu, FedOpt's current arrays) do their part, but sample with a deadline.
         original_sampler = self._sample_hook_swap()
         try:
-            messages = super().configure_train(server_round, arrays, config, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         finally:
             self._sample_hook_restore(original_sampler)
+        _RECIPIENTS.remember(messages, dict(getattr(self.node_vetting, "accepted", {})))
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -148,9 +179,11 @@ class FedabusHooks:
             return []
         original_sampler = self._sample_hook_swap()
         try:
-            return super().configure_evaluate(server_round, arrays, config, grid)
+            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         finally:
             self._sample_hook_restore(original_sampler)
+        _RECIPIENTS.remember(messages, dict(getattr(self.node_vetting, "accepted", {})))
+        return messages
 
     # Flower's strategies call the module-level ``sample_nodes`` (which waits forever); during our
     # configure_* calls it is replaced by the deadline-bound sampler above.

@@ -168,3 +168,21 @@ def test_a_site_budget_stricter_than_the_run_stops_it_before_training(federation
     assert not reply.content.array_records
     assert "budget 0.5" in reply.content[SITE]["declined"]
     assert not (tmp_path / "state" / "privacy_ledger.json").exists()  # nothing trained, nothing spent
+
+
+def test_node_config_names_the_site_and_limits_threads(federation):
+    previous = torch.get_num_threads()
+    try:
+        node = {"site-id": "hospital-x", "threads": 1}
+        request = Message(content=RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
+        reply = client_app.query(request, _context(federation, node=node))
+        assert reply.content[SITE]["site-id"] == "hospital-x"
+        reply = client_app.evaluate(
+            _message(federation, MessageType.EVALUATE), _context(federation, node=node)
+        )
+        assert reply.content[SITE]["site-id"] == "hospital-x"
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="threads must be numbers"):
+        client_app.query(request, _context(federation, node={"threads": "many"}))

@@ -106,3 +106,21 @@ def test_fedadam_state_round_trips():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
         build_strategy("fedsgd", min_sites=1)
+
+
+def test_an_error_reply_names_the_site_the_message_went_to():
+    class Vetting:
+        accepted = {7: "hospital-x", 8: "hospital-y"}
+
+        def __call__(self, nodes):
+            return set(self.accepted)
+
+    strategy = build_strategy("fedavg", min_sites=2)
+    strategy.node_vetting = Vetting()
+    messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([7, 8])))
+    for number, message in enumerate(messages):  # what the grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"id-{number}"
+    to_y = next(m for m in messages if m.metadata.dst_node_id == 8)
+    failed = Message(Error(code=1, reason="node unavailable"), reply_to=to_y)
+    failed.metadata.__dict__["_src_node_id"] = 1  # error replies come from the SuperLink
+    assert site_of(failed) == "hospital-y"
