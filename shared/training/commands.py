@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--adapter", type=Path, help="adapter to start from (default: a fresh one)")
     train.add_argument("--out", type=Path, default=Path("fedabus-local"), help="output folder")
     train.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: model.device)")
+    train.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the site's state folder holding its privacy ledger (with privacy.sample-dp; "
+        "default ~/.fedabus/site-state/<site folder>)",
+    )
     train.set_defaults(func=run_train_local)
 
     pretrain = subparsers.add_parser(
@@ -81,7 +87,10 @@ def run_train_local(args: argparse.Namespace) -> int:
     started = time.monotonic()
     before = evaluate_site(models, site, config, device=device)
     torch.manual_seed(config.train.seed)
-    training = train_site(models, site, config, device=device, seed=config.train.seed)
+    plan, ledger = _local_privacy_plan(args, config, site)
+    training = train_site(
+        models, site, config, device=device, seed=config.train.seed, plan=plan, ledger=ledger
+    )
     after = evaluate_site(models, site, config, device=device)
     adapter = extract_adapter(models, base_fingerprints=base.fingerprints, metadata={"site": site.name})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +110,26 @@ def run_train_local(args: argparse.Namespace) -> int:
         )
     print(f"adapter: {args.out / 'adapter.safetensors'}; metrics: {args.out / 'metrics.json'}")
     return 0
+
+
+def _local_privacy_plan(args: argparse.Namespace, config, site):
+    """Under ``privacy.sample-dp`` a local run is one planned round against the site's ledger (its ε counts
+    towards the same budget as federated rounds); (None, None) otherwise. Exits when the budget is spent."""
+    if not config.privacy.sample_dp:
+        return None, None
+    from shared.privacy.ledger import PrivacyLedger
+    from shared.privacy.planning import plan_private_round
+
+    state_dir = args.state_dir or Path.home() / ".fedabus" / "site-state" / site.site_dir.name
+    ledger = PrivacyLedger.open(state_dir)
+    plan = plan_private_round(config, len(site.train_cases), 1, ledger, run="train-local")
+    if not plan.allowed:
+        raise SystemExit(f"{site.name}: not training, {plan.reason} (ledger {ledger.path})")
+    print(
+        f"sample-level DP: noise multiplier seg {plan.seg.noise_multiplier:.3f} / cls {plan.cls.noise_multiplier:.3f}, "
+        f"ε after {plan.seg.epsilon_after:.3f} / {plan.cls.epsilon_after:.3f} at δ {plan.delta:.2g}; ledger {ledger.path}"
+    )
+    return plan, ledger
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
