@@ -1,6 +1,6 @@
 """Client-level differential privacy on adapter updates: Flower's DP wrappers around the fedabus strategies.
 
-``privacy.client-dp`` picks one of Flower 1.41's wrappers (:data:`CLIENT_DP_MODES`); :func:`wrap_with_client_dp`
+``privacy.client-dp`` picks one of Flower 1.41's wrappers (:data:`CLIENT_DP_WRAPPERS`); :func:`wrap_with_client_dp`
 puts it around the strategy :func:`server.strategies.build_strategy` made, and :class:`ClientDPHooks` keeps every
 fedabus hook working through it (round offset, deadline sampling, declined sites, per-site metrics, state).
 
@@ -66,7 +66,7 @@ from shared.config import ConfigError, PrivacyConfig
 from shared.protocol import ARRAYS, METRICS
 
 __all__ = [
-    "CLIENT_DP_MODES",
+    "CLIENT_DP_WRAPPERS",
     "DP_STRATEGIES",
     "RDP_ORDERS",
     "ClientDPHooks",
@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 #: ``privacy.client-dp`` value -> Flower 1.41 wrapper (where the update is clipped; fixed or adaptive norm).
-CLIENT_DP_MODES: dict[str, type] = {
+CLIENT_DP_WRAPPERS: dict[str, type] = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
     "client-fixed": DifferentialPrivacyClientSideFixedClipping,
     "server-adaptive": DifferentialPrivacyServerSideAdaptiveClipping,
@@ -111,8 +111,8 @@ def check_client_dp(privacy: PrivacyConfig, strategy: str) -> str:
     mode = privacy.client_dp.strip().lower()
     if mode == "off":
         return mode
-    if mode not in CLIENT_DP_MODES:
-        allowed = ", ".join(["off", *CLIENT_DP_MODES])
+    if mode not in CLIENT_DP_WRAPPERS:
+        allowed = ", ".join(["off", *CLIENT_DP_WRAPPERS])
         raise ConfigError(
             f"privacy.client-dp = {privacy.client_dp!r} is not a known mode; allowed: {allowed}"
         )
@@ -304,7 +304,7 @@ def _forwarded(name: str) -> property:
 
 
 class ClientDPHooks:
-    """Mixin placed before one of Flower's DP wrappers (:data:`CLIENT_DP_MODES`); see the module docstring.
+    """Mixin placed before one of Flower's DP wrappers (:data:`CLIENT_DP_WRAPPERS`); see the module docstring.
 
     It forwards the fedabus hook attributes to the wrapped strategy, filters replies before Flower's clipping
     (failed, declined and malformed updates are dropped and count as zero updates), adds the noise for the
@@ -494,7 +494,7 @@ def wrap_with_client_dp(strategy: Any, privacy: PrivacyConfig, *, num_sampled_si
     Call :func:`check_client_dp` first (``build_strategy`` does).
     """
     mode = privacy.client_dp.strip().lower()
-    wrapper = CLIENT_DP_MODES[mode]
+    wrapper = CLIENT_DP_WRAPPERS[mode]
     sampled = max(1, int(num_sampled_sites))
     z, clip = privacy.client_noise_multiplier, privacy.client_clip_norm
     cls = type(f"Fedabus{wrapper.__name__}", (ClientDPHooks, wrapper), {})

@@ -384,3 +384,10 @@ def test_aggregators_the_noise_cannot_protect_are_refused(name):
 def test_fedprox_is_accepted_and_keeps_its_proximal_term():
     strategy = dp_strategy("server-fixed", name="fedprox", proximal_mu=0.1)
     assert configure(strategy, [1])[0].content[CONFIG]["proximal-mu"] == pytest.approx(0.1)
+
+
+def test_every_client_dp_mode_of_the_config_has_a_wrapper():
+    from server.privacy import CLIENT_DP_WRAPPERS
+    from shared.privacy.validation import CLIENT_DP_MODES
+
+    assert set(CLIENT_DP_WRAPPERS) == set(CLIENT_DP_MODES) - {"off"}
