@@ -178,12 +178,13 @@ def main(grid: Grid, context: Context) -> None:
         elapsed = time.monotonic() - started
         eta = elapsed / server_round * (remaining - server_round)
         dice = parent.get(BEST_METRIC, math.nan)
+        quality = f"mean test Dice@1 {dice:.3f}" if not math.isnan(dice) else "not evaluated this round"
         log(
             INFO,
-            "Round %d/%d done: mean test Dice@1 %.3f; %.0f s elapsed, ETA %.0f s",
+            "Round %d/%d done: %s; %.0f s elapsed, ETA %.0f s",
             actual,
             num_rounds,
-            dice,
+            quality,
             elapsed,
             eta,
         )

@@ -59,10 +59,10 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
 )
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from server.strategies import metrics_by_site, site_of, updates_of
 from shared.config import ConfigError, PrivacyConfig
+from shared.privacy.opacus_loader import load_opacus
 from shared.protocol import ARRAYS, METRICS
 
 __all__ = [
@@ -202,6 +202,9 @@ class ClientPrivacyAccountant:
             return 0.0
         if any(z == 0 for z, _ in self._ledger):
             return math.inf
+        load_opacus()
+        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
         steps = Counter((z, q if amplification else 1.0) for z, q in self._ledger)
         rdp = sum(
             np.asarray(compute_rdp(q=q, noise_multiplier=z, steps=n, orders=self.orders))

@@ -14,6 +14,7 @@ import math
 import warnings
 from collections.abc import Iterable
 
+from shared.privacy.opacus_loader import load_opacus
 from shared.privacy.validation import ACCOUNTANTS, PrivacyConfigError
 
 __all__ = ["HistoryEntry", "epsilon_of", "merge_history", "noise_multiplier_for"]
@@ -37,6 +38,7 @@ def _accountant(name: str):  # -> opacus.accountants.IAccountant
         raise PrivacyConfigError(
             f"privacy.accountant = {name!r} is unknown; choose one of {', '.join(ACCOUNTANTS)}"
         )
+    load_opacus()
     from opacus.accountants import create_accountant  # imported here: importing Opacus takes over a second
 
     return create_accountant(mechanism=name)
@@ -69,6 +71,7 @@ def noise_multiplier_for(
     if steps < 1:
         raise ValueError(f"a noise multiplier needs at least one planned step, got {steps}")
     _accountant(accountant)  # refuse unknown names before Opacus does
+    load_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from shared.privacy.accounting import HistoryEntry
+from shared.privacy.opacus_loader import load_opacus
 from shared.privacy.sampling import secret_seed
 from shared.privacy.validation import ACCOUNTANTS, PrivacyConfigError, check_no_running_stats
 
@@ -108,6 +109,7 @@ def check_poisson_loader(loader: Any, settings: DPSettings) -> None:
     rate and length match). Raises :class:`PrivacyConfigError` otherwise: with shuffled fixed-size batches the
     accountant's subsampling analysis does not hold.
     """
+    load_opacus()
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     sampler = getattr(loader, "batch_sampler", None)
@@ -142,6 +144,7 @@ def _optimised_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _wrap(model: nn.Module) -> nn.Module:
+    load_opacus()
     from opacus import GradSampleModule
 
     if isinstance(model, GradSampleModule):
@@ -166,6 +169,7 @@ def private_training(
     attributes are removed from ``model``. Raises :class:`PrivacyConfigError` for a model with BatchNorm or
     running statistics (``what`` names it in the message).
     """
+    load_opacus()
     from opacus.accountants import create_accountant
     from opacus.optimizers import DPOptimizer
 

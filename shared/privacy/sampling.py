@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from shared.privacy.opacus_loader import load_opacus
+
 __all__ = ["OneFramePerCase", "poisson_loader", "poisson_sampling", "secret_seed"]
 
 
@@ -79,6 +81,7 @@ def poisson_loader(
         a DataLoader (single process) whose ``batch_sampler`` is Opacus' ``UniformWithReplacementSampler``;
         batches are collated items, or ``[]`` for an empty draw.
     """
+    load_opacus()
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     if not 0.0 < sample_rate <= 1.0:

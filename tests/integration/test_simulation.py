@@ -66,6 +66,7 @@ def test_sample_level_dp_sites_stop_at_their_budget_and_the_run_goes_on(tmp_path
     finishes, and each site's ledger and MLflow run hold the ε of round 1."""
     from shared.config import load_config
     from shared.data.synth import generate_consortium
+    from shared.demo import demo_synth_options
     from shared.privacy.ledger import PrivacyLedger
     from shared.privacy.planning import plan_private_round
     from shared.training.site import open_site
@@ -73,7 +74,7 @@ def test_sample_level_dp_sites_stop_at_their_budget_and_the_run_goes_on(tmp_path
     sets = {"privacy.sample-dp": "true", "privacy.noise-multiplier": "1.0", "train.seg-click-iterations": "1"}
     sets |= {"train.eval-clicks": "2", "train.seg-epochs": "1", "train.cls-epochs": "1"}
     # The demo regenerates this consortium (same seed); the probe gives each site's training cases n.
-    probe = generate_consortium(tmp_path / "probe", sites=2, cases=6, seed=0)
+    probe = generate_consortium(tmp_path / "probe", sites=2, cases=6, seed=0, options=demo_synth_options())
     config = load_config(sets)
     epsilons = []
     for site_dir in probe:
