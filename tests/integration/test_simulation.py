@@ -122,3 +122,31 @@ def test_sample_level_dp_sites_stop_at_their_budget_and_the_run_goes_on(tmp_path
     for child in children:
         history = client.get_metric_history(child.info.run_id, "privacy/seg_epsilon")
         assert sorted(m.step for m in history) == [1, 2], child.info.run_name
+
+
+def test_client_level_dp_runs_end_to_end_and_logs_the_run_epsilon(tmp_path):
+    base_path = save_base(build_random_base("small", cls_depth=18, seed=0), tmp_path / "base")
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "shared.cli", "demo", "--sites", "2", "--cases", "6", "--rounds", "2"]
+    command += ["--local-epochs", "1", "--eval-every", "2", "--out", str(out), "--base", str(base_path)]
+    sets = {
+        "privacy.client-dp": '"client-fixed"',
+        "privacy.client-clip-norm": "5.0",
+        "privacy.client-noise-multiplier": "1.0",
+        "train.seg-click-iterations": "1",
+        "train.eval-clicks": "2",
+    }
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "client-level DP: ε" in result.stdout
+
+    summary = json.loads((out / "server" / "summary.json").read_text(encoding="utf-8"))
+    epsilon = summary["client_privacy"]["privacy/client_epsilon"]
+    assert 0 < epsilon < float("inf")
+    client = MlflowClient(summary["tracking_uri"])
+    history = client.get_metric_history(summary["run_id"], "privacy/client_epsilon")
+    by_round = {m.step: m.value for m in history}
+    assert sorted(by_round) == [1, 2] and by_round[1] < by_round[2] == pytest.approx(epsilon)
