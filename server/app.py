@@ -38,6 +38,8 @@ RESUMABLE_KEYS = (
     "federation.round-timeout",
 )
 BEST_METRIC = "global/test/dice_1click_mean"
+#: Client-level DP releases, written before each noisy adapter goes out (survives a crash before the checkpoint).
+CLIENT_PRIVACY_JOURNAL = "client_privacy_journal.json"
 
 
 def work_dir_of(config: FedabusConfig) -> Path:
@@ -81,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
         num_malicious=fed.num_malicious,
         privacy=config.privacy,
     )
+    strategy.keep_privacy_journal(work / CLIENT_PRIVACY_JOURNAL)
     vetting = SiteVetting(grid, fingerprint, timeout=fed.sample_timeout)
     strategy.node_vetting = vetting
 

@@ -40,12 +40,14 @@ Training and evaluation *metrics* are not covered by the guarantee (they travel 
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,6 +181,35 @@ class ClientPrivacyAccountant:
         self.delta = float(delta)
         self.orders = [float(a) for a in orders]
         self._ledger: list[tuple[float, float]] = []
+        #: File that receives the ledger at every release (see :meth:`keep_journal`); None: memory only.
+        self.journal: Path | None = None
+
+    def keep_journal(self, path: Path) -> None:
+        """Write the ledger to ``path`` (atomically) at every release, before the noisy adapter goes out.
+
+        The checkpoint is written only at the end of a round, after the new adapter was sent for evaluation; a
+        server that dies in between would otherwise resume without that release and spend it again unaccounted.
+        An existing journal with more releases than the accountant holds (a previous, crashed run in the same
+        work folder) is taken over: its releases happened. Delete the file deliberately to start from zero."""
+        self.journal = Path(path)
+        if self.journal.is_file():
+            try:
+                saved = json.loads(self.journal.read_text(encoding="utf-8"))
+                entries = [(float(z), float(q)) for z, q in saved["releases"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"{self.journal}: unreadable client-level DP journal ({exc}); not overwritten"
+                ) from None
+            if len(entries) > len(self._ledger):
+                self.restore(entries)
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        if self.journal is None:
+            return
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"delta": self.delta, "releases": self.ledger()}) + "\n", encoding="utf-8")
+        tmp.replace(self.journal)
 
     @property
     def releases(self) -> int:
@@ -192,6 +223,7 @@ class ClientPrivacyAccountant:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sampling rate {sample_rate!r} must lie in (0, 1]")
         self._ledger.append((float(noise_multiplier), float(sample_rate)))
+        self._write_journal()
 
     def epsilon(self, *, amplification: bool = True) -> float:
         """ε at :attr:`delta` after all releases (0 before the first; inf if one had no noise).
@@ -226,11 +258,21 @@ class ClientPrivacyAccountant:
         return [[z, q] for z, q in self._ledger]
 
     def restore(self, ledger: Iterable[Sequence[float]]) -> None:
-        """Replace the releases by a saved :meth:`ledger` (resume after a restart)."""
-        self._ledger = []
-        for entry in ledger:
-            z, q = (float(v) for v in entry)
-            self.compose(z, q)
+        """Replace the releases by a saved :meth:`ledger` (resume after a restart); a journal that already
+        holds more releases wins (they happened after the checkpoint was written)."""
+        entries = [tuple(float(v) for v in entry) for entry in ledger]
+        journal, self.journal = self.journal, None  # do not rewrite the journal entry by entry
+        try:
+            self._ledger = []
+            for z, q in entries:
+                self.compose(z, q)
+        finally:
+            self.journal = journal
+        if journal is not None and journal.is_file():
+            saved = json.loads(journal.read_text(encoding="utf-8"))["releases"]
+            if len(saved) > len(self._ledger):
+                self._ledger = [(float(z), float(q)) for z, q in saved]
+        self._write_journal()
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -451,6 +493,10 @@ class ClientDPHooks:
             out["privacy/client_clip_norm"] = self.last_clipping_norm
             out["privacy/client_noise_std"] = self.last_noise_std
         return out
+
+    def keep_privacy_journal(self, path: Path) -> None:
+        """Persist the accountant at every release (:meth:`ClientPrivacyAccountant.keep_journal`)."""
+        self.client_accountant.keep_journal(path)
 
     def get_state(self) -> dict[str, Any]:
         """The wrapped strategy's state plus the clip norm and the accountant's ledger (JSON values)."""

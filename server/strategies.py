@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -246,6 +247,9 @@ class FedabusHooks:
     def client_privacy_spent(self) -> tuple[float, float] | None:
         """Client-level (ε, δ) spent so far; None: this strategy adds no client-level DP."""
         return None
+
+    def keep_privacy_journal(self, path: Path) -> None:
+        """Client-level DP only: persist the privacy accountant at every release (nothing to keep here)."""
 
     def privacy_metrics(self) -> dict[str, float]:
         """Parent-run metrics of client-level DP for the round just done (none without client-level DP)."""

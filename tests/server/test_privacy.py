@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -391,3 +392,24 @@ def test_every_client_dp_mode_of_the_config_has_a_wrapper():
     from shared.privacy.validation import CLIENT_DP_MODES
 
     assert set(CLIENT_DP_WRAPPERS) == set(CLIENT_DP_MODES) - {"off"}
+
+
+def test_the_journal_keeps_releases_the_checkpoint_missed(tmp_path):
+    journal = tmp_path / "client_privacy_journal.json"
+    first = ClientPrivacyAccountant(1e-5)
+    first.keep_journal(journal)
+    for _ in range(3):  # three noisy adapters went out; the server died before checkpointing the third
+        first.compose(1.0, 1.0)
+    checkpointed = first.ledger()[:2]
+
+    resumed = ClientPrivacyAccountant(1e-5)
+    resumed.keep_journal(journal)
+    resumed.restore(checkpointed)  # what the checkpoint holds
+    assert resumed.releases == 3 and resumed.epsilon() == pytest.approx(first.epsilon())
+    resumed.compose(1.0, 1.0)
+    assert len(json.loads(journal.read_text(encoding="utf-8"))["releases"]) == 4
+
+    journal.write_text("not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="unreadable client-level DP journal"):
+        ClientPrivacyAccountant(1e-5).keep_journal(journal)
+    assert journal.read_text(encoding="utf-8") == "not json"
