@@ -9,20 +9,12 @@ from torch import nn
 
 import shared.predictor as predictor_module
 from shared.adapters import LoraSpec, attach_lora
-from shared.models.sam_med3d import build_sam_med3d, resolve_config
+from shared.models.sam_med3d import build_sam_med3d
 from shared.predictor import SamPredictor3D
 from shared.training.seg import sam_parts
+from tests.shared.tiny_sam import TINY_SAM as TINY
+from tests.shared.tiny_sam import P
 
-P = 32
-#: The ``small`` architecture shrunk for speed: 32³ crops, patch 8, a 4³ token grid in one window.
-TINY = {
-    **resolve_config("small"),
-    "img_size": P,
-    "input_image_size": [P] * 3,
-    "patch_size": 8,
-    "image_embedding_size": [4, 4, 4],
-    "window_size": 4,
-}
 SHAPE = (40, 70, 45)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from shared import clicks as clicks_module
 from shared.adapters import LoraSpec, attach_lora
 from shared.config import TrainConfig
-from shared.models.sam_med3d import build_sam_med3d, resolve_config
+from shared.models.sam_med3d import build_sam_med3d
 from shared.models.triplane import PLANES, build_triplane_classifier
 from shared.privacy.accounting import epsilon_of
 from shared.privacy.dp_sgd import DPSettings
@@ -33,19 +33,12 @@ from shared.training.seg import (
     train_segmentation,
     trainable_parameters,
 )
+from tests.shared.tiny_sam import TINY_SAM, P
 
-P = 32
-TINY_SAM = {
-    **resolve_config("small"),
-    "img_size": P,
-    "input_image_size": [P] * 3,
-    "patch_size": 8,
-    "image_embedding_size": [4, 4, 4],
-    "window_size": 4,
-}
 SEG_CONFIG = TrainConfig(
     seg_epochs=2, seg_lr=1e-2, seg_click_iterations=2, seg_clicks_per_step=2, progress=False, seed=0
 )
+
 DELTA = 1e-3
 
 

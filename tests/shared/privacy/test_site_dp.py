@@ -16,21 +16,12 @@ from shared.adapters import extract_adapter, lora_specs_from_config
 from shared.base import build_random_base, wrap_for_training
 from shared.config import load_config
 from shared.data.synth import SynthOptions, generate_consortium
-from shared.models.sam_med3d import resolve_config
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import plan_private_round
 from shared.training import site as site_module
 from shared.training.site import open_site, train_site
+from tests.shared.tiny_sam import TINY_SAM, P
 
-P = 32
-TINY_SAM = {
-    **resolve_config("small"),
-    "img_size": P,
-    "input_image_size": [P] * 3,
-    "patch_size": 8,
-    "image_embedding_size": [4, 4, 4],
-    "window_size": 4,
-}
 RUN = {
     "data.patch-size": P,
     "data.crop-jitter-voxels": 2,

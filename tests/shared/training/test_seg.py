@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from shared.adapters import LoraSpec, attach_lora
 from shared.config import DataConfig, TrainConfig
 from shared.data.blocks import covering_blocks
-from shared.models.sam_med3d import build_sam_med3d, resolve_config
+from shared.models.sam_med3d import build_sam_med3d
 from shared.training import seg as seg_module
 from shared.training.seg import (
     parse_milestones,
@@ -31,17 +31,8 @@ from shared.training.seg import (
     trainable_parameters,
 )
 from shared.training.seg_eval import SegCase, evaluate_segmentation
-
-P = 32
-#: The ``small`` architecture shrunk for speed: 32³ crops, patch 8, a 4³ token grid in one window.
-TINY = {
-    **resolve_config("small"),
-    "img_size": P,
-    "input_image_size": [P] * 3,
-    "patch_size": 8,
-    "image_embedding_size": [4, 4, 4],
-    "window_size": 4,
-}
+from tests.shared.tiny_sam import TINY_SAM as TINY
+from tests.shared.tiny_sam import P
 
 
 @pytest.fixture(autouse=True, scope="module")
