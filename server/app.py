@@ -77,6 +77,7 @@ def main(grid: Grid, context: Context) -> None:
         fraction_evaluate=fed.fraction_evaluate,
         eval_interval=fed.eval_interval,
         sample_timeout=fed.sample_timeout,
+        connect_timeout=fed.round_timeout,
         proximal_mu=config.train.proximal_mu,
         server_lr=fed.server_lr,
         trim_beta=fed.trim_beta,
@@ -84,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
         privacy=config.privacy,
     )
     strategy.keep_privacy_journal(work / CLIENT_PRIVACY_JOURNAL)
-    vetting = SiteVetting(grid, fingerprint, timeout=fed.sample_timeout)
+    vetting = SiteVetting(grid, fingerprint)
     strategy.node_vetting = vetting
 
     checkpoints = ServerCheckpoint(work / "checkpoints", keep=fed.checkpoint_keep)

@@ -2,8 +2,9 @@
 
 :func:`build_strategy` returns an instance of ``FedabusHooks`` mixed into the chosen Flower strategy. The hooks
 
-* sample sites with a deadline, so a round never waits forever for ``min_available_nodes``
-  (:class:`FederationStalled` after ``sample_timeout`` seconds);
+* sample sites with a deadline, so a round never waits forever for ``min_available_nodes``: sites that are
+  online but still answering the handshake are waited for (up to ``connect_timeout``), sites that are gone are
+  not (:class:`FederationStalled` after ``sample_timeout`` seconds);
 * number rounds from ``round_offset + 1`` so a resumed run continues its numbering;
 * skip client evaluation on rounds off the evaluation interval;
 * drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
@@ -19,6 +20,7 @@ ServerApp does not care which one it holds (:data:`FederationStrategy`).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -60,6 +62,8 @@ STRATEGIES: dict[str, type] = {
 }
 #: Strategy attributes holding state that must be checkpointed (dicts of name -> ndarray).
 _STATE_ATTRIBUTES = ("m_t", "v_t")
+#: Seconds between two "Waiting for sites" lines.
+_WAIT_NOTE_EVERY = 10.0
 
 
 class FederationStalled(RuntimeError):
@@ -134,34 +138,63 @@ class FedabusHooks:
     round_offset: int = 0
     eval_interval: int = 1
     sample_timeout: float = 600.0
+    #: How long sampling may wait past ``sample_timeout`` for sites that are online but still connecting.
+    connect_timeout: float = 1800.0
+    #: Seconds between two looks at who is online while sampling waits.
+    poll_interval: float = 1.0
     allowed_nodes: set[int] | None = None
     #: Optional ``callable(node_ids) -> accepted node ids`` (the base-fingerprint handshake).
     node_vetting: Callable[[Iterable[int]], set[int]] | None = None
     #: Number of eligible sites the last sampling chose from (the population of client-level DP accounting).
     last_sample_population: int | None = None
 
-    def _eligible(self, grid: Grid) -> list[int]:
-        online = list(grid.get_node_ids())
-        accepted = self.node_vetting(online) if self.node_vetting is not None else set(online)
-        return [
-            n for n in online if n in accepted and (self.allowed_nodes is None or n in self.allowed_nodes)
-        ]
+    def _eligible(self, online: list[int]) -> tuple[list[int], list[int]]:
+        """``(admitted, connecting)`` among the ``online`` nodes: admitted sites that may be sampled, and
+        sites still answering the handshake (see :class:`server.handshake.SiteVetting`)."""
+        vetting = self.node_vetting
+        accepted = vetting(online) if vetting is not None else set(online)
+        connecting = vetting.connecting(online) if hasattr(vetting, "connecting") else set()
+        allowed = [n for n in online if self.allowed_nodes is None or n in self.allowed_nodes]
+        return [n for n in allowed if n in accepted], [n for n in allowed if n in connecting]
 
     def _sample(self, grid: Grid, min_available: int, sample_size: int) -> list[int]:
-        """Sample ``sample_size`` eligible sites once ``min_available`` are online; raise after the deadline."""
-        deadline = time.monotonic() + self.sample_timeout
+        """Sample ``sample_size`` admitted sites once ``min_available`` are online; never wait forever.
+
+        Sampling waits for sites still answering the handshake ("slow to connect") up to ``sample_timeout``
+        once enough are admitted, and past it, up to ``connect_timeout``, while they could still make up
+        ``min_available``. It stops with :class:`FederationStalled` after ``sample_timeout`` when even the
+        connecting sites would be too few: the others are gone (offline at the SuperLink, or refused).
+        """
+        started = time.monotonic()
+        noted = -math.inf
         while True:
-            nodes = self._eligible(grid)
-            if len(nodes) >= min_available:
-                self.last_sample_population = len(nodes)
-                return random.sample(nodes, min(sample_size, len(nodes)))
-            if time.monotonic() > deadline:
+            online = list(grid.get_node_ids())
+            admitted, connecting = self._eligible(online)
+            waited = time.monotonic() - started
+            if len(admitted) >= min_available and (not connecting or waited >= self.sample_timeout):
+                self.last_sample_population = len(admitted)
+                return random.sample(admitted, min(sample_size, len(admitted)))
+            if waited >= self.sample_timeout and (
+                len(admitted) + len(connecting) < min_available
+                or waited >= max(self.sample_timeout, self.connect_timeout)
+            ):
                 raise FederationStalled(
-                    f"only {len(nodes)} eligible site(s) online after {self.sample_timeout:.0f} s; "
-                    f"{min_available} needed (federation.min-sites). Stopping instead of waiting forever."
+                    f"only {len(admitted)} site(s) admitted after {waited:.0f} s ({len(online)} online, "
+                    f"{len(connecting)} still answering the handshake); {min_available} needed "
+                    "(federation.min-sites). Stopping instead of waiting forever."
                 )
-            log(INFO, "Waiting for sites: %d online, %d needed", len(nodes), min_available)
-            time.sleep(1.0)
+            if time.monotonic() - noted >= _WAIT_NOTE_EVERY:
+                noted = time.monotonic()
+                log(
+                    INFO,
+                    "Waiting for sites: %d admitted, %d connecting, %d online, %d needed (%.0f s so far)",
+                    len(admitted),
+                    len(connecting),
+                    len(online),
+                    min_available,
+                    waited,
+                )
+            time.sleep(self.poll_interval)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
@@ -268,6 +301,7 @@ def build_strategy(
     fraction_evaluate: float = 1.0,
     eval_interval: int = 1,
     sample_timeout: float = 600.0,
+    connect_timeout: float = 1800.0,
     proximal_mu: float = 0.0,
     server_lr: float = 0.1,
     trim_beta: float = 0.2,
@@ -313,6 +347,7 @@ def build_strategy(
     strategy = cls(**common, **extra)
     strategy.eval_interval = max(1, int(eval_interval))
     strategy.sample_timeout = float(sample_timeout)
+    strategy.connect_timeout = float(connect_timeout)
     strategy.last_train_metrics = {}
     strategy.last_eval_metrics = {}
     if dp_mode == "off" or privacy is None:

@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 
 from shared import __version__
 from shared.adapters import Adapter, save_adapter
+from shared.noise import hide_third_party_noise
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -639,6 +640,7 @@ def _dice_keys(history: Sequence[RoundReport]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ the tracker
 def _client(uri: str) -> MlflowClient:
+    hide_third_party_noise()  # SQLAlchemy deprecations inside MLflow's SQL store, which nobody here can fix
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -147,12 +147,15 @@ class FederationConfig:
 
     #: Aggregation: fedavg (weighted by training cases), fedprox, fedadam, fedmedian, fedtrimmedavg, krum, multikrum.
     strategy: str = "fedavg"
-    #: Sites needed to run a round; fewer within ``sample-timeout`` seconds stops the run with a message.
+    #: Sites needed to run a round (see ``sample-timeout``).
     min_sites: int = 2
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    #: Seconds to wait for site replies in one round, and for enough sites to be online before it.
+    #: Seconds to wait for site replies in one round; also how long a round may wait for sites that are
+    #: online but still answering the handshake ("slow to connect") when they are needed for ``min-sites``.
     round_timeout: float = 1800.0
+    #: Seconds a round waits for ``min-sites`` admitted sites; past it the run stops with a message when
+    #: even the sites still connecting could not make up ``min-sites`` (the others are gone or refused).
     sample_timeout: float = 300.0
     #: Evaluate the global adapter at every site every N rounds (and always before the first round).
     eval_interval: int = 1

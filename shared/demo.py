@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from shared.noise import pythonwarnings
+
 if TYPE_CHECKING:
     from shared.data.synth import SynthOptions
 
@@ -93,6 +95,7 @@ def _flwr_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONWARNINGS"] = pythonwarnings(env.get("PYTHONWARNINGS", ""))
     # Simulated sites run side by side with one CPU each; torch's default thread pool per site would
     # oversubscribe the cores and slow every site down several times.
     env.setdefault("OMP_NUM_THREADS", "1")

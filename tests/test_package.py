@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -80,3 +81,32 @@ def test_import_rules(package, forbidden):
         if _imports(path) & forbidden
     }
     assert not offenders, f"{package} must not import {sorted(forbidden)}: {offenders}"
+
+
+def _pins() -> dict[str, str]:
+    """``{package: version}`` of the ``name==version`` lines of constraints.txt."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def test_the_installed_packages_are_the_tested_pins():
+    from importlib.metadata import version
+
+    pins = _pins()
+    direct = {
+        re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]
+        for requirement in PYPROJECT["project"]["dependencies"]
+        + PYPROJECT["project"]["optional-dependencies"]["dev"]
+    }
+    assert {d.lower() for d in direct} <= {p.lower() for p in pins}, "every direct dependency is pinned"
+    for name, pinned in pins.items():
+        installed = version(name).split("+", 1)[
+            0
+        ]  # torch's local build tag (+cpu, +cu126) is not the version
+        assert installed == pinned, f"{name} {installed} is installed, constraints.txt pins {pinned}"

@@ -197,7 +197,7 @@ class Deployment:
         self.processes.append(process)
         return process, log
 
-    def start_superlink(self, timeout: float = 45.0) -> tuple[subprocess.Popen, Path]:
+    def start_superlink(self, timeout: float = 120.0) -> tuple[subprocess.Popen, Path]:
         """The SuperLink with TLS, site authentication and a persistent ``root/state.db``; waits for /health.
 
         Calling it again after the SuperLink was stopped restarts it on the same port and database.

@@ -87,8 +87,8 @@ class Federation:
             "federation.work-dir": str(work),
             "federation.tracking-uri": f"sqlite:///{work.parent / (work.name + '-mlflow.db')}",
             "federation.min-sites": 2,
-            "federation.sample-timeout": 120.0,
-            "federation.round-timeout": 300.0,
+            "federation.sample-timeout": 300.0,
+            "federation.round-timeout": 600.0,
             **CHEAP_ROUNDS,
             **values,
         }
@@ -103,7 +103,7 @@ class Federation:
     def start_supernode(self, site: str) -> None:
         process, log = self.deployment.supernode(site, data_path=self.consortium.sites_dir / site)
         self.nodes[site] = (process, log)
-        wait_until(lambda: node_id(log) is not None, f"SuperNode {site} activation", 60, process, log)
+        wait_until(lambda: node_id(log) is not None, f"SuperNode {site} activation", 180, process, log)
 
 
 @contextmanager
@@ -210,7 +210,7 @@ def interrupted(consortium: Consortium, tmp_path_factory: pytest.TempPathFactory
         work = root / "server"
         overrides = federation.overrides(work, **{"num-server-rounds": 2})
         run, log = federation.start_run(overrides, "flwr-run-1.log")
-        wait_until(lambda: _rounds_done(work) >= 1, "round 1 completed", 600, run, log, interval=0.1)
+        wait_until(lambda: _rounds_done(work) >= 1, "round 1 completed", 900, run, log, interval=0.1)
         stop(federation.superlink, crash=True)  # SIGKILL: the SuperLink and its ServerApp die in round 2
         stop(run)
         summary = _summary(work, log.read_text(encoding="utf-8", errors="replace"))
@@ -219,7 +219,7 @@ def interrupted(consortium: Consortium, tmp_path_factory: pytest.TempPathFactory
         yield Interrupted(federation, work, overrides, summary, checkpoint, _histories(summary))
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_one_federated_round_over_tls_with_authenticated_sites(interrupted: Interrupted) -> None:
     summary = interrupted.summary
     assert summary["rounds_done"] == 1 and summary["after_round"] == 1
@@ -242,7 +242,7 @@ def test_one_federated_round_over_tls_with_authenticated_sites(interrupted: Inte
     assert checkpoint.global_adapter.tensors and checkpoint.path.name == "round-0001"
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_resume_after_the_server_is_killed(interrupted: Interrupted) -> None:
     federation, work = interrupted.federation, interrupted.work
     latest = work / "checkpoints" / "LATEST"
@@ -250,7 +250,7 @@ def test_resume_after_the_server_is_killed(interrupted: Interrupted) -> None:
 
     federation.start_superlink()  # same port and --database; the SuperNodes reconnect on their own
     run, log = federation.start_run(interrupted.overrides, "flwr-run-2.log")
-    output = _finish(run, log, timeout=600)
+    output = _finish(run, log, timeout=900)
 
     summary = _summary(work, output)
     assert "Resuming after round 1" in output
@@ -270,21 +270,22 @@ def test_resume_after_the_server_is_killed(interrupted: Interrupted) -> None:
     assert parent.info.status == "FINISHED"
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(1500)
 def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federation, tmp_path: Path) -> None:
     # min-sites 1: round 1 finishes with the surviving site once the SuperLink declares the dead one gone
-    # (two missed 30 s heartbeats) or the round timeout passes, whichever comes first.
+    # (two missed 30 s heartbeats). The timeouts are generous so that a busy machine cannot close them; the
+    # run must still end by itself, without waiting for either.
     work = tmp_path / "one-site-enough"
-    timeouts = {"federation.round-timeout": 120.0, "federation.sample-timeout": 30.0}
+    timeouts = {"federation.round-timeout": 600.0, "federation.sample-timeout": 300.0}
     run, log = federation.start_run(
         federation.overrides(work, **{"federation.min-sites": 1, **timeouts}), "flwr-run-1.log"
     )
     victim, victim_log = federation.nodes["site_b"]
     training = lambda: "Receiving: train message" in victim_log.read_text(encoding="utf-8", errors="replace")
-    wait_until(training, "site_b receiving its round-1 train message", 300, run, log)
+    wait_until(training, "site_b receiving its round-1 train message", 900, run, log)
     stop(victim, crash=True)  # the SuperNode and its ClientApp die without a goodbye
     killed = time.monotonic()
-    output = _finish(run, log, timeout=240)
+    output = _finish(run, log, timeout=900)
     summary = _summary(work, output)
     assert re.search(r"Round 1: site \S+ failed", output), output[-4000:]
     assert "aggregate_train: Received 1 results and 0 failures" in output, output[-4000:]
@@ -294,17 +295,25 @@ def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federa
     _assert_site_metrics(summary["after"]["site_a"], "after, surviving site")
     print(f"\nrun finished {time.monotonic() - killed:.0f} s after site_b was killed")
 
-    # min-sites 2 with one site gone: the run stops with a clear message after the sampling deadline.
+    # min-sites 2 with site_b gone (offline at the SuperLink since round 1 ended on its failure): the run
+    # stops with a clear message once the sample timeout has passed, whether site_a has answered the
+    # handshake by then (admitted) or is still starting its ClientApp (connecting): it alone cannot make 2.
     work = tmp_path / "two-sites-needed"
     timeouts["federation.sample-timeout"] = 20.0
     started = time.monotonic()
     run, log = federation.start_run(
         federation.overrides(work, **{"federation.min-sites": 2, **timeouts}), "flwr-run-2.log"
     )
-    output = _finish(run, log, timeout=150)
+    output = _finish(run, log, timeout=600)
     stalled = time.monotonic() - started
-    assert "only 1 eligible site(s) online after 20 s; 2 needed" in output, output[-4000:]
-    assert "Stopping instead of waiting forever" in output
+    found = re.search(
+        r"only (\d) site\(s\) admitted after (\d+) s \(1 online, (\d) still answering the handshake\); "
+        r"2 needed \(federation.min-sites\)\. Stopping instead of waiting forever\.",
+        output,
+    )
+    assert found, output[-4000:]
+    admitted, after, connecting = (int(g) for g in found.groups())
+    assert admitted + connecting == 1 and after >= 20
     assert stalled >= 20.0
     assert not (work / "checkpoints" / "LATEST").exists()
     print(f"stalled run (min-sites 2, one site) stopped after {stalled:.0f} s")
