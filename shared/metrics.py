@@ -55,10 +55,12 @@ __all__ = [
     "classification_metrics_dict",
     "dice",
     "dice_click_key",
+    "dice_click_name",
     "dice_vs_clicks",
     "hd95_mm",
     "lesion_volume_cm3",
     "metric_key",
+    "padded_dice_curves",
     "segmentation_metrics_dict",
     "stratified_metrics_dict",
     "stratify",
@@ -105,11 +107,16 @@ def metric_key(name: str, *, split: str = "test") -> str:
     return f"{_check_name_part(split, 'split')}/{_check_name_part(name, 'name')}"
 
 
-def dice_click_key(n_clicks: int, *, split: str = "test") -> str:
-    """Return the key of the mean Dice after click round ``n_clicks`` (1-based): ``test/dice_{n}click``."""
+def dice_click_name(n_clicks: int) -> str:
+    """Return the name (no split) of the mean Dice after click round ``n_clicks`` (1-based): ``dice_{n}click``."""
     if n_clicks < 1:
         raise ValueError(f"n_clicks must be >= 1 (round 1 is the first click), got {n_clicks}")
-    return metric_key(f"dice_{n_clicks}click", split=split)
+    return f"dice_{n_clicks}click"
+
+
+def dice_click_key(n_clicks: int, *, split: str = "test") -> str:
+    """Return the key of the mean Dice after click round ``n_clicks`` (1-based): ``test/dice_{n}click``."""
+    return metric_key(dice_click_name(n_clicks), split=split)
 
 
 # ---------------------------------------------------------------------------------------------- segmentation
@@ -280,20 +287,26 @@ def stratify(
     }
 
 
-def dice_vs_clicks(curves: Sequence[Sequence[float]]) -> np.ndarray:
-    """Mean Dice at each click round over cases: the Dice-vs-clicks curve, shape ``(R,)``.
+def padded_dice_curves(curves: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per-case Dice-vs-clicks curves as one array of shape ``(n_cases, R)``, ``R`` the longest curve.
 
     ``curves[c][r]`` is case ``c``'s Dice after click round ``r + 1``. A shorter curve (a case whose
     clicking stopped early, e.g. because its prediction became exact) keeps its last Dice for the remaining
-    rounds, so every round averages over all cases; ``R`` is the length of the longest curve.
+    rounds.
     """
     if len(curves) == 0 or any(len(curve) == 0 for curve in curves):
-        raise ValueError("dice_vs_clicks needs at least one case, each with at least one Dice value")
+        raise ValueError("Dice-vs-clicks needs at least one case, each with at least one Dice value")
     rounds = max(len(curve) for curve in curves)
-    padded = np.array(
-        [list(curve) + [curve[-1]] * (rounds - len(curve)) for curve in curves], dtype=np.float64
-    )
-    return padded.mean(axis=0)
+    return np.array([list(curve) + [curve[-1]] * (rounds - len(curve)) for curve in curves], dtype=np.float64)
+
+
+def dice_vs_clicks(curves: Sequence[Sequence[float]]) -> np.ndarray:
+    """Mean Dice at each click round over cases: the Dice-vs-clicks curve, shape ``(R,)``.
+
+    ``curves[c][r]`` is case ``c``'s Dice after click round ``r + 1``; shorter curves are padded with their
+    last Dice (:func:`padded_dice_curves`), so every round averages over all cases.
+    """
+    return padded_dice_curves(curves).mean(axis=0)
 
 
 # -------------------------------------------------------------------------------------------- classification
@@ -329,17 +342,33 @@ def _scores(y_score: Any, n: int) -> np.ndarray:
     return scores
 
 
+def _auc_from_ranks(ranks: np.ndarray, n_pos: int) -> np.ndarray:
+    """Mann–Whitney AUC from the mid-ranks (ties averaged) of ``[positives..., negatives...]`` on the last axis.
+
+    ``(rank sum of positives - n_pos (n_pos + 1) / 2) / (n_pos n_neg)``, which equals ``roc_auc_score``.
+    """
+    n_neg = ranks.shape[-1] - n_pos
+    return (ranks[..., :n_pos].sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _one_class_reason(labels: np.ndarray) -> str:
+    """Why the ROC AUC of 0/1 ``labels`` is undefined (only one class present), or "" when it is defined."""
+    n_pos = int(labels.sum())
+    if n_pos not in (0, labels.size):
+        return ""
+    only = "malignant (1)" if n_pos else "benign (0)"
+    return f"only one class present: all {labels.size} labels are {only}; ROC AUC needs both"
+
+
 def _bootstrap_aucs(pos: np.ndarray, neg: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """AUCs of ``n_boot`` stratified resamples (positives and negatives drawn apart), shape ``(n_boot,)``.
 
-    Uses the Mann–Whitney form ``(rank sum of positives - n_pos (n_pos + 1) / 2) / (n_pos n_neg)`` with
-    mid-ranks for ties, which equals ``roc_auc_score`` on each resample.
+    Uses the Mann–Whitney form of :func:`_auc_from_ranks`, which equals ``roc_auc_score`` on each resample.
     """
     boot_pos = pos[rng.integers(0, pos.size, size=(n_boot, pos.size))]
     boot_neg = neg[rng.integers(0, neg.size, size=(n_boot, neg.size))]
     ranks = rankdata(np.concatenate([boot_pos, boot_neg], axis=1), axis=1)
-    rank_sum = ranks[:, : pos.size].sum(axis=1)
-    return (rank_sum - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
+    return _auc_from_ranks(ranks, pos.size)
 
 
 def auc_with_ci(
@@ -364,10 +393,7 @@ def auc_with_ci(
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     labels = _binary_labels(y_true)
     scores = _scores(y_score, labels.size)
-    n_pos = int(labels.sum())
-    if n_pos in (0, labels.size):
-        only = "malignant (1)" if n_pos else "benign (0)"
-        reason = f"only one class present: all {labels.size} labels are {only}; ROC AUC needs both"
+    if reason := _one_class_reason(labels):
         return AucResult(math.nan, math.nan, math.nan, n_boot, alpha, undefined_reason=reason)
     boot = _bootstrap_aucs(scores[labels], scores[~labels], n_boot, np.random.default_rng(seed))
     low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])

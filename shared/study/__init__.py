@@ -1,0 +1,1 @@
+"""Cross-site studies of fedabus: the study report (figures, table of numbers and findings)."""
