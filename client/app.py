@@ -13,17 +13,14 @@ from flwr.clientapp import ClientApp
 from client.privacy import client_dp_clipping_mod
 from client.task import BaseMismatch, BudgetSpent, open_site_of, run_evaluate, run_train, site_settings
 from shared import __version__
-from shared.config import load_config
+from shared.config import load_run_config
 from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record
 
 app = ClientApp(mods=[client_dp_clipping_mod])
 
-#: Run-config keys that are Flower's own, not fedabus sections.
-FLOWER_KEYS = ("num-server-rounds",)
-
 
 def _config(context: Context):
-    return load_config(dict(context.run_config), ignore=FLOWER_KEYS)
+    return load_run_config(context.run_config)
 
 
 def _reply(
@@ -43,9 +40,9 @@ def query(msg: Message, context: Context) -> Message:
     config = _config(context)
     settings = site_settings(dict(context.node_config), config)
     base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
-    site = open_site_of(settings)
+    site = open_site_of(settings, config)
     info = {"base-fingerprint": base.fingerprint, "fedabus-version": __version__}
-    counts = {"num-train-cases": float(len(site.train_cases)), "num-test-cases": float(len(site.test_cases))}
+    counts = {f"num-{split}-cases": float(len(site.cases(split))) for split in ("train", "val", "test")}
     return _reply(msg, counts, site.name, **info)
 
 
@@ -80,5 +77,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         config,
         msg.content[ARRAYS],
         fingerprint=str(msg.content[CONFIG].get("base-fingerprint", "")),
+        split=str(msg.content[CONFIG].get("split", "val")),
     )
     return _reply(msg, metrics, site)

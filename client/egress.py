@@ -17,7 +17,7 @@ import torch
 from shared.adapters import AdapterMismatchError, check_names_and_shapes
 
 __all__ = [
-    "EVAL_METRIC_KEYS",
+    "EVAL_METRIC_NAMES",
     "PRIVACY_METRIC_KEYS",
     "TRAIN_METRIC_KEYS",
     "EgressRefused",
@@ -37,20 +37,31 @@ PRIVACY_METRIC_KEYS = (
     "privacy/noise_multiplier_seg",
     "privacy/noise_multiplier_cls",
 )
-#: Evaluation metrics a site reports every evaluation round (same keys at every site; NaN when undefined).
-EVAL_METRIC_KEYS = (
-    "num-examples",
-    "test/dice_1click",
-    "test/dice",
-    "test/hd95_mm",
-    "test/auc",
-    "test/auc_gt_planes",
-    "test/sensitivity",
-    "test/specificity",
-    "test/accuracy",
-    "test/f1",
+#: Evaluation metrics a site reports every evaluation round, under its split (``val/...`` each evaluation round,
+#: ``test/...`` once for the chosen models): the same names at every site, NaN when undefined. Confidence
+#: bounds are aggregates of the site's cases, like the values.
+EVAL_METRIC_NAMES = (
+    "dice_1click",
+    "dice_1click_ci_low",
+    "dice_1click_ci_high",
+    "dice",
+    "hd95_mm",
+    "hd95_mm_ci_low",
+    "hd95_mm_ci_high",
+    "auc",
+    "auc_ci_low",
+    "auc_ci_high",
+    "auc_gt_planes",
+    "auc_gt_planes_ci_low",
+    "auc_gt_planes_ci_high",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "accuracy",
+    "f1",
 )
-_NAME = re.compile(r"^(num-examples|(train|test|privacy)/[a-z0-9_.]+)$")
+_NAME = re.compile(r"^(num-examples|(train|val|test|privacy)/[a-z0-9_.]+)$")
 
 
 class EgressRefused(RuntimeError):
@@ -62,11 +73,11 @@ def train_metric_keys(sample_dp: bool) -> tuple[str, ...]:
     return TRAIN_METRIC_KEYS + (PRIVACY_METRIC_KEYS if sample_dp else ())
 
 
-def eval_metric_keys(eval_clicks: int) -> tuple[str, ...]:
-    """The evaluation keys including Dice after the configured number of click rounds."""
-    keys = list(EVAL_METRIC_KEYS)
-    keys.insert(2, f"test/dice_{eval_clicks}click")
-    return tuple(dict.fromkeys(keys))
+def eval_metric_keys(eval_clicks: int, split: str = "test") -> tuple[str, ...]:
+    """The evaluation keys of ``split`` including Dice after the configured number of click rounds."""
+    names = list(EVAL_METRIC_NAMES)
+    names.insert(3, f"dice_{eval_clicks}click")
+    return ("num-examples", *(f"{split}/{name}" for name in dict.fromkeys(names)))
 
 
 def outgoing_adapter(

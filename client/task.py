@@ -135,12 +135,18 @@ def _setup(settings: SiteSettings, config: FedabusConfig, fingerprint: str) -> t
             f"this site's base {settings.base_path} has fingerprint {base.fingerprint}, but the federation uses "
             f"{fingerprint}; install the coordinator's base files (fedabus make-base output) and restart"
         )
-    return base, open_site_of(settings)
+    return base, open_site_of(settings, config)
 
 
-def open_site_of(settings: SiteSettings) -> SiteData:
-    """The site's validated data, named by the node config's ``site-id`` when given."""
-    site = open_site(settings.site_dir, site_config_path=settings.site_config)
+def open_site_of(settings: SiteSettings, config: FedabusConfig) -> SiteData:
+    """The site's validated data (validation carved from ``train`` when the site has none, the same cases
+    in every message), named by the node config's ``site-id`` when given."""
+    site = open_site(
+        settings.site_dir,
+        site_config_path=settings.site_config,
+        val_fraction=config.data.val_fraction,
+        seed=config.train.seed,
+    )
     return replace(site, name=settings.site_id) if settings.site_id else site
 
 
@@ -241,10 +247,14 @@ def run_evaluate(
     global_record: ArrayRecord,
     *,
     fingerprint: str,
+    split: str = "val",
 ) -> tuple[dict[str, float], str]:
-    """Evaluate the global adapter on the site's test split; returns (checked metrics, site name)."""
+    """Evaluate the global adapter on the site's ``split`` (``val`` every evaluation round; ``test`` once, for
+    the models the server chose); returns (checked metrics, site name)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"evaluate message asks for split {split!r}; a site evaluates on val or test only")
     settings.apply_threads()
     base, site = _setup(settings, config, fingerprint)
     models, _ = _models(base, config, global_record)
-    metrics = evaluate_site(models, site, config, device=resolve_device(settings.device))
-    return outgoing_metrics(metrics, eval_metric_keys(config.train.eval_clicks)), site.name
+    metrics = evaluate_site(models, site, config, device=resolve_device(settings.device), split=split)
+    return outgoing_metrics(metrics, eval_metric_keys(config.train.eval_clicks, split=split)), site.name

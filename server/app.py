@@ -1,43 +1,44 @@
 """fedabus ServerApp: adapter-only federation with handshake, tracking, checkpoints and resume.
 
 The round loop is Flower's own (``Strategy.start``); fedabus adds hooks (:mod:`server.strategies`) and an
-end-of-round callback that logs every site's metrics to MLflow, saves a checkpoint and prints progress.
+end-of-round callback (:mod:`server.round_end`) that logs every site's validation metrics to MLflow, keeps the
+best adapter by validation, saves a checkpoint and prints progress. After the last round the test split is
+touched once (:mod:`server.final_test`): every site tests the chosen, the last and the starting adapter.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import ServerCheckpoint
+from server.final_test import TestedAdapter, run_final_test
 from server.handshake import SiteVetting
+from server.round_end import RoundEnd, write_json
 from server.strategies import build_strategy
-from server.tracking import FederationTracker, RoundReport, update_best
-from shared.adapters import Adapter, extract_adapter, lora_specs_from_config
+from server.tracking import FederationTracker, RoundReport
+from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter
 from shared.base import load_base, wrap_for_training
-from shared.config import FedabusConfig, load_config, to_flat_dict
+from shared.config import FedabusConfig, load_run_config, to_flat_dict
 from shared.privacy.validation import validate_privacy
-from shared.protocol import adapter_to_record, layout_of, record_to_adapter
+from shared.protocol import adapter_to_record
 
 app = ServerApp()
 
-FLOWER_KEYS = ("num-server-rounds",)
 #: Run-config keys that may differ when a run is resumed (paths, tracking location, the number of rounds).
 RESUMABLE_KEYS = (
     "num-server-rounds",
     "federation.tracking-uri",
     "federation.sample-timeout",
     "federation.round-timeout",
+    "federation.final-test",
 )
-BEST_METRIC = "global/test/dice_1click_mean"
 #: Client-level DP releases, written before each noisy adapter goes out (survives a crash before the checkpoint).
 CLIENT_PRIVACY_JOURNAL = "client_privacy_journal.json"
 
@@ -62,7 +63,7 @@ def _initial_adapter(config: FedabusConfig) -> tuple[Adapter, str]:
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     num_rounds = int(run_config.get("num-server-rounds", 3))
-    config = load_config(run_config, ignore=FLOWER_KEYS)
+    config = load_run_config(run_config)
     validate_privacy(config)  # refuse DP settings that would not protect anything before any site trains
     fed = config.federation
     flat = {**to_flat_dict(config), "num-server-rounds": num_rounds}
@@ -90,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
 
     checkpoints = ServerCheckpoint(work / "checkpoints", keep=fed.checkpoint_keep)
     state = checkpoints.resume(flat, ignore=RESUMABLE_KEYS) if fed.resume else None
+    summary_path = work / "summary.json"
     if state is not None:
         tracker = FederationTracker.resume(
             state.mlflow_run_id, tracking_uri=fed.tracking_uri, default_dir=work
@@ -113,87 +115,26 @@ def main(grid: Grid, context: Context) -> None:
         global_adapter, best = initial, None
     log(INFO, "%s", tracker.describe_location())
 
-    offset = strategy.round_offset
-    remaining = num_rounds - offset
     round_config = ConfigRecord({"base-fingerprint": fingerprint})
-    started = time.monotonic()
-    summary_path = work / "summary.json"
-    summary = (
-        json.loads(summary_path.read_text(encoding="utf-8"))
-        if state is not None and summary_path.is_file()
-        else {}
+    round_end = RoundEnd(
+        grid=grid,
+        strategy=strategy,
+        tracker=tracker,
+        checkpoints=checkpoints,
+        initial=initial,
+        global_adapter=global_adapter,
+        best=best,
+        flat_config=flat,
+        resumable_keys=RESUMABLE_KEYS,
+        select_metric=config.train.select_metric,
+        num_rounds=num_rounds,
+        offset=strategy.round_offset,
+        round_timeout=fed.round_timeout,
+        evaluate_config=ConfigRecord({**dict(round_config), "split": "val"}),
+        summary_path=summary_path,
+        summary=_read_json(summary_path) if state is not None else {},
     )
-
-    def end_of_round(server_round: int, arrays: ArrayRecord):
-        nonlocal best, global_adapter
-        if server_round == 0:
-            if offset == 0:
-                _evaluate_before(grid, strategy, arrays, round_config, fed.round_timeout)
-                report = RoundReport.from_site_metrics(0, evaluation=strategy.last_eval_metrics)
-                tracker.log_round(report)
-                summary["before"] = {site: dict(m) for site, m in strategy.last_eval_metrics.items()}
-                _write_json(summary_path, summary)
-            return None
-        actual = offset + server_round
-        tensors = record_to_adapter(arrays, layout_of(initial.tensors))
-        global_adapter = Adapter(tensors, {**initial.manifest, "metadata": {"round": actual}})
-        report = RoundReport.from_site_metrics(
-            actual,
-            evaluation=strategy.last_eval_metrics,
-            training=strategy.last_train_metrics,
-            global_metrics=strategy.privacy_metrics(),  # privacy/client_epsilon etc.; {} without client DP
-        )
-        tracker.log_round(report)
-        parent = report.parent_metrics()
-        best = update_best(
-            best,
-            adapter=global_adapter,
-            metric=BEST_METRIC,
-            value=parent.get(BEST_METRIC, math.nan),
-            server_round=actual,
-        )
-        checkpoints.save(
-            server_round=actual,
-            global_adapter=global_adapter,
-            config=flat,
-            strategy_state=strategy.get_state(),
-            mlflow_run_id=tracker.run_id,
-            best=best,
-            extra={"round_report": report.to_json()},
-            ignore=RESUMABLE_KEYS,
-        )
-        if strategy.last_eval_metrics:
-            summary["after"] = {site: dict(m) for site, m in strategy.last_eval_metrics.items()}
-            summary["after_round"] = actual
-        # Last training metrics per site (a site keeps its entry in rounds it skips, e.g. at its DP budget).
-        summary.setdefault("train", {}).update(
-            {site: dict(m) for site, m in strategy.last_train_metrics.items()}
-        )
-        if strategy.privacy_metrics():
-            summary["client_privacy"] = strategy.privacy_metrics()
-        summary.update(
-            rounds_done=actual,
-            num_rounds=num_rounds,
-            mlflow=tracker.describe_location(),
-            run_id=tracker.run_id,
-            tracking_uri=tracker.tracking_uri,
-        )
-        _write_json(summary_path, summary)
-        elapsed = time.monotonic() - started
-        eta = elapsed / server_round * (remaining - server_round)
-        dice = parent.get(BEST_METRIC, math.nan)
-        quality = f"mean test Dice@1 {dice:.3f}" if not math.isnan(dice) else "not evaluated this round"
-        log(
-            INFO,
-            "Round %d/%d done: %s; %.0f s elapsed, ETA %.0f s",
-            actual,
-            num_rounds,
-            quality,
-            elapsed,
-            eta,
-        )
-        return None
-
+    remaining = num_rounds - strategy.round_offset
     if remaining > 0:
         strategy.start(
             grid=grid,
@@ -201,29 +142,50 @@ def main(grid: Grid, context: Context) -> None:
             num_rounds=remaining,
             timeout=fed.round_timeout,
             train_config=round_config,
-            evaluate_config=ConfigRecord(dict(round_config)),
-            evaluate_fn=end_of_round,
+            evaluate_config=round_end.evaluate_config,
+            evaluate_fn=round_end,
         )
     else:
-        log(INFO, "All %d rounds were already done; nothing to run", num_rounds)
-    tracker.finish(final_adapter=global_adapter, best=best)
-    from shared.adapters import save_adapter
-
-    save_adapter(global_adapter, work / "final_adapter")
+        log(INFO, "All %d rounds were already done; nothing to train", num_rounds)
+    if fed.final_test:
+        _final_test(grid, vetting, round_end, round_config, fed.round_timeout)
+    tracker.finish(final_adapter=round_end.global_adapter, best=round_end.best)
+    save_adapter(round_end.global_adapter, work / "final_adapter")
+    chosen = round_end.best.adapter if round_end.best is not None else round_end.global_adapter
+    save_adapter(chosen, work / "chosen_adapter")
+    log(INFO, "Chosen adapter (best by validation): %s", work / "chosen_adapter.safetensors")
     log(INFO, "Final adapter: %s", work / "final_adapter.safetensors")
     log(INFO, "%s", tracker.describe_location())
 
 
-def _evaluate_before(grid: Grid, strategy, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> None:
-    """Every site evaluates the starting adapter (the 'before federation' column of the results)."""
-    messages = strategy.configure_evaluate(
-        0 - strategy.round_offset, arrays, ConfigRecord(dict(config)), grid
-    )
-    replies = grid.send_and_receive(messages, timeout=timeout)
-    strategy.aggregate_evaluate(0 - strategy.round_offset, replies)
+def _final_test(
+    grid: Grid, vetting: SiteVetting, end: RoundEnd, config: ConfigRecord, timeout: float
+) -> None:
+    """Test the chosen, the last and the starting adapter once at every admitted site (see
+    :mod:`server.final_test`); the results go to ``summary.json`` (``after`` is the chosen adapter)."""
+    if "after" in end.summary and end.summary.get("tested_rounds") is not None:
+        log(INFO, "The final test was already done; not testing again")
+        return
+    chosen = end.best
+    if chosen is None:
+        log(WARNING, "No round was evaluated on validation: the last round's adapter is the chosen one")
+    last_round = int(end.summary.get("rounds_done", 0))
+    adapters = [
+        TestedAdapter("after", chosen.server_round, chosen.adapter)
+        if chosen is not None
+        else TestedAdapter("after", last_round, end.global_adapter),
+        TestedAdapter("last", last_round, end.global_adapter),
+        TestedAdapter("before", 0, end.initial),
+    ]
+    online = set(grid.get_node_ids())
+    nodes = [n for n in vetting.accepted if n in online]
+    results = run_final_test(grid, nodes, adapters, config=config, timeout=timeout, tracker=end.tracker)
+    end.summary.update(results)
+    end.summary["after_round"] = adapters[0].server_round
+    end.summary["last_round"] = last_round
+    end.summary["tested_rounds"] = sorted({a.server_round for a in adapters})
+    write_json(end.summary_path, end.summary)
 
 
-def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=1, default=str) + "\n")
-    tmp.replace(path)
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

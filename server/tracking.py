@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import subprocess
 import tempfile
@@ -38,11 +37,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlparse
 
 from shared import __version__
 from shared.adapters import Adapter, save_adapter
-from shared.noise import hide_third_party_noise
+from shared.mlflow_store import (
+    DEFAULT_STORE_DIR,
+    TrackingError,
+    _artifact_location,
+    describe_location,
+    mlflow_client,
+    resolve_tracking_uri,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -70,8 +75,6 @@ __all__ = [
 ]
 
 DEFAULT_EXPERIMENT = "fedabus"
-#: Where the local SQLite store goes when neither the config nor ``MLFLOW_TRACKING_URI`` names one.
-DEFAULT_STORE_DIR = Path("~/.fedabus")
 #: Prefix of the aggregates the server logs on the parent run.
 GLOBAL_PREFIX = "global/"
 #: Sentinel metric in every round batch: value = step = round; the last logged round of a run.
@@ -99,11 +102,11 @@ Direction = Literal["higher", "lower", "count"]
 _COUNT_NAME = re.compile(r"^(n|num)[_-]")
 _LOWER_IS_BETTER = ("hd95", "hausdorff", "loss", "error", "distance", "epsilon")
 _HIGHER_IS_BETTER = ("dice", "auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "iou")
-_DICE_CLICK = re.compile(r"^test/dice_(\d+)click$")
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used as asked (wrong location, unknown run, not a fedabus federation)."""
+_DICE_CLICK = re.compile(r"^val/dice_(\d+)click$")
+#: Final-test metrics: the test split's prefix, each site's test cases, and the rounds whose adapter was tested.
+TEST_PREFIX = "test/"
+TEST_WEIGHT_METRIC = "federation/test_examples"
+TAG_TESTED = "fedabus.tested_rounds"
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -429,81 +432,6 @@ def update_best(
     return BestAdapter(adapter, metric, float(value), server_round) if better else best
 
 
-# ------------------------------------------------------------------------------------------ store location
-def _default_app_dir() -> Path:
-    """The Flower app folder (the repository, or wherever ``server/`` was unpacked): Flower bundles it."""
-    return Path(__file__).resolve().parents[1]
-
-
-def _local_store_path(uri: str) -> Path | None:
-    """File path of a SQLite or file store (None for servers and other databases)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = uri.removeprefix("sqlite://").split("?", 1)[0]
-        return Path(path[1:] if path.startswith("/") else path) if path not in ("", "/:memory:") else None
-    if parsed.scheme == "file":
-        return Path(parsed.path)
-    if parsed.scheme == "" and uri:
-        return Path(uri)
-    return None
-
-
-def resolve_tracking_uri(
-    configured: str = "",
-    *,
-    default_dir: str | Path | None = None,
-    app_dir: str | Path | None = None,
-) -> str:
-    """The MLflow tracking URI: ``configured``, else ``$MLFLOW_TRACKING_URI``, else
-    ``sqlite:///<default_dir>/mlflow.db`` (``default_dir`` defaults to :data:`DEFAULT_STORE_DIR`).
-
-    Relative SQLite and file paths are made absolute (the ServerApp's working directory is not the user's).
-    A local store inside ``app_dir`` (default: the folder holding ``server/``) raises TrackingError: Flower
-    bundles that folder into every app it ships.
-    """
-    uri = configured.strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if not uri:
-        folder = Path(default_dir if default_dir is not None else DEFAULT_STORE_DIR).expanduser().resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-    path = _local_store_path(uri)
-    if path is None:
-        return uri
-    path = path.expanduser().resolve()
-    forbidden = Path(app_dir if app_dir is not None else _default_app_dir()).resolve()
-    if path == forbidden or forbidden in path.parents:
-        raise TrackingError(
-            f"MLflow store {path} lies inside the Flower app folder {forbidden}, which Flower bundles into the "
-            "app; set the tracking URI (config or MLFLOW_TRACKING_URI) to a location outside it"
-        )
-    if urlparse(uri).scheme == "sqlite":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return path.as_uri()
-
-
-def _artifact_location(uri: str, experiment: str) -> str | None:
-    """Artifacts of a new experiment in a local SQLite store go next to the database, never into the CWD."""
-    path = _local_store_path(uri)
-    if path is None or urlparse(uri).scheme != "sqlite":
-        return None
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment)
-    return (path.parent / f"{path.stem}-artifacts" / safe).as_uri()
-
-
-def describe_location(tracking_uri: str, *, experiment_id: str, run_id: str) -> str:
-    """A message saying where a run is stored and how to open it in the MLflow UI."""
-    fragment = f"#/experiments/{experiment_id}/runs/{run_id}"
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme in ("http", "https"):
-        return f"MLflow run {run_id} is on the tracking server {tracking_uri}; open {tracking_uri.rstrip('/')}/{fragment}"
-    return (
-        f"MLflow run {run_id} (experiment {experiment_id}) is stored in {tracking_uri}.\n"
-        f"Open the UI with:\n  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000\n"
-        f"then browse to http://127.0.0.1:5000/{fragment}"
-    )
-
-
 # ------------------------------------------------------------------------------------------ params
 def code_version(code_dir: str | Path | None = None) -> dict[str, str]:
     """fedabus version and, when ``code_dir`` (default: this package) is in a git checkout, its commit and
@@ -621,7 +549,7 @@ def plot_metric_by_round(
 
 
 def _dice_keys(history: Sequence[RoundReport]) -> list[str]:
-    """``test/dice_1click`` and the largest click count reported."""
+    """``val/dice_1click`` and the largest click count reported."""
     clicks = sorted(
         {
             int(m[1])
@@ -632,20 +560,13 @@ def _dice_keys(history: Sequence[RoundReport]) -> list[str]:
         }
     )
     return (
-        [f"test/dice_{n}click" for n in dict.fromkeys([clicks[0], clicks[-1]])]
+        [f"val/dice_{n}click" for n in dict.fromkeys([clicks[0], clicks[-1]])]
         if clicks
-        else ["test/dice_1click"]
+        else ["val/dice_1click"]
     )
 
 
 # ------------------------------------------------------------------------------------------ the tracker
-def _client(uri: str) -> MlflowClient:
-    hide_third_party_noise()  # SQLAlchemy deprecations inside MLflow's SQL store, which nobody here can fix
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -697,7 +618,7 @@ class FederationTracker:
         :func:`federation_params` and :func:`resolve_tracking_uri` for the other arguments.
         """
         uri = resolve_tracking_uri(tracking_uri, default_dir=default_dir)
-        client = _client(uri)
+        client = mlflow_client(uri)
         params = federation_params(
             config, strategy=strategy, sites=sites, base_fingerprint=base_fingerprint, code=code
         )
@@ -759,7 +680,7 @@ class FederationTracker:
         from mlflow.exceptions import MlflowException
 
         uri = resolve_tracking_uri(tracking_uri, default_dir=default_dir)
-        client = _client(uri)
+        client = mlflow_client(uri)
         try:
             parent = client.get_run(run_id)
         except MlflowException as exc:
@@ -835,13 +756,16 @@ class FederationTracker:
         server_round: int,
         metrics: Mapping[str, float],
         tags: Sequence[tuple[str, str]] = (),
+        *,
+        sentinel: bool = True,
     ) -> None:
         """One ``log_batch`` with the round's metrics and the sentinel (more only beyond 1000 metrics)."""
         from mlflow.entities import Metric, RunTag
 
         stamp = _now_ms()
         items = [Metric(k, float(v), stamp, server_round) for k, v in metrics.items()]
-        items.append(Metric(ROUND_METRIC, float(server_round), stamp, server_round))
+        if sentinel:
+            items.append(Metric(ROUND_METRIC, float(server_round), stamp, server_round))
         tag_items = [RunTag(k, v) for k, v in tags]
         # Only rounds beyond MLflow's 1000 entities per call are split; the sentinel is last, so it lands
         # with the final chunk.
@@ -874,6 +798,32 @@ class FederationTracker:
         if self.upload_summary_every_round:
             self._log_json_artifact(self.summary(), "summary", "rounds.json")
         return True
+
+    def log_test(self, report: RoundReport) -> bool:
+        """Log the final-test metrics of the adapter of round ``report.server_round`` at that step: one batch
+        per site run (``test/...`` and ``federation/test_examples``) and one on the parent (``global/test/...``).
+
+        No round sentinel: a test is not a round. Idempotent: a round the parent's tag ``fedabus.tested_rounds``
+        lists is skipped (returns False), so a resumed server never logs a test twice.
+        """
+        tested = self.tested_rounds()
+        r = report.server_round
+        if r in tested:
+            return False
+        for site in report.sites:
+            metrics = {**report.evaluation[site], TEST_WEIGHT_METRIC: float(report.evaluation_weights[site])}
+            self._log_round_batch(self._site_run(site), r, metrics, sentinel=False)
+        parent = {
+            k: v for k, v in report.parent_metrics().items() if k.startswith(GLOBAL_PREFIX + TEST_PREFIX)
+        }
+        tag = ",".join(str(x) for x in sorted(tested | {r}))
+        self._log_round_batch(self.run_id, r, parent, tags=[(TAG_TESTED, tag)], sentinel=False)
+        return True
+
+    def tested_rounds(self) -> set[int]:
+        """Rounds whose adapter has its final-test metrics in MLflow."""
+        text = self.client.get_run(self.run_id).data.tags.get(TAG_TESTED, "")
+        return {int(x) for x in text.split(",") if x}
 
     def summary(self) -> dict[str, Any]:
         """The content of ``summary/rounds.json``."""
@@ -940,12 +890,12 @@ class FederationTracker:
         plot_metric_by_round(
             history,
             _dice_keys(history),
-            title="Dice per site",
+            title="Validation Dice per site",
             ylabel="Dice",
             path=root / "plots" / "dice.png",
         )
         plot_metric_by_round(
-            history, ["test/auc"], title="AUC per site", ylabel="AUC", path=root / "plots" / "auc.png"
+            history, ["val/auc"], title="AUC per site", ylabel="AUC", path=root / "plots" / "auc.png"
         )
         if final_adapter is not None:
             self._write_adapter(root / "adapters", final_adapter, "final", {"round": self.last_logged_round})
@@ -985,7 +935,8 @@ def _rebuild_history(
                 e["ev"][site] = {
                     k: v
                     for k, v in values.items()
-                    if not k.startswith(TRAIN_PREFIX) and k not in _SITE_RESERVED
+                    if not k.startswith((TRAIN_PREFIX, TEST_PREFIX))
+                    and k not in _SITE_RESERVED | {TEST_WEIGHT_METRIC}
                 }
             if TRAIN_WEIGHT_METRIC in values:
                 e["tr_w"][site] = int(values[TRAIN_WEIGHT_METRIC])

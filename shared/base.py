@@ -38,6 +38,7 @@ __all__ = [
     "base_from_checkpoints",
     "build_random_base",
     "load_base",
+    "read_base_manifest",
     "save_base",
     "wrap_for_training",
 ]
@@ -116,10 +117,10 @@ def save_base(base: BaseModels, path: str | Path, *, provenance: dict[str, Any] 
     return tensor_path
 
 
-def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = True) -> BaseModels:
-    """Open a saved base (memory-mapped) and check its weights against the fingerprints in its manifest."""
-    from safetensors.torch import load_file
-
+def read_base_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest (``NAME.json``) of a saved base: its architecture (``sam_config``, ``cls_config``), the
+    fingerprints of its weights and its provenance. The architecture of a saved base is this, not the config's
+    ``model.sam-preset``/``model.cls-depth`` (those only build new bases)."""
     tensor_path, manifest_path = pair_paths(path)
     if not manifest_path.is_file() or not tensor_path.is_file():
         raise CheckpointError(
@@ -129,6 +130,18 @@ def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = 
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("format") != BASE_FORMAT:
         raise CheckpointError(f"{manifest_path}: not a fedabus base manifest")
+    return manifest
+
+
+def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = True) -> BaseModels:
+    """Open a saved base (memory-mapped) and check its weights against the fingerprints in its manifest.
+
+    The architectures are rebuilt from the manifest (:func:`read_base_manifest`), never from the config.
+    """
+    from safetensors.torch import load_file
+
+    tensor_path, manifest_path = pair_paths(path)
+    manifest = read_base_manifest(path)
     tensors = load_file(str(tensor_path))
     sam = build_sam_med3d(manifest["sam_config"], attention_impl=attention_impl)
     cls = _build_cls(manifest["cls_config"])

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "shared.training.commands",
     "shared.inference",
     "shared.demo",
+    "shared.study.commands",
     "shared.certs",
 )
 

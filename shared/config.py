@@ -28,7 +28,10 @@ __all__ = [
     "FedabusConfig",
     "SiteConfig",
     "flatten",
+    "FLOWER_KEYS",
     "load_config",
+    "parse_assignments",
+    "load_run_config",
     "load_site_config",
     "section_from_mapping",
     "to_flat_dict",
@@ -44,7 +47,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which base models to build and where their frozen weights come from."""
+    """Which base models to build and where their frozen weights come from.
+
+    ``sam-preset`` and the ``cls-*`` keys only matter when a base is BUILT (``fedabus pretrain`` and the cached
+    demo base that ``train-local``, ``predict`` and ``demo`` make when no base is given). A saved base carries its
+    architecture in its manifest (``NAME.json``), and :func:`shared.base.load_base` builds exactly that, whatever
+    these keys say; ``fedabus make-base`` takes its own ``--sam-preset``/``--cls-depth`` options.
+    """
 
     #: SAM-Med3D size preset: ``vit_b_ori`` (the official turbo model) or ``small`` (CPU tests and demos).
     sam_preset: str = "small"
@@ -52,7 +61,7 @@ class ModelConfig:
     attention_impl: str = "fast"
     #: Path of the frozen base checkpoint (SAM-Med3D + classifier); empty means "use the cached demo base".
     base_path: str = ""
-    #: ResNet depth of each tri-plane branch (18, 34 or 50; the seed uses 50).
+    #: ResNet depth of each tri-plane branch (18, 34 or 50; the seed uses 50, the CPU demo base 18).
     cls_depth: int = 50
     #: Number of groups of the GroupNorm that replaces BatchNorm in the classifier backbones.
     cls_norm_groups: int = 32
@@ -101,6 +110,9 @@ class DataConfig:
     #: extent on that axis, and at least ``planes-margin-mm`` (mm).
     planes_margin: float = 0.15
     planes_margin_mm: float = 1.0
+    #: Fraction of each label's training cases carved out as the validation split when a site has no ``val``
+    #: cases (deterministic, seeded by ``train.seed``; 0: no validation, the last round/epoch is kept).
+    val_fraction: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -132,13 +144,28 @@ class TrainConfig:
     cls_planes: str = "transverse,sagittal,coronal"
     #: Decision threshold on the lesion malignancy probability.
     cls_threshold: float = 0.5
+    #: Model selection: the validation metric (higher is better) that picks the round (federation) or the
+    #: training chunk (local training): ``dice_1click``, ``dice`` (last click), ``auc`` or ``auc_gt_planes``.
+    #: The test split never takes part in selection.
+    select_metric: str = "dice_1click"
     #: FedProx proximal coefficient (0 disables); the federation sets it per round.
     proximal_mu: float = 0.0
     #: bf16 autocast on CUDA (ignored on CPU).
     bf16: bool = True
     seed: int = 0
-    #: Show progress bars.
+    #: Show progress bars (interactive command-line use). Always off inside the Flower apps
+    #: (:func:`load_run_config`): many processes share one log there.
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(
+                f"train.select-metric = {self.select_metric!r}; allowed: {', '.join(SELECT_METRICS)}"
+            )
+
+
+#: Validation metrics that may select a model (all higher-is-better; see ``train.select-metric``).
+SELECT_METRICS: tuple[str, ...] = ("dice_1click", "dice", "auc", "auc_gt_planes")
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,9 @@ class FederationConfig:
     #: MLflow tracking URI; empty = the MLFLOW_TRACKING_URI variable, else sqlite in the work folder.
     tracking_uri: str = ""
     experiment: str = "fedabus"
+    #: After the last round, every site evaluates the chosen (best-by-validation), the last and the starting
+    #: adapter once on its test split (``fedabus study`` turns it off and tests the chosen adapter itself).
+    final_test: bool = True
 
 
 @dataclass(frozen=True)
@@ -327,6 +357,36 @@ def load_config(
         for name, vals in per_section.items()
     }
     return FedabusConfig(**built)
+
+
+#: Run-config keys that are Flower's own, not fedabus sections.
+FLOWER_KEYS: tuple[str, ...] = ("num-server-rounds",)
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` options of the command line as a flat mapping (values parsed as TOML scalars, else
+    kept as strings); raises SystemExit naming an option that is not ``KEY=VALUE``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.seg-lr=1e-3")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def load_run_config(run_config: Mapping[str, Any]) -> FedabusConfig:
+    """The config of a ServerApp or ClientApp process, from Flower's run config (``context.run_config``).
+
+    Flower's own keys (:data:`FLOWER_KEYS`) are skipped, and ``train.progress`` is turned off whatever the run
+    config says: every round starts fresh app processes whose output ends up in one log (the SuperNode's, the
+    simulation's or ``flwr run --stream``), where progress bars are only noise.
+    """
+    config = load_config(dict(run_config), ignore=FLOWER_KEYS)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
 
 
 def to_flat_dict(config: Any) -> dict[str, Any]:

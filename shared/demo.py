@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from shared.noise import pythonwarnings
+from shared.config import parse_assignments
+from shared.simulation import app_dir, run_simulation
 
 if TYPE_CHECKING:
     from shared.data.synth import SynthOptions
 
 __all__ = [
     "DEMO_TEST_FRACTION",
-    "app_dir",
+    "demo_run_config",
     "demo_synth_options",
     "held_out_counts",
     "print_site_table",
@@ -44,110 +43,6 @@ TABLE_METRICS = (
 )
 
 
-def app_dir() -> Path:
-    """The Flower app folder (the checkout holding pyproject.toml)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise RuntimeError(f"{root}: no pyproject.toml; run the demo from a fedabus source checkout")
-    return root
-
-
-def _listening_pids(port: int) -> set[int]:
-    import psutil
-
-    pids = set()
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-            pids.add(conn.pid)
-    return pids
-
-
-#: The managed local SuperLink of Flower's simulation serves its control API on this fixed port.
-LOCAL_SUPERLINK_PORT = 39091
-
-
-def _stop_local_superlink(pids: set[int]) -> None:
-    """Stop the managed local SuperLink processes this demo started (never one that was already running),
-    with their child processes (the SuperExec and simulation runtimes)."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            procs += [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive:
-        proc.kill()
-
-
-def _flwr_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONWARNINGS"] = pythonwarnings(env.get("PYTHONWARNINGS", ""))
-    # Simulated sites run side by side with one CPU each; torch's default thread pool per site would
-    # oversubscribe the cores and slow every site down several times.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("MKL_NUM_THREADS", "1")
-    return env
-
-
-def write_local_connection(flwr_home: Path, name: str = "fedabus-local") -> str:
-    """A ``config.toml`` whose connection ``name`` is Flower's managed local simulation."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = ":local:"\n', encoding="utf-8"
-    )
-    return name
-
-
-def run_config_overrides(values: dict[str, object]) -> list[str]:
-    """``-c`` arguments for ``flwr run``: ONE string of ``key=value`` pairs (TOML values).
-
-    Flower 1.41 merges repeated ``-c`` options with a shallow dict update, so ``-c a.x=1 -c a.y=2`` would
-    keep only ``a.y``; a single string keeps every key.
-    """
-    pairs = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            if '"' in str(value):
-                raise ValueError(f"run config value {value!r} of {key} may not contain a double quote")
-            text = f'"{value}"'
-        pairs.append(f"{key}={text}")
-    return ["-c", " ".join(pairs)]
-
-
-def _parse_sets(items: list[str]) -> dict[str, object]:
-    """``--set key=value`` options as run-config overrides (values parsed as TOML, else kept as strings)."""
-    import tomllib
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.seg-lr=1e-3")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def held_out_counts(sites_dir: Path) -> dict[str, tuple[int, int]]:
     """(benign, malignant) test cases per site, from the synthetic consortium's ``consortium.json``."""
     import json
@@ -161,8 +56,9 @@ def held_out_counts(sites_dir: Path) -> dict[str, tuple[int, int]]:
 
 
 TABLE_NOTE = """\
-Test split: each site's held-out cases (benign/malignant), never trained on. Before: the global adapter
-before round 1 (untrained adapter, fresh classifier head); after: the global adapter after the round shown.
+Test split: each site's held-out cases (benign/malignant), never trained on and tested once. Before: the
+global adapter before round 1 (untrained adapter, fresh classifier head); after: the global adapter of the
+round shown, chosen by the sites' validation split (mean Dice@1), not by test.
 AUC GT planes: the classifier on planes cut around the ground-truth lesion (seed 003's setting).
 AUC e2e: planes cut around the predicted mask (click -> mask -> malignancy); it also pays for every
 segmentation error, so it follows Dice and moves less steadily than AUC GT planes."""
@@ -211,19 +107,25 @@ def _print_privacy(summary: dict, sites: list[str], file: TextIO) -> None:
 
 #: Share of each site's cases, per class, that the demo holds out as the site's test split.
 DEMO_TEST_FRACTION = 0.45
+#: Share of each site's cases in its validation split (model selection).
+DEMO_VAL_FRACTION = 0.15
 
 
 def demo_synth_options(test_fraction: float = DEMO_TEST_FRACTION) -> SynthOptions:
     """The demo consortium's :class:`~shared.data.synth.SynthOptions`: ``test_fraction`` of each class in the
-    test split and no validation split (nothing in a federation uses one), so every case is trained or tested
-    on. With 36 cases per site that is 16 test lesions of both classes (AUC on 4 lesions is noise)."""
+    test split, :data:`DEMO_VAL_FRACTION` in the validation split (it chooses the round that is reported),
+    the rest trains. With 36 cases per site that is 16 test lesions of both classes (AUC on 4 lesions is
+    noise) and 5 validation cases."""
     from shared.data.synth import SynthOptions
 
-    if not 0.0 < test_fraction < 1.0:
+    if not 0.0 < test_fraction < 1.0 - DEMO_VAL_FRACTION:
         raise ValueError(
-            f"--test-fraction {test_fraction}: give a share of the cases between 0 and 1, e.g. 0.45"
+            f"--test-fraction {test_fraction}: give a share of the cases between 0 and "
+            f"{1.0 - DEMO_VAL_FRACTION:.2f} (the demo keeps {DEMO_VAL_FRACTION:.0%} for validation), e.g. 0.45"
         )
-    return SynthOptions(split_fractions=(1.0 - test_fraction, 0.0, test_fraction))
+    return SynthOptions(
+        split_fractions=(1.0 - test_fraction - DEMO_VAL_FRACTION, DEMO_VAL_FRACTION, test_fraction)
+    )
 
 
 def _eval_interval(args: argparse.Namespace) -> int:
@@ -235,6 +137,42 @@ def _eval_interval(args: argparse.Namespace) -> int:
         print(f"--eval-every {every} does not divide --rounds {args.rounds}: evaluating every round")
         return 1
     return every
+
+
+def demo_run_config(
+    args: argparse.Namespace, *, base_path: Path, sites_dir: Path, work: Path, eval_interval: int
+) -> dict[str, object]:
+    """The run-config overrides of the demo's simulation: its small CPU settings, set explicitly (the run
+    config's defaults are the real sites'), then the user's ``--set`` values.
+
+    ``model.cls-*`` are copied from the base's manifest so that the run's recorded config describes the base
+    that is used (a loaded base's architecture comes from its manifest, never from these keys).
+    """
+    from shared.base import read_base_manifest
+
+    cls_config = read_base_manifest(base_path)["cls_config"]
+    return {
+        "num-server-rounds": args.rounds,
+        "model.base-path": str(base_path),
+        "model.cls-depth": int(cls_config["depth"]),
+        "model.cls-norm-groups": int(cls_config["norm_groups"]),
+        "federation.sites-dir": str(sites_dir),
+        "federation.work-dir": str(work),
+        "federation.min-sites": args.sites,
+        "federation.resume": False,
+        "federation.sample-timeout": 120.0,
+        "federation.round-timeout": 900.0,
+        "federation.eval-interval": eval_interval,
+        "train.seg-epochs": args.local_epochs,
+        "train.cls-epochs": args.local_epochs,
+        # A few CPU epochs need much larger steps than the seed's GPU schedule (seg-lr 2e-4 for 200 epochs):
+        # 6 rounds x 3 epochs at 6e-3 raise Dice@1 by about 0.15-0.2 per site (docs/operations.md).
+        "train.seg-lr": 6e-3,
+        "train.cls-lr": 5e-3,
+        "train.eval-clicks": 3,
+        "train.progress": False,
+        **parse_assignments(args.set),
+    }
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -263,51 +201,19 @@ def run_demo(args: argparse.Namespace) -> int:
     print("[2/4] pretrained demo base (cached after the first run)")
     base_path = Path(args.base).resolve() if args.base else ensure_base(config)
     flwr_home = out / "flwr-home"
-    connection = write_local_connection(flwr_home)
     work = out / "server"
-    overrides = {
-        "num-server-rounds": args.rounds,
-        "model.base-path": str(base_path),
-        "federation.sites-dir": str(sites_dir),
-        "federation.work-dir": str(work),
-        "federation.min-sites": args.sites,
-        "federation.resume": False,
-        "federation.sample-timeout": 120.0,
-        "federation.round-timeout": 900.0,
-        "federation.eval-interval": eval_interval,
-        "train.seg-epochs": args.local_epochs,
-        "train.cls-epochs": args.local_epochs,
-        # A few CPU epochs need much larger steps than the seed's GPU schedule (seg-lr 2e-4 for 200 epochs):
-        # 6 rounds x 3 epochs at 6e-3 raise Dice@1 by about 0.15-0.2 per site (docs/operations.md).
-        "train.seg-lr": 6e-3,
-        "train.cls-lr": 5e-3,
-        "train.eval-clicks": 3,
-        **_parse_sets(args.set),
-    }
+    overrides = demo_run_config(
+        args, base_path=base_path, sites_dir=sites_dir, work=work, eval_interval=eval_interval
+    )
     if work.exists():
         shutil.rmtree(work)
-    command = [
-        "flwr",
-        "run",
-        str(app),
-        connection,
-        "--stream",
-        *run_config_overrides(overrides),
-        "--federation-config",
-        f"num-supernodes={args.sites} client-resources-num-cpus=1",
-    ]
     print(f"[3/4] federation: {args.rounds} rounds, {args.sites} simulated sites (Flower simulation)")
-    before = _listening_pids(LOCAL_SUPERLINK_PORT)
-    env = _flwr_env(flwr_home)
-    try:
-        result = subprocess.run(command, env=env, cwd=out, check=False)
-    finally:
-        started_here = _listening_pids(LOCAL_SUPERLINK_PORT) - before
-        if not args.keep_superlink:
-            _stop_local_superlink(started_here)
+    returncode = run_simulation(
+        overrides, sites=args.sites, flwr_home=flwr_home, cwd=out, keep_superlink=args.keep_superlink
+    )
     summary_path = work / "summary.json"
-    if result.returncode != 0 or not summary_path.is_file():
-        print(f"federation failed (exit {result.returncode}); see the log above", file=sys.stderr)
+    if returncode != 0 or not summary_path.is_file():
+        print(f"federation failed (exit {returncode}); see the log above", file=sys.stderr)
         return 1
     import json
 

@@ -140,7 +140,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--base", type=Path, help="base (.safetensors + .json); default: the cached demo base"
     )
-    parser.add_argument("--config", type=Path, help="experiment TOML (same keys as the run config)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="experiment TOML: the run-config keys as tables (e.g. configs/full-models.toml)",
+    )
     parser.add_argument("--site-config", type=Path, help="site TOML (spacing/orientation overrides)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: model.device)")
     parser.add_argument("--out", required=True, type=Path, help="output mask (.nii.gz)")
@@ -151,11 +155,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from shared.config import load_config, load_site_config
+    from shared.config import FLOWER_KEYS, load_config, load_site_config
     from shared.device import resolve_device
     from shared.pretrain import ensure_base
 
-    config = load_config(path=args.config) if args.config else load_config()
+    config = load_config(path=args.config, ignore=FLOWER_KEYS)
     device = resolve_device(args.device or config.model.device)
     base_path = args.base or ensure_base(config)
     base = load_base(base_path, attention_impl=config.model.attention_impl)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from shared.base import build_random_base, load_base, save_base
-from shared.config import FedabusConfig
+from shared.config import ConfigError, FedabusConfig
 from shared.data.loaders import cls_loader, seg_train_loader, site_cases
 from shared.data.synth import generate_consortium
 from shared.device import resolve_device
@@ -122,9 +122,20 @@ def pretrain_base(
 def ensure_base(
     config: FedabusConfig, *, recipe: PretrainRecipe | None = None, cache_dir: str | Path | None = None
 ) -> Path:
-    """The base to use: ``model.base-path`` when set, else the cached pretrained demo base (made if missing)."""
+    """The base to use: ``model.base-path`` when set, else the cached pretrained demo base (made if missing).
+
+    The demo base exists for the ``small`` preset only: with another ``model.sam-preset`` (e.g. the full models
+    of ``configs/full-models.toml``) and no base path this raises ConfigError instead of pretraining a full
+    SAM-Med3D from random weights on synthetic data; real sites use the base of ``fedabus make-base``.
+    """
     if config.model.base_path:
         return Path(config.model.base_path)
+    if recipe is None and config.model.sam_preset != "small":
+        raise ConfigError(
+            f"no base given and model.sam-preset is {config.model.sam_preset!r}: the cached demo base is only "
+            "made for the 'small' preset. Give the base made by `fedabus make-base` (--base BASE or "
+            "model.base-path)"
+        )
     recipe = recipe or PretrainRecipe(sam_preset=config.model.sam_preset, cls_depth=config.model.cls_depth)
     path = default_base_path(recipe, cache_dir)
     if path.is_file():

@@ -84,7 +84,10 @@ def site_cases(
 
 class LoadCased(Transform):
     """``{"case": CaseRecord}`` → the preprocessed case: ``image`` (D, H, W) float32, ``mask`` (D, H, W) uint8,
-    ``spacing_mm``, ``pad_value``, ``grid``, ``original`` and the case's ``case_id``, ``label``, ``birads``."""
+    ``spacing_mm``, ``pad_value``, ``grid``, ``original`` and the case's ``case_id``, ``label``, ``birads``.
+
+    An item's own ``site_config`` (cases of several sites in one dataset, e.g. a study's pooled arm) wins over
+    the one given here."""
 
     def __init__(self, config: DataConfig, site_config: SiteConfig | None = None) -> None:
         self.config = config
@@ -96,8 +99,9 @@ class LoadCased(Transform):
             raise ValueError(
                 f"case {case.case_id!r}: no mask path; loaders need a mask (run fedabus validate)"
             )
-        image = read_volume(case.image, site_config=self.site_config)
-        mask = read_volume(case.mask, site_config=self.site_config)
+        site_config = data.get("site_config", self.site_config)
+        image = read_volume(case.image, site_config=site_config)
+        mask = read_volume(case.mask, site_config=site_config)
         done = preprocess_case(image, mask, self.config)
         del image, mask
         if done.mask is None or not done.mask.any():
@@ -198,8 +202,27 @@ class TriPlanesd(Transform):
 # ---------------------------------------------------------------- datasets and loaders
 
 
-def _dataset(cases: Sequence[CaseRecord], transform: Compose, cache_rate: float) -> Dataset:
-    data = [{"case": case} for case in cases]
+#: A site's reading overrides: one for all cases, or one per case id (cases of several sites together).
+SiteConfigs = SiteConfig | Mapping[str, SiteConfig | None] | None
+
+
+def _split_configs(site_config: SiteConfigs) -> tuple[SiteConfig | None, Mapping[str, SiteConfig | None]]:
+    """(the config for every case, per-case configs)."""
+    if isinstance(site_config, Mapping):
+        return None, site_config
+    return site_config, {}
+
+
+def _dataset(
+    cases: Sequence[CaseRecord],
+    transform: Compose,
+    cache_rate: float,
+    per_case: Mapping[str, SiteConfig | None] | None = None,
+) -> Dataset:
+    data = [
+        {"case": case, "site_config": per_case[case.case_id]} if per_case else {"case": case}
+        for case in cases
+    ]
     if cache_rate > 0:
         return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=1, progress=False)
     return Dataset(data, transform)
@@ -213,14 +236,15 @@ def seg_train_dataset(
     cases: Sequence[CaseRecord],
     config: DataConfig,
     *,
-    site_config: SiteConfig | None = None,
+    site_config: SiteConfigs = None,
     seed: int = 0,
     cache_rate: float = 0.0,
 ) -> Dataset:
     """Lesion-centred training crops of ``cases`` (items in the module docstring), jitter seeded by ``seed``."""
     crop = LesionCropd(config)
     crop.set_random_state(seed=seed)
-    return _dataset(cases, Compose([LoadCased(config, site_config), crop]), cache_rate)
+    common, per_case = _split_configs(site_config)
+    return _dataset(cases, Compose([LoadCased(config, common), crop]), cache_rate, per_case)
 
 
 def seg_train_loader(
@@ -228,7 +252,7 @@ def seg_train_loader(
     config: DataConfig,
     *,
     batch_size: int,
-    site_config: SiteConfig | None = None,
+    site_config: SiteConfigs = None,
     seed: int = 0,
     shuffle: bool = True,
     num_workers: int = 0,
@@ -242,10 +266,11 @@ def seg_train_loader(
 
 
 def seg_eval_dataset(
-    cases: Sequence[CaseRecord], config: DataConfig, *, site_config: SiteConfig | None = None
+    cases: Sequence[CaseRecord], config: DataConfig, *, site_config: SiteConfigs = None
 ) -> Dataset:
     """Whole preprocessed cases with their covering blocks (items in the module docstring)."""
-    return _dataset(cases, Compose([LoadCased(config, site_config), EvalBlocksd(config)]), 0.0)
+    common, per_case = _split_configs(site_config)
+    return _dataset(cases, Compose([LoadCased(config, common), EvalBlocksd(config)]), 0.0, per_case)
 
 
 def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -256,7 +281,7 @@ def seg_eval_loader(
     cases: Sequence[CaseRecord],
     config: DataConfig,
     *,
-    site_config: SiteConfig | None = None,
+    site_config: SiteConfigs = None,
     num_workers: int = 0,
 ) -> DataLoader:
     """One case per step, not batched (no batch axis): the items of :func:`seg_eval_dataset`, in case order."""
@@ -268,11 +293,12 @@ def cls_dataset(
     cases: Sequence[CaseRecord],
     config: DataConfig,
     *,
-    site_config: SiteConfig | None = None,
+    site_config: SiteConfigs = None,
     cache_rate: float = 0.0,
 ) -> Dataset:
     """Tri-plane frames from the ground-truth masks of ``cases`` with their labels."""
-    return _dataset(cases, Compose([LoadCased(config, site_config), TriPlanesd(config)]), cache_rate)
+    common, per_case = _split_configs(site_config)
+    return _dataset(cases, Compose([LoadCased(config, common), TriPlanesd(config)]), cache_rate, per_case)
 
 
 def cls_loader(
@@ -280,7 +306,7 @@ def cls_loader(
     config: DataConfig,
     *,
     batch_size: int,
-    site_config: SiteConfig | None = None,
+    site_config: SiteConfigs = None,
     seed: int = 0,
     shuffle: bool = True,
     num_workers: int = 0,

@@ -8,6 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+from shared.config import ModelConfig
+
 __all__ = ["register", "run_train_local"]
 
 
@@ -15,18 +17,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train-local",
         help="train both models on one site and write the adapter and a metrics JSON",
-        description="Evaluates the starting adapter on the site's test split, trains segmentation and "
-        "classification adapters on its training split, evaluates again, and writes OUT/adapter.safetensors "
-        "(+ .json) and OUT/metrics.json.",
+        description="Trains segmentation and classification adapters on the site's training split in ROUNDS "
+        "chunks of the configured epochs, keeps the chunk with the best validation metric (train.select-metric; "
+        "a site without a val split gets one carved from train), tests the starting and the chosen adapter once "
+        "on the test split, and writes OUT/adapter.safetensors (+ .json) and OUT/metrics.json.",
     )
     train.add_argument("--site-dir", required=True, type=Path)
-    train.add_argument("--config", type=Path, help="experiment TOML (same keys as the run config)")
+    train.add_argument(
+        "--config",
+        type=Path,
+        help="experiment TOML: the run-config keys as tables (e.g. configs/full-models.toml)",
+    )
     train.add_argument(
         "--site-config", type=Path, help="site TOML (default: SITE_DIR/site.toml or SITE_DIR.toml)"
     )
     train.add_argument("--base", type=Path, help="base (.safetensors + .json); default: the cached demo base")
     train.add_argument("--adapter", type=Path, help="adapter to start from (default: a fresh one)")
     train.add_argument("--out", type=Path, default=Path("fedabus-local"), help="output folder")
+    train.add_argument(
+        "--rounds", type=int, default=1, help="chunks of train.seg-epochs/cls-epochs, validated after each"
+    )
+    train.add_argument(
+        "--eval-every", type=int, default=1, help="validate after every N-th chunk (and the last)"
+    )
     train.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: model.device)")
     train.add_argument(
         "--state-dir",
@@ -53,7 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     make.add_argument("--sam-checkpoint", required=True, type=Path, help="e.g. sam_med3d_turbo.pth")
     make.add_argument("--cls-backbone", type=Path, help="torchvision-format ImageNet ResNet state dict")
-    make.add_argument("--cls-depth", type=int, default=50, choices=(18, 34, 50))
+    make.add_argument(
+        "--cls-depth",
+        type=int,
+        default=ModelConfig.cls_depth,
+        choices=(18, 34, 50),
+        help=f"ResNet depth of the classifier branches (default: model.cls-depth's default, {ModelConfig.cls_depth})",
+    )
     make.add_argument("--sam-preset", default="vit_b_ori")
     make.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the .pth")
     make.add_argument("--out", required=True, type=Path)
@@ -65,32 +84,56 @@ def run_train_local(args: argparse.Namespace) -> int:
 
     from shared.adapters import extract_adapter, lora_specs_from_config, save_adapter
     from shared.base import load_base, wrap_for_training
-    from shared.config import load_config
+    from shared.config import FLOWER_KEYS, load_config
     from shared.device import resolve_device
     from shared.inference import adapted_models
     from shared.pretrain import ensure_base
+    from shared.training.selection import train_with_selection
     from shared.training.site import evaluate_site, open_site, train_site
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = load_config(path=args.config) if args.config else load_config()
+    config = load_config(path=args.config, ignore=FLOWER_KEYS)
     device = resolve_device(args.device or config.model.device)
-    site = open_site(args.site_dir, site_config_path=args.site_config)
+    selection_metric = f"val/{config.train.select_metric}"
+    site = open_site(
+        args.site_dir,
+        site_config_path=args.site_config,
+        val_fraction=config.data.val_fraction,
+        seed=config.train.seed,
+    )
     base_path = args.base or ensure_base(config)
     base = load_base(base_path, attention_impl=config.model.attention_impl)
     if args.adapter:
         models = adapted_models(base, args.adapter)
     else:
         models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    carved = " (carved from train)" if site.val_carved else ""
     print(
-        f"site {site.name}: {len(site.train_cases)} training and {len(site.test_cases)} test cases; device {device}"
+        f"site {site.name}: {len(site.train_cases)} training, {len(site.val_cases)} validation{carved} and "
+        f"{len(site.test_cases)} test cases; device {device}"
     )
     started = time.monotonic()
     before = evaluate_site(models, site, config, device=device)
-    torch.manual_seed(config.train.seed)
     plan, ledger = _local_privacy_plan(args, config, site)
-    training = train_site(
-        models, site, config, device=device, seed=config.train.seed, plan=plan, ledger=ledger
-    )
+    if plan is not None:  # a DP run is one planned round against the ledger; no selection over chunks
+        torch.manual_seed(config.train.seed)
+        training = train_site(
+            models, site, config, device=device, seed=config.train.seed, plan=plan, ledger=ledger
+        )
+        selection = None
+    else:
+        selection = train_with_selection(
+            models,
+            site,
+            config,
+            device=device,
+            rounds=args.rounds,
+            eval_every=args.eval_every,
+            fingerprints=base.fingerprints,
+            seed=config.train.seed,
+            progress=lambda r, n, v: print(f"  round {r}/{n}: {selection_metric} {v:.3f}"),
+        )
+        training = selection.training[-1]
     after = evaluate_site(models, site, config, device=device)
     adapter = extract_adapter(models, base_fingerprints=base.fingerprints, metadata={"site": site.name})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +142,16 @@ def run_train_local(args: argparse.Namespace) -> int:
         "site": site.name,
         "base": str(base_path),
         "training": training,
+        "selection": None
+        if selection is None
+        else {
+            "metric": selection.metric,
+            "chosen_round": selection.chosen_round,
+            "value": selection.value,
+            "rounds": selection.rounds,
+            "history": {str(r): m for r, m in selection.history.items()},
+            "note": selection.note,
+        },
         "before": before,
         "after": after,
         "seconds": round(time.monotonic() - started, 1),
@@ -107,6 +160,10 @@ def run_train_local(args: argparse.Namespace) -> int:
     for key in ("test/dice_1click", f"test/dice_{config.train.eval_clicks}click", "test/hd95_mm", "test/auc"):
         print(
             f"  {key:22s} before {before.get(key, float('nan')):.3f}  after {after.get(key, float('nan')):.3f}"
+        )
+    if selection is not None:
+        print(
+            f"chosen: round {selection.chosen_round} of {selection.rounds} by {selection.metric} {selection.value:.3f}"
         )
     print(f"adapter: {args.out / 'adapter.safetensors'}; metrics: {args.out / 'metrics.json'}")
     return 0
@@ -133,10 +190,10 @@ def _local_privacy_plan(args: argparse.Namespace, config, site):
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from shared.config import load_config
+    from shared.config import FLOWER_KEYS, load_config
     from shared.pretrain import PretrainRecipe, ensure_base, pretrain_base
 
-    config = load_config(path=args.config) if args.config else load_config()
+    config = load_config(path=args.config, ignore=FLOWER_KEYS)
     if args.out:
         recipe = PretrainRecipe(sam_preset=config.model.sam_preset, cls_depth=config.model.cls_depth)
         pretrain_base(args.out, recipe, config, device=config.model.device)

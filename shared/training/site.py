@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from shared.config import DataConfig, FedabusConfig, SiteConfig, load_site_config
+from shared.config import SPLITS, DataConfig, FedabusConfig, SiteConfig, load_site_config
 from shared.data.layouts import CaseRecord
 from shared.data.loaders import (
     cls_dataset,
@@ -30,10 +30,12 @@ from shared.data.loaders import (
     site_cases,
 )
 from shared.data.planes import planes_from_config
+from shared.data.splits import carve_validation
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import RoundPlan
 from shared.privacy.sampling import OneFramePerCase, poisson_loader
 from shared.privacy.validation import validate_privacy
+from shared.statistics import segmentation_estimates
 from shared.training.cls import ClsCase, evaluate_classifier, train_classifier, trainable_snapshot
 from shared.training.seg import snapshot_parameters, train_segmentation
 from shared.training.seg_eval import evaluate_segmentation
@@ -45,13 +47,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteData:
-    """A validated site: its usable training and test cases (bad cases already skipped and counted)."""
+    """A validated site: its usable training, validation and test cases (bad cases already skipped and
+    counted). ``val_carved`` says the validation cases were carved from ``train`` (the site has no ``val``)."""
 
     name: str
     site_dir: Path
     site_config: SiteConfig | None
     train_cases: tuple[CaseRecord, ...]
     test_cases: tuple[CaseRecord, ...]
+    val_cases: tuple[CaseRecord, ...] = ()
+    val_carved: bool = False
+
+    def cases(self, split: str) -> tuple[CaseRecord, ...]:
+        """The cases of ``split`` (``train``, ``val`` or ``test``)."""
+        try:
+            return {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}[split]
+        except KeyError:
+            raise ValueError(f"unknown split {split!r}; expected train, val or test") from None
 
 
 def find_site_config(site_dir: str | Path) -> Path | None:
@@ -64,20 +76,41 @@ def find_site_config(site_dir: str | Path) -> Path | None:
 
 
 def open_site(
-    site_dir: str | Path, *, site_config_path: str | Path | None = None, cache: str | Path | None = None
+    site_dir: str | Path,
+    *,
+    site_config_path: str | Path | None = None,
+    cache: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
 ) -> SiteData:
-    """Index and validate a site folder; raises ValueError when it has no usable training case."""
+    """Index and validate a site folder; raises ValueError when it has no usable training case.
+
+    A site without ``val`` cases gets ``val_fraction`` of each label's training cases as its validation split
+    (:func:`shared.data.splits.carve_validation`, seeded by ``seed``; logged)."""
     site_dir = Path(site_dir)
     path = Path(site_config_path) if site_config_path else find_site_config(site_dir)
     site_config = load_site_config(path) if path else None
-    train = tuple(site_cases(site_dir, site_config, splits=("train",), cache=cache))
-    test = tuple(site_cases(site_dir, site_config, splits=("test",), cache=cache))
+    splits = {
+        split: tuple(site_cases(site_dir, site_config, splits=(split,), cache=cache)) for split in SPLITS
+    }
     name = (site_config.name if site_config and site_config.name else "") or site_dir.name
-    if not train:
+    if not splits["train"]:
         raise ValueError(
             f"{site_dir}: no usable training case (run `fedabus validate {site_dir}` to see why)"
         )
-    return SiteData(name, site_dir, site_config, train, test)
+    train, val, carved = splits["train"], splits["val"], False
+    if not val and val_fraction > 0:
+        train, val = carve_validation(train, val_fraction, seed)
+        carved = bool(val)
+        logger.info(
+            "%s: no validation split; %d of its %d training cases (%.0f%% per label, seed %d) validate instead",
+            name,
+            len(val),
+            len(splits["train"]),
+            100 * val_fraction,
+            seed,
+        )
+    return SiteData(name, site_dir, site_config, train, splits["test"], val, carved)
 
 
 def train_site(
@@ -247,13 +280,16 @@ def evaluate_site(
     config: FedabusConfig,
     *,
     device: torch.device,
+    split: str = "test",
     split_cases: tuple[CaseRecord, ...] | None = None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Evaluate both models on the site's test split, the classifier end to end (planes from the predicted
-    mask) and on ground-truth planes. Returns flat metrics (``test/dice_1click``, ``test/auc``, ...,
-    ``num-examples`` = test cases). ``details``, when given, receives per-case records (they stay at the site)."""
-    cases = list(site.test_cases if split_cases is None else split_cases)
+    """Evaluate both models on the site's ``split`` (``val`` to select, ``test`` once for the chosen model),
+    the classifier end to end (planes from the predicted mask) and on ground-truth planes. Returns flat metrics
+    (``{split}/dice_1click``, ``{split}/auc``, ..., ``num-examples`` = cases evaluated; only ``num-examples``
+    = 0 when the split is empty). ``details``, when given, receives per-case records (they stay at the site).
+    ``split_cases`` evaluates these cases instead, under the name ``split``."""
+    cases = list(site.cases(split) if split_cases is None else split_cases)
     if not cases:
         return {"num-examples": 0.0}
     seg, cls = models["seg"].to(device), models["cls"].to(device)
@@ -279,10 +315,29 @@ def evaluate_site(
         device=device,
         on_case=planes_of,
         keep_masks=False,
+        split=split,
     )
     cls_eval = evaluate_classifier(cls, cls_cases, config=config.train, device=device)
-    metrics = {**seg_eval.metrics, **cls_eval.metrics_dict(split="test"), "num-examples": float(len(cases))}
+    metrics = {
+        **seg_eval.metrics,
+        **_segmentation_bounds(seg_eval, split, seed=config.train.seed),
+        **cls_eval.metrics_dict(split=split),
+        "num-examples": float(len(cases)),
+    }
     if details is not None:
         details["segmentation"] = seg_eval.to_json()
         details["classification"] = cls_eval.per_case()
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _segmentation_bounds(evaluation: Any, split: str, *, seed: int) -> dict[str, float]:
+    """95% case-bootstrap bounds of Dice@1 and HD95: ``{split}/dice_1click_ci_low`` ... (aggregates of the
+    site's cases, like the means)."""
+    estimates = segmentation_estimates(
+        [case.dice_curve for case in evaluation.cases], [case.hd95_mm for case in evaluation.cases], seed=seed
+    )
+    out = {}
+    for name in ("dice_1click", "hd95_mm"):
+        out[f"{split}/{name}_ci_low"] = float(estimates[name].ci_low)
+        out[f"{split}/{name}_ci_high"] = float(estimates[name].ci_high)
+    return out

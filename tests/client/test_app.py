@@ -59,12 +59,12 @@ def _context(federation, *, run: dict | None = None, node: dict | None = None) -
     return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=run)
 
 
-def _message(federation, kind: str, fingerprint: str | None = None) -> Message:
+def _message(federation, kind: str, fingerprint: str | None = None, **config) -> Message:
     content = RecordDict(
         {
             ARRAYS: adapter_to_record(federation["adapter"].tensors),
             CONFIG: ConfigRecord(
-                {"server-round": 1, "base-fingerprint": fingerprint or federation["fingerprint"]}
+                {"server-round": 1, "base-fingerprint": fingerprint or federation["fingerprint"], **config}
             ),
         }
     )
@@ -91,14 +91,24 @@ def test_train_reply_holds_only_the_adapter_and_aggregate_metrics(federation):
     assert dict(content[SITE]) == {"site-id": federation["site_dir"].name}
 
 
-def test_evaluate_reply_has_the_fixed_metric_keys_and_no_case_ids(federation):
-    reply = client_app.evaluate(_message(federation, MessageType.EVALUATE), _context(federation))
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluate_reply_has_the_fixed_metric_keys_and_no_case_ids(federation, split):
+    message = _message(federation, MessageType.EVALUATE, split=split)
+    reply = client_app.evaluate(message, _context(federation))
     content = reply.content
     assert not content.array_records
-    assert set(content[METRICS].keys()) == set(eval_metric_keys(2))
+    assert set(content[METRICS].keys()) == set(eval_metric_keys(2, split=split))
     assert all(isinstance(v, float) for v in content[METRICS].values())
+    assert content[METRICS]["num-examples"] > 0  # the site evaluated cases of that split
+    low, high = (content[METRICS][f"{split}/dice_1click_ci_{end}"] for end in ("low", "high"))
+    assert low <= content[METRICS][f"{split}/dice_1click"] <= high  # bounds are aggregates too
     text = repr(dict(content[METRICS])) + repr(dict(content[SITE]))
     assert "site_a_0" not in text  # case ids never leave
+
+
+def test_a_site_refuses_to_evaluate_another_split(federation):
+    with pytest.raises(ValueError, match="val or test only"):
+        client_app.evaluate(_message(federation, MessageType.EVALUATE, split="train"), _context(federation))
 
 
 def test_site_with_another_base_declines_without_sending_weights(federation):

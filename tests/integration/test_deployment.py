@@ -33,8 +33,8 @@ import pytest
 from server.checkpoint import CheckpointState, load_latest
 from shared.base import build_random_base, save_base
 from shared.certs import CertPaths, make_certificates
-from shared.data.synth import generate_consortium
-from shared.demo import run_config_overrides
+from shared.data.synth import SynthOptions, generate_consortium
+from shared.simulation import run_config_overrides
 from tests.integration.processes import BIN, CONNECTION, REPO, Deployment, node_id, stop, wait_until
 
 pytestmark = [pytest.mark.integration]
@@ -42,13 +42,16 @@ pytestmark = [pytest.mark.integration]
 SITES = ("site_a", "site_b")
 #: One cheap round: one local epoch of each model, two evaluation clicks.
 CHEAP_ROUNDS = {
+    "train.progress": False,  # explicit: the run config's default is the command line's (bars on)
     "train.seg-epochs": 1,
     "train.cls-epochs": 1,
     "train.eval-clicks": 2,
     "train.seg-click-iterations": 1,
 }
-PARENT_DICE = "global/test/dice_1click_mean"
-SITE_METRICS = ("test/dice_1click", "test/auc")
+#: Every evaluated round is on the validation split; the test split only after the last round (final test).
+PARENT_DICE = "global/val/dice_1click_mean"
+SITE_METRICS = ("val/dice_1click", "val/auc")
+TEST_METRICS = ("test/dice_1click", "test/auc")
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,9 @@ class Consortium:
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
     root = tmp_path_factory.mktemp("consortium")
-    folders = generate_consortium(root / "sites", sites=len(SITES), cases=6, seed=5)
+    # 8 cases: 2 train, 2 validation, 4 test per site
+    options = SynthOptions(split_fractions=(0.34, 0.33, 0.33))
+    folders = generate_consortium(root / "sites", sites=len(SITES), cases=8, seed=5, options=options)
     assert tuple(f.name for f in folders) == SITES
     save_base(build_random_base("small", cls_depth=18, seed=0), root / "base")
     creds = make_certificates(root / "credentials", sites=list(SITES))
@@ -84,6 +89,7 @@ class Federation:
         return {
             "num-server-rounds": 1,
             "model.base-path": str(self.consortium.base),
+            "model.cls-depth": 18,  # the consortium's base (recorded config = the base's manifest)
             "federation.work-dir": str(work),
             "federation.tracking-uri": f"sqlite:///{work.parent / (work.name + '-mlflow.db')}",
             "federation.min-sites": 2,
@@ -184,10 +190,11 @@ def _steps(histories: Histories, run: str, key: str) -> list[int]:
     return [step for step, _ in histories[run][key]]
 
 
-def _assert_site_metrics(metrics: dict[str, float], where: str) -> None:
-    for key in SITE_METRICS:
+def _assert_site_metrics(metrics: dict[str, float], where: str, keys: tuple[str, ...] = SITE_METRICS) -> None:
+    """Dice in [0, 1]; AUC in [0, 1] or NaN (a 2-case validation split may hold one class only)."""
+    for key in keys:
         value = metrics.get(key, math.nan)
-        assert 0.0 <= value <= 1.0, f"{where}: {key} = {value}"
+        assert 0.0 <= value <= 1.0 or ("auc" in key and math.isnan(value)), f"{where}: {key} = {value}"
 
 
 @dataclass(frozen=True)
@@ -222,11 +229,12 @@ def interrupted(consortium: Consortium, tmp_path_factory: pytest.TempPathFactory
 @pytest.mark.timeout(1500)
 def test_one_federated_round_over_tls_with_authenticated_sites(interrupted: Interrupted) -> None:
     summary = interrupted.summary
-    assert summary["rounds_done"] == 1 and summary["after_round"] == 1
-    for phase in ("before", "after"):
+    assert summary["rounds_done"] == 1
+    for phase in ("start_val", "val"):  # round 0 and round 1 on every site's validation split
         assert sorted(summary[phase]) == list(SITES), phase
         for site in SITES:
             _assert_site_metrics(summary[phase][site], f"summary.json {phase}, {site}")
+    assert "after" not in summary  # the test split is touched only after the last round
 
     histories = interrupted.histories
     assert sorted(histories) == ["federation", *SITES]  # one nested MLflow run per site
@@ -235,7 +243,7 @@ def test_one_federated_round_over_tls_with_authenticated_sites(interrupted: Inte
         for key in SITE_METRICS:
             assert _steps(histories, site, key) == [0, 1], (site, key)
             after = dict(histories[site][key])[1]
-            assert after == pytest.approx(summary["after"][site][key]), (site, key)
+            assert after == pytest.approx(summary["val"][site][key], nan_ok=True), (site, key)
 
     checkpoint = interrupted.checkpoint
     assert checkpoint.server_round == 1 and checkpoint.mlflow_run_id == summary["run_id"]
@@ -269,6 +277,23 @@ def test_resume_after_the_server_is_killed(interrupted: Interrupted) -> None:
     assert parent.data.tags.get("fedabus.resumes") == "1"
     assert parent.info.status == "FINISHED"
 
+    # The final test: the chosen (best by validation), the last and the starting adapter, once each.
+    chosen = summary["selection"]["round"]
+    assert summary["selection"]["metric"] == PARENT_DICE and summary["after_round"] == chosen
+    tested = sorted({chosen, 2, 0})
+    assert summary["tested_rounds"] == tested and parent.data.tags["fedabus.tested_rounds"] == ",".join(
+        map(str, tested)
+    )
+    client = _mlflow(summary)
+    for role in ("before", "after", "last"):
+        assert sorted(summary[role]) == list(SITES), role
+        for site in SITES:
+            _assert_site_metrics(summary[role][site], f"summary.json {role}, {site}", TEST_METRICS)
+    for run_name, run_id in _site_runs(client, summary["run_id"]).items():
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "test/dice_1click"))
+        assert steps == tested, (run_name, steps)  # tested once per adapter, never per round
+    assert (work / "chosen_adapter.safetensors").is_file()
+
 
 @pytest.mark.timeout(1500)
 def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federation, tmp_path: Path) -> None:
@@ -276,7 +301,11 @@ def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federa
     # (two missed 30 s heartbeats). The timeouts are generous so that a busy machine cannot close them; the
     # run must still end by itself, without waiting for either.
     work = tmp_path / "one-site-enough"
-    timeouts = {"federation.round-timeout": 600.0, "federation.sample-timeout": 300.0}
+    timeouts = {
+        "federation.round-timeout": 600.0,
+        "federation.sample-timeout": 300.0,
+        "federation.final-test": False,
+    }
     run, log = federation.start_run(
         federation.overrides(work, **{"federation.min-sites": 1, **timeouts}), "flwr-run-1.log"
     )
@@ -290,9 +319,9 @@ def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federa
     assert re.search(r"Round 1: site \S+ failed", output), output[-4000:]
     assert "aggregate_train: Received 1 results and 0 failures" in output, output[-4000:]
     assert summary["rounds_done"] == 1
-    assert sorted(summary["before"]) == list(SITES)
-    assert sorted(summary["after"]) == ["site_a"], summary["after"]
-    _assert_site_metrics(summary["after"]["site_a"], "after, surviving site")
+    assert sorted(summary["start_val"]) == list(SITES)
+    assert sorted(summary["val"]) == ["site_a"], summary["val"]
+    _assert_site_metrics(summary["val"]["site_a"], "round 1, surviving site")
     print(f"\nrun finished {time.monotonic() - killed:.0f} s after site_b was killed")
 
     # min-sites 2 with site_b gone (offline at the SuperLink since round 1 ended on its failure): the run

@@ -25,7 +25,7 @@ def test_demo_simulation_end_to_end(tmp_path):
         "--sites",
         "2",
         "--cases",
-        "6",
+        "10",
         "--rounds",
         "1",
         "--local-epochs",
@@ -45,8 +45,12 @@ def test_demo_simulation_end_to_end(tmp_path):
 
     summary = json.loads((out / "server" / "summary.json").read_text(encoding="utf-8"))
     assert summary["rounds_done"] == 1
-    assert set(summary["before"]) == set(summary["after"]) == {"site_a", "site_b"}
+    assert set(summary["before"]) == set(summary["after"]) == set(summary["last"]) == {"site_a", "site_b"}
+    assert summary["selection"]["metric"] == "global/val/dice_1click_mean"
+    assert summary["after_round"] == summary["selection"]["round"] in (0, 1)
+    assert summary["tested_rounds"] == [0, 1]
     assert (out / "server" / "final_adapter.safetensors").is_file()
+    assert (out / "server" / "chosen_adapter.safetensors").is_file()
     assert (out / "server" / "checkpoints" / "LATEST").is_file()
 
     client = MlflowClient(summary["tracking_uri"])
@@ -55,8 +59,8 @@ def test_demo_simulation_end_to_end(tmp_path):
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert len(children) == 2
-    for child in children:
-        for metric in ("test/dice_1click", "test/auc"):
+    for child in children:  # validation every round; the test split once per tested adapter
+        for metric in ("val/dice_1click", "val/auc", "test/dice_1click", "test/auc"):
             steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, metric))
             assert steps == [0, 1], (child.info.run_name, metric, steps)
 

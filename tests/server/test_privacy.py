@@ -32,7 +32,9 @@ MODES = {
 }
 #: Packed adapter layout as shared.protocol sends it: one flat float32 array per model.
 SIZES = {"cls": 6, "seg": 10}
-APP = Path(__file__).resolve().parents[2] / "server" / "app.py"
+SERVER_MODULES = [
+    Path(__file__).resolve().parents[2] / "server" / name for name in ("app.py", "round_end.py")
+]
 
 
 class FakeGrid:
@@ -114,8 +116,17 @@ def flat(values: dict[str, np.ndarray]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ the hooks survive
 def test_every_strategy_attribute_server_app_uses_is_offered_by_the_wrapper():
-    used = set(re.findall(r"\bstrategy\.(\w+)", APP.read_text(encoding="utf-8")))
-    assert {"round_offset", "last_train_metrics", "get_state", "set_state"} <= used  # the regex sees app.py
+    used = {
+        name
+        for module in SERVER_MODULES
+        for name in re.findall(r"\bstrategy\.(\w+)", module.read_text(encoding="utf-8"))
+    }
+    assert {
+        "round_offset",
+        "last_train_metrics",
+        "get_state",
+        "set_state",
+    } <= used  # the regex sees the server
     for mode in MODES:
         strategy = dp_strategy(mode)
         missing = [name for name in used if not hasattr(strategy, name)]

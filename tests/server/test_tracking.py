@@ -53,11 +53,11 @@ def make_adapter(seed: int) -> Adapter:
 def site_eval(dice: float, auc: float, n: int) -> dict[str, float]:
     return {
         "num-examples": n,
-        "test/dice_1click": dice,
-        "test/dice_5click": dice + 0.1,
-        "test/auc": auc,
-        "test/hd95_mm": 10.0 * (1.0 - dice),
-        "test/n_cases_seg": n,
+        "val/dice_1click": dice,
+        "val/dice_5click": dice + 0.1,
+        "val/auc": auc,
+        "val/hd95_mm": 10.0 * (1.0 - dice),
+        "val/n_cases_seg": n,
     }
 
 
@@ -122,57 +122,57 @@ def site_runs(client: MlflowClient, tracker: FederationTracker) -> dict[str, str
 def test_aggregates_are_example_weighted_with_the_worst_site_per_direction():
     per_site = {
         "a": {
-            "test/dice_1click": 0.8,
-            "test/hd95_mm": 5.0,
-            "test/auc": 0.9,
-            "test/n_cases_seg": 10,
+            "val/dice_1click": 0.8,
+            "val/hd95_mm": 5.0,
+            "val/auc": 0.9,
+            "val/n_cases_seg": 10,
             "x": 1.0,
         },
         "b": {
-            "test/dice_1click": 0.6,
-            "test/hd95_mm": 9.0,
-            "test/auc": math.nan,
-            "test/n_cases_seg": 30,
+            "val/dice_1click": 0.6,
+            "val/hd95_mm": 9.0,
+            "val/auc": math.nan,
+            "val/n_cases_seg": 30,
             "x": 3.0,
         },
     }
     agg = aggregate_site_metrics(per_site, {"a": 10, "b": 30})
-    assert agg["test/dice_1click"].mean == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)
-    assert (agg["test/dice_1click"].worst, agg["test/dice_1click"].worst_site) == (0.6, "b")
-    assert (agg["test/hd95_mm"].worst, agg["test/hd95_mm"].worst_site) == (9.0, "b")  # lower is better
-    auc = agg["test/auc"]  # NaN at b is left out, not propagated
+    assert agg["val/dice_1click"].mean == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)
+    assert (agg["val/dice_1click"].worst, agg["val/dice_1click"].worst_site) == (0.6, "b")
+    assert (agg["val/hd95_mm"].worst, agg["val/hd95_mm"].worst_site) == (9.0, "b")  # lower is better
+    auc = agg["val/auc"]  # NaN at b is left out, not propagated
     assert (auc.mean, auc.worst, auc.worst_site, auc.n_sites) == (0.9, 0.9, "a", 1)
-    count = agg["test/n_cases_seg"]
+    count = agg["val/n_cases_seg"]
     assert (count.total, count.mean, count.worst) == (40.0, None, None)
     assert agg["x"].worst is None and agg["x"].mean == pytest.approx(2.5)  # unknown direction: mean only
-    assert agg["test/dice_1click"].as_metrics("test/dice_1click") == {
-        "global/test/dice_1click_mean": pytest.approx(0.65),
-        "global/test/dice_1click_worst": 0.6,
+    assert agg["val/dice_1click"].as_metrics("val/dice_1click") == {
+        "global/val/dice_1click_mean": pytest.approx(0.65),
+        "global/val/dice_1click_worst": 0.6,
     }
 
 
 def test_aggregates_of_all_nan_zero_weights_and_bad_weights():
-    agg = aggregate_site_metrics({"a": {"test/auc": math.nan}, "b": {"test/auc": math.nan}}, {"a": 1, "b": 1})
-    assert math.isnan(agg["test/auc"].mean) and math.isnan(agg["test/auc"].worst)
-    assert agg["test/auc"].worst_site is None and agg["test/auc"].n_sites == 0
-    unweighted = aggregate_site_metrics({"a": {"test/auc": 0.5}, "b": {"test/auc": 1.0}}, {"a": 0, "b": 0})
-    assert unweighted["test/auc"].mean == pytest.approx(0.75)
+    agg = aggregate_site_metrics({"a": {"val/auc": math.nan}, "b": {"val/auc": math.nan}}, {"a": 1, "b": 1})
+    assert math.isnan(agg["val/auc"].mean) and math.isnan(agg["val/auc"].worst)
+    assert agg["val/auc"].worst_site is None and agg["val/auc"].n_sites == 0
+    unweighted = aggregate_site_metrics({"a": {"val/auc": 0.5}, "b": {"val/auc": 1.0}}, {"a": 0, "b": 0})
+    assert unweighted["val/auc"].mean == pytest.approx(0.75)
     with pytest.raises(ValueError, match="no example weight for site 'b'"):
-        aggregate_site_metrics({"a": {"test/auc": 0.5}, "b": {"test/auc": 1.0}}, {"a": 1})
+        aggregate_site_metrics({"a": {"val/auc": 0.5}, "b": {"val/auc": 1.0}}, {"a": 1})
     with pytest.raises(ValueError, match="'a' is -1"):
-        aggregate_site_metrics({"a": {"test/auc": 0.5}}, {"a": -1})
+        aggregate_site_metrics({"a": {"val/auc": 0.5}}, {"a": -1})
 
 
 @pytest.mark.parametrize(
     ("key", "direction"),
     [
-        ("test/dice_1click", "higher"),
-        ("test/auc", "higher"),
-        ("test/specificity", "higher"),
-        ("global/test/dice_5click_mean", "higher"),
-        ("test/hd95_mm", "lower"),
+        ("val/dice_1click", "higher"),
+        ("val/auc", "higher"),
+        ("val/specificity", "higher"),
+        ("global/val/dice_5click_mean", "higher"),
+        ("val/hd95_mm", "lower"),
         ("train/loss", "lower"),
-        ("test/n_cases_cls", "count"),
+        ("val/n_cases_cls", "count"),
         ("federation/eval_examples", "count"),
         ("train/lr", None),
     ],
@@ -186,15 +186,15 @@ def test_round_report_validation_and_json_round_trip():
     assert original.evaluation_weights == {"site-a": 10, "site-b": 20}
     assert original.training["site-a"] == {"train/loss": 1.0}
     back = RoundReport.from_json(json.loads(json.dumps(original.to_json(), allow_nan=False)))
-    assert back.to_json() == original.to_json() and math.isnan(back.evaluation["site-b"]["test/auc"])
+    assert back.to_json() == original.to_json() and math.isnan(back.evaluation["site-b"]["val/auc"])
     with pytest.raises(ValueError, match="no evaluation_weights entry"):
-        RoundReport(1, evaluation={"a": {"test/auc": 0.5}})
+        RoundReport(1, evaluation={"a": {"val/auc": 0.5}})
     with pytest.raises(ValueError, match="must start with 'train/' or 'privacy/'"):
         RoundReport(1, training={"a": {"loss": 0.5}}, training_weights={"a": 1})
     with pytest.raises(ValueError, match="reserved"):
         RoundReport(1, global_metrics={"global/x": 1.0})
     with pytest.raises(ValueError, match="carry no 'num-examples'"):
-        RoundReport.from_site_metrics(1, evaluation={"a": {"test/auc": 0.5}})
+        RoundReport.from_site_metrics(1, evaluation={"a": {"val/auc": 0.5}})
 
 
 def test_privacy_metrics_of_a_site_keep_their_name_in_its_run():
@@ -206,11 +206,11 @@ def test_privacy_metrics_of_a_site_keep_their_name_in_its_run():
 
 def test_update_best_follows_the_metric_direction_and_ignores_nan():
     a, b = make_adapter(1), make_adapter(2)
-    best = update_best(None, adapter=a, metric="global/test/dice_1click_mean", value=0.5, server_round=1)
+    best = update_best(None, adapter=a, metric="global/val/dice_1click_mean", value=0.5, server_round=1)
     assert update_best(best, adapter=b, metric=best.metric, value=0.4, server_round=2) is best
     assert update_best(best, adapter=b, metric=best.metric, value=math.nan, server_round=2) is best
     assert update_best(best, adapter=b, metric=best.metric, value=0.6, server_round=2).adapter is b
-    hd = update_best(None, adapter=a, metric="global/test/hd95_mm_mean", value=5.0, server_round=1)
+    hd = update_best(None, adapter=a, metric="global/val/hd95_mm_mean", value=5.0, server_round=1)
     assert update_best(hd, adapter=b, metric=hd.metric, value=4.0, server_round=2).server_round == 2
     with pytest.raises(ValueError, match="cannot rank"):
         update_best(None, adapter=a, metric="train/lr", value=1.0, server_round=1)
@@ -277,21 +277,19 @@ def test_parent_and_lazy_site_runs_with_a_step_per_round(experiment: str):
     assert parent.data.tags["fedabus.sites"] == "site-a,site-b,site-c"
     runs = site_runs(client, tracker)
     assert set(runs) == {"site-a", "site-b", "site-c"}
-    assert steps(client, runs["site-a"], "test/dice_1click") == [1, 2, 3]
-    assert steps(client, runs["site-c"], "test/auc") == [2, 3]  # created when it first reported
+    assert steps(client, runs["site-a"], "val/dice_1click") == [1, 2, 3]
+    assert steps(client, runs["site-c"], "val/auc") == [2, 3]  # created when it first reported
     assert steps(client, runs["site-a"], "train/loss") == [1, 2, 3]
     assert client.get_run(runs["site-c"]).data.tags["mlflow.runName"] == "site-c"
-    mean = {
-        m.step: m.value for m in client.get_metric_history(tracker.run_id, "global/test/dice_1click_mean")
-    }
+    mean = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "global/val/dice_1click_mean")}
     assert mean[1] == pytest.approx((0.5 * 10 + 0.55 * 20) / 30)
     worst = {
-        m.step: m.value for m in client.get_metric_history(tracker.run_id, "global/test/dice_1click_worst")
+        m.step: m.value for m in client.get_metric_history(tracker.run_id, "global/val/dice_1click_worst")
     }
     assert worst == {1: pytest.approx(0.5), 2: pytest.approx(0.6), 3: pytest.approx(0.7)}
-    assert client.get_metric_history(tracker.run_id, "global/test/auc_mean")[0].value == pytest.approx(0.65)
+    assert client.get_metric_history(tracker.run_id, "global/val/auc_mean")[0].value == pytest.approx(0.65)
     assert steps(client, tracker.run_id, "federation/replies") == [1, 2, 3]
-    assert steps(client, tracker.run_id, "global/test/n_cases_seg_total") == [1, 2, 3]
+    assert steps(client, tracker.run_id, "global/val/n_cases_seg_total") == [1, 2, 3]
     assert tracker.last_logged_round == 3
 
 
@@ -323,7 +321,7 @@ def test_finish_logs_adapters_summary_plots_and_ends_the_runs(experiment: str, t
         tracker.log_round(report(r))
     final, best_adapter = make_adapter(1), make_adapter(2)
     best = update_best(
-        None, adapter=best_adapter, metric="global/test/dice_1click_mean", value=0.6, server_round=1
+        None, adapter=best_adapter, metric="global/val/dice_1click_mean", value=0.6, server_round=1
     )
     tracker.finish(final_adapter=final, best=best)
     client = MlflowClient()
@@ -345,13 +343,13 @@ def test_finish_logs_adapters_summary_plots_and_ends_the_runs(experiment: str, t
     local = Path(client.download_artifacts(tracker.run_id, "", str(tmp_path)))
     loaded = load_adapter(local / "adapters" / "best")
     assert all(torch.equal(loaded.tensors[k], best_adapter.tensors[k]) for k in best_adapter.tensors)
-    assert loaded.manifest["metadata"] == {"round": 1, "metric": "global/test/dice_1click_mean", "value": 0.6}
+    assert loaded.manifest["metadata"] == {"round": 1, "metric": "global/val/dice_1click_mean", "value": 0.6}
     assert load_adapter(local / "adapters" / "final").manifest["metadata"] == {"round": 2}
     summary = json.loads((local / "summary" / "rounds.json").read_text(encoding="utf-8"))
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     first = summary["rounds"][0]
-    assert first["sites"]["site-b"]["test/auc"] is None  # NaN is written as null (valid JSON)
-    assert first["aggregates"]["test/dice_1click"]["worst_site"] == "site-a"
+    assert first["sites"]["site-b"]["val/auc"] is None  # NaN is written as null (valid JSON)
+    assert first["aggregates"]["val/dice_1click"]["worst_site"] == "site-a"
     for name in ("dice", "auc"):
         assert (local / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (
@@ -383,9 +381,9 @@ def test_resume_continues_the_same_runs_without_duplicate_or_missing_steps(exper
 
     client = MlflowClient()
     assert steps(client, parent_id, ROUND_METRIC) == [1, 2, 3, 4]
-    assert steps(client, parent_id, "global/test/dice_1click_mean") == [1, 2, 3, 4]
+    assert steps(client, parent_id, "global/val/dice_1click_mean") == [1, 2, 3, 4]
     for run_id in site_runs(client, tracker).values():
-        assert steps(client, run_id, "test/dice_1click") == [1, 2, 3, 4]
+        assert steps(client, run_id, "val/dice_1click") == [1, 2, 3, 4]
     assert len(site_runs(client, tracker)) == 2  # no second run per site
     assert client.get_run(parent_id).data.tags["fedabus.resumes"] == "1"
     assert client.get_run(parent_id).info.status == "FINISHED"
@@ -413,12 +411,12 @@ def test_resume_after_a_crash_in_the_middle_of_a_round(experiment: str, monkeypa
     assert tracker.log_round(report(2, shift=0.2))  # the redone round has other values
     client = MlflowClient()
     runs = site_runs(client, tracker)
-    history = client.get_metric_history(runs["site-a"], "test/dice_1click")
+    history = client.get_metric_history(runs["site-a"], "val/dice_1click")
     assert [m.step for m in history] == [1, 2] and history[1].value == pytest.approx(
         0.6
     )  # first attempt kept
     assert steps(client, first.run_id, ROUND_METRIC) == [1, 2]
-    mean = client.get_metric_history(first.run_id, "global/test/dice_1click_mean")[-1].value
+    mean = client.get_metric_history(first.run_id, "global/val/dice_1click_mean")[-1].value
     assert mean == pytest.approx((0.6 * 10 + 0.65 * 20) / 30)  # aggregates match what the sites hold
 
 
@@ -498,12 +496,38 @@ def test_a_round_through_a_real_mlflow_server(store: Path, tmp_path: Path, monke
         assert [r.to_json() for r in reopened.history] == [report(1).to_json()]
         client = MlflowClient(tracking_uri=url)
         runs = site_runs(client, tracker)
-        assert steps(client, runs["site-b"], "test/auc") == [1]
-        assert math.isnan(client.get_metric_history(runs["site-b"], "test/auc")[0].value)
-        assert steps(client, tracker.run_id, "global/test/dice_1click_mean") == [1]
+        assert steps(client, runs["site-b"], "val/auc") == [1]
+        assert math.isnan(client.get_metric_history(runs["site-b"], "val/auc")[0].value)
+        assert steps(client, tracker.run_id, "global/val/dice_1click_mean") == [1]
         assert {f.path for f in client.list_artifacts(tracker.run_id, "adapters")} >= {
             "adapters/final.safetensors"
         }
         assert any((tmp_path / "artifacts").rglob("final.safetensors"))
     finally:
         _stop(process)
+
+
+def test_final_test_metrics_are_logged_once_at_the_tested_rounds_without_a_round_sentinel(experiment: str):
+    tracker = start(experiment)
+    for r in (1, 2):
+        tracker.log_round(report(r))
+    test = RoundReport.from_site_metrics(
+        1,
+        evaluation={
+            "site-a": {"num-examples": 4, "test/dice_1click": 0.7},
+            "site-b": {"num-examples": 6, "test/dice_1click": 0.5},
+        },
+    )
+    assert tracker.log_test(test) and not tracker.log_test(test)  # a resumed server never logs it twice
+    assert tracker.tested_rounds() == {1}
+    client = MlflowClient()
+    runs = site_runs(client, tracker)
+    assert steps(client, runs["site-a"], "test/dice_1click") == [1]
+    assert steps(client, runs["site-a"], "federation/test_examples") == [1]
+    assert steps(client, tracker.run_id, "global/test/dice_1click_mean") == [1]
+    mean = client.get_metric_history(tracker.run_id, "global/test/dice_1click_mean")[0].value
+    assert mean == pytest.approx((0.7 * 4 + 0.5 * 6) / 10)
+    assert steps(client, tracker.run_id, "federation/round") == [1, 2]  # a test is not a round
+    resumed = FederationTracker.resume(tracker.run_id)
+    assert [r.server_round for r in resumed.history] == [1, 2]
+    assert all(not k.startswith("test/") for r in resumed.history for m in r.evaluation.values() for k in m)

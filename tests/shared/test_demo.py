@@ -32,17 +32,18 @@ def test_default_test_split_holds_both_classes_and_enough_lesions(tmp_path: Path
         assert benign + malignant < args.cases / 2  # most cases still train
 
 
-def test_demo_split_has_no_validation_cases(tmp_path: Path) -> None:
-    options = replace(demo_synth_options(0.5), shape=(24, 32, 32))
-    generate_consortium(tmp_path, sites=1, cases=8, seed=3, options=replace(options, lesion_median_cm3=0.05))
+def test_demo_split_has_train_validation_and_test_cases(tmp_path: Path) -> None:
+    options = replace(demo_synth_options(), shape=(24, 32, 32))
+    generate_consortium(tmp_path, sites=1, cases=36, seed=3, options=replace(options, lesion_median_cm3=0.05))
     splits = [
         c["split"]
         for c in json.loads((tmp_path / "consortium.json").read_text(encoding="utf-8"))["sites"][0]["cases"]
     ]
-    assert "val" not in splits and splits.count("test") == splits.count("train") == 4
+    assert splits.count("test") == 16 and 4 <= splits.count("val") <= 6  # validation chooses the round
+    assert splits.count("train") == 36 - 16 - splits.count("val")
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])
+@pytest.mark.parametrize("fraction", [0.0, 0.9, -0.2, 1.5])
 def test_test_fraction_outside_zero_one_is_refused(fraction: float) -> None:
     with pytest.raises(ValueError, match="--test-fraction"):
         demo_synth_options(fraction)
@@ -113,3 +114,31 @@ def test_site_table_reports_the_epsilon_each_site_spent_under_dp() -> None:
     plain = io.StringIO()
     print_site_table({"before": {"site_a": site}, "after": {"site_a": site}}, file=plain)
     assert "DP" not in plain.getvalue()
+
+
+def test_demo_sets_its_cpu_settings_and_records_the_base_it_uses(tmp_path: Path) -> None:
+    """The run config's defaults are the real sites' (ResNet-50, progress bars): the demo's simulation sets its
+    own values explicitly, takes the classifier's architecture from the base's manifest, and every key it sets
+    is one that Flower accepts."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict, fuse_dicts
+
+    from shared.base import BASE_FORMAT
+    from shared.config import load_run_config
+    from shared.demo import demo_run_config
+
+    base = tmp_path / "base"
+    (tmp_path / "base.safetensors").write_bytes(b"")
+    manifest = {"format": BASE_FORMAT, "cls_config": {"depth": 18, "planes": [], "norm_groups": 8}}
+    (tmp_path / "base.json").write_text(json.dumps(manifest), encoding="utf-8")
+    args = _demo_args("--rounds", "2", "--set", "train.eval-clicks=2")
+    overrides = demo_run_config(
+        args, base_path=base, sites_dir=tmp_path / "sites", work=tmp_path / "server", eval_interval=1
+    )
+    assert overrides["train.progress"] is False and overrides["train.eval-clicks"] == 2
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text("utf-8"))
+    fused = fuse_dicts(flatten_dict(pyproject["tool"]["flwr"]["app"]["config"]), overrides, check_keys=True)
+    config = load_run_config(fused)
+    assert (config.model.cls_depth, config.model.cls_norm_groups) == (18, 8)
+    assert config.model.base_path == str(base) and fused["num-server-rounds"] == 2

@@ -1,0 +1,178 @@
+"""Run a federation in Flower's simulation engine, as ``flwr run`` with a managed local SuperLink does.
+
+Used by ``fedabus demo`` and by the federated arms of ``fedabus study``. The run's Flower home is a folder of the
+caller's (never the user's ``~/.flwr``); the managed local SuperLink this starts is stopped afterwards (never one
+that was already running). Run-config values go in as one ``-c`` string (:func:`run_config_overrides`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.noise import pythonwarnings
+
+__all__ = [
+    "LOCAL_SUPERLINK_PORT",
+    "app_dir",
+    "run_config_overrides",
+    "run_simulation",
+    "write_local_connection",
+]
+
+
+def app_dir() -> Path:
+    """The Flower app folder (the checkout holding pyproject.toml)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise RuntimeError(f"{root}: no pyproject.toml; run the demo from a fedabus source checkout")
+    return root
+
+
+def _listening_pids(port: int) -> set[int]:
+    import psutil
+
+    pids = set()
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            pids.add(conn.pid)
+    return pids
+
+
+#: The managed local SuperLink of Flower's simulation serves its control API on this fixed port.
+LOCAL_SUPERLINK_PORT = 39091
+
+
+def _stop_local_superlink(pids: set[int]) -> None:
+    """Stop the managed local SuperLink processes this demo started (never one that was already running),
+    with their child processes (the SuperExec and simulation runtimes)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONWARNINGS"] = pythonwarnings(env.get("PYTHONWARNINGS", ""))
+    # Simulated sites run side by side with one CPU each; torch's default thread pool per site would
+    # oversubscribe the cores and slow every site down several times.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def write_local_connection(flwr_home: Path, name: str = "fedabus-local") -> str:
+    """A ``config.toml`` whose connection ``name`` is Flower's managed local simulation."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = ":local:"\n', encoding="utf-8"
+    )
+    return name
+
+
+def run_config_overrides(values: dict[str, object]) -> list[str]:
+    """``-c`` arguments for ``flwr run``: ONE string of ``key=value`` pairs (TOML values).
+
+    Flower 1.41 merges repeated ``-c`` options with a shallow dict update, so ``-c a.x=1 -c a.y=2`` would
+    keep only ``a.y``; a single string keeps every key.
+    """
+    pairs = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            if '"' in str(value):
+                raise ValueError(f"run config value {value!r} of {key} may not contain a double quote")
+            text = f'"{value}"'
+        pairs.append(f"{key}={text}")
+    return ["-c", " ".join(pairs)]
+
+
+def run_simulation(
+    overrides: dict[str, object],
+    *,
+    sites: int,
+    flwr_home: Path,
+    cwd: Path,
+    keep_superlink: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    log_path: Path | None = None,
+) -> int:
+    """``flwr run`` of the app on ``sites`` simulated SuperNodes (one CPU each) with ``overrides``; returns its
+    exit code. Without ``on_line``/``log_path`` the output streams to this console; with them every line goes
+    to ``log_path`` and ``on_line`` sees it (e.g. to relay the per-round progress)."""
+    connection = write_local_connection(flwr_home)
+    command = [
+        "flwr",
+        "run",
+        str(app_dir()),
+        connection,
+        "--stream",
+        *run_config_overrides(overrides),
+        "--federation-config",
+        f"num-supernodes={sites} client-resources-num-cpus=1",
+    ]
+    before = _listening_pids(LOCAL_SUPERLINK_PORT)
+    env = flwr_env(flwr_home)
+    try:
+        if on_line is None and log_path is None:
+            return subprocess.run(command, env=env, cwd=cwd, check=False).returncode
+        return _run_logged(command, env, cwd, on_line, log_path)
+    finally:
+        started_here = _listening_pids(LOCAL_SUPERLINK_PORT) - before
+        if not keep_superlink:
+            _stop_local_superlink(started_here)
+
+
+def _run_logged(
+    command: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    on_line: Callable[[str], None] | None,
+    log_path: Path | None,
+) -> int:
+    log = log_path.open("a", encoding="utf-8") if log_path is not None else None
+    try:
+        with subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if log is not None:
+                    log.write(line)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"))
+            return process.wait()
+    finally:
+        if log is not None:
+            log.close()
