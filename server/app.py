@@ -20,9 +20,10 @@ from flwr.serverapp import Grid, ServerApp
 from server.checkpoint import ServerCheckpoint
 from server.final_test import TestedAdapter, run_final_test
 from server.handshake import SiteVetting
+from server.reports import RoundReport
 from server.round_end import RoundEnd, write_json
 from server.strategies import build_strategy
-from server.tracking import FederationTracker, RoundReport
+from server.tracking import FederationTracker
 from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, load_run_config, to_flat_dict

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.tracking import BestAdapter
+from server.reports import BestAdapter
 from shared import __version__
 from shared.adapters import Adapter, AdapterError, load_adapter, save_adapter
 

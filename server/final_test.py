@@ -16,8 +16,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.reports import RoundReport
 from server.strategies import metrics_by_site, site_of
-from server.tracking import FederationTracker, RoundReport
+from server.tracking import FederationTracker
 from shared.adapters import Adapter
 from shared.protocol import ARRAYS, CONFIG, adapter_to_record
 

@@ -483,7 +483,8 @@ class ClientDPHooks:
 
     def privacy_metrics(self) -> dict[str, float]:
         """Parent-run metrics after a round: ``privacy/client_epsilon`` (at the sampling rate), the ε without
-        sampling amplification, and the last release's clip norm and noise std. Infinite ε (σ = 0) is left out."""
+        sampling amplification, and the last release's clip norm and noise std. Infinite ε (σ = 0) is left out.
+        The directions of these names are declared in :data:`shared.metrics.DIRECTIONS`."""
         out = {
             "privacy/client_epsilon": self.client_accountant.epsilon(),
             "privacy/client_epsilon_no_amplification": self.client_accountant.epsilon(amplification=False),

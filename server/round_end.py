@@ -22,7 +22,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.checkpoint import ServerCheckpoint
-from server.tracking import BestAdapter, FederationTracker, RoundReport, update_best
+from server.reports import BestAdapter, RoundReport, update_best
+from server.tracking import FederationTracker
 from shared.adapters import Adapter
 from shared.protocol import layout_of, record_to_adapter
 

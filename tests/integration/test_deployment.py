@@ -9,7 +9,7 @@ MLflow store. ``flwr run`` can exit 0 when the ServerApp failed, so success is j
 Every federated round costs real time here (Flower starts a fresh ClientApp process per message), so one
 federation serves two tests: the ``interrupted`` fixture runs a 2-round federation and kills the server once
 round 1 is done; the first test checks that complete round, the resume test restarts the server and finishes.
-The killed-site test has its own consortium.
+The killed-site test then reuses that consortium (its SuperLink and SuperNodes) and kills one site.
 
 That an unregistered site key is refused is tested in
 tests/deployment/test_superlink_tls.py::test_registered_site_joins_and_unregistered_site_is_refused.
@@ -125,12 +125,6 @@ def _running_federation(root: Path, consortium: Consortium) -> Iterator[Federati
         yield federation
     finally:
         deployment.stop_all()
-
-
-@pytest.fixture
-def federation(consortium: Consortium, tmp_path: Path) -> Iterator[Federation]:
-    with _running_federation(tmp_path, consortium) as federation:
-        yield federation
 
 
 def _finish(run: subprocess.Popen, log: Path, timeout: float) -> str:
@@ -296,7 +290,14 @@ def test_resume_after_the_server_is_killed(interrupted: Interrupted) -> None:
 
 
 @pytest.mark.timeout(1500)
-def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federation, tmp_path: Path) -> None:
+def test_a_site_killed_mid_round_does_not_hang_the_federation(
+    interrupted: Interrupted, tmp_path: Path
+) -> None:
+    # The consortium of the resume test, so its SuperLink and SuperNodes are not started twice; the SuperLink
+    # is up again unless this test runs alone (then it is restarted here and the SuperNodes reconnect).
+    federation = interrupted.federation
+    if federation.superlink is None or federation.superlink.poll() is not None:
+        federation.start_superlink()
     # min-sites 1: round 1 finishes with the surviving site once the SuperLink declares the dead one gone
     # (two missed 30 s heartbeats). The timeouts are generous so that a busy machine cannot close them; the
     # run must still end by itself, without waiting for either.
@@ -306,11 +307,15 @@ def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federa
         "federation.sample-timeout": 300.0,
         "federation.final-test": False,
     }
-    run, log = federation.start_run(
-        federation.overrides(work, **{"federation.min-sites": 1, **timeouts}), "flwr-run-1.log"
-    )
     victim, victim_log = federation.nodes["site_b"]
-    training = lambda: "Receiving: train message" in victim_log.read_text(encoding="utf-8", errors="replace")
+    trains = lambda: victim_log.read_text(encoding="utf-8", errors="replace").count(
+        "Receiving: train message"
+    )
+    earlier = trains()  # the rounds of the resume test
+    training = lambda: trains() > earlier
+    run, log = federation.start_run(
+        federation.overrides(work, **{"federation.min-sites": 1, **timeouts}), "flwr-run-killed-1.log"
+    )
     wait_until(training, "site_b receiving its round-1 train message", 900, run, log)
     stop(victim, crash=True)  # the SuperNode and its ClientApp die without a goodbye
     killed = time.monotonic()
@@ -331,7 +336,7 @@ def test_a_site_killed_mid_round_does_not_hang_the_federation(federation: Federa
     timeouts["federation.sample-timeout"] = 20.0
     started = time.monotonic()
     run, log = federation.start_run(
-        federation.overrides(work, **{"federation.min-sites": 2, **timeouts}), "flwr-run-2.log"
+        federation.overrides(work, **{"federation.min-sites": 2, **timeouts}), "flwr-run-killed-2.log"
     )
     output = _finish(run, log, timeout=600)
     stalled = time.monotonic() - started

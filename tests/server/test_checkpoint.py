@@ -20,7 +20,7 @@ from server.checkpoint import (
     config_fingerprint,
     load_latest,
 )
-from server.tracking import BestAdapter
+from server.reports import BestAdapter
 from shared.adapters import ADAPTER_FORMAT, Adapter
 
 CONFIG = {

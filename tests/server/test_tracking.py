@@ -20,20 +20,28 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from server.tracking import (
+from client.egress import EVAL_METRIC_NAMES, PRIVACY_METRIC_KEYS, TRAIN_METRIC_KEYS, eval_metric_keys
+from server.reports import (
+    EVAL_WEIGHT_METRIC,
     ROUND_METRIC,
-    FederationTracker,
+    TEST_WEIGHT_METRIC,
+    TRAIN_WEIGHT_METRIC,
     RoundReport,
-    TrackingError,
     aggregate_site_metrics,
+    update_best,
+)
+from server.tracking import (
+    FederationTracker,
+    TrackingError,
     code_version,
     describe_location,
-    metric_direction,
     resolve_tracking_uri,
-    update_best,
 )
 from shared import __version__
 from shared.adapters import ADAPTER_FORMAT, Adapter, load_adapter
+from shared.config import SELECT_METRICS
+from shared.metrics import metric_direction
+from shared.protocol import NUM_EXAMPLES
 
 CODE = {"fedabus-version": __version__, "git-commit": "0123abc", "git-dirty": "false"}
 CONFIG = {"train.seg-lr": 0.0002, "adapter.lora-rank": 4, "num-server-rounds": 4}
@@ -179,6 +187,56 @@ def test_aggregates_of_all_nan_zero_weights_and_bad_weights():
 )
 def test_metric_direction(key, direction):
     assert metric_direction(key) == direction
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_every_metric_a_site_sends_has_a_declared_direction(split: str):
+    keys = {*eval_metric_keys(5, split=split), *TRAIN_METRIC_KEYS, *PRIVACY_METRIC_KEYS}
+    assert {f"{split}/{name}" for name in EVAL_METRIC_NAMES} <= keys
+    bounds = {k for k in keys if k.endswith(("_ci_low", "_ci_high"))}
+    assert bounds and all(
+        metric_direction(k) is None for k in bounds
+    )  # a confidence bound has no better side
+    undeclared = sorted(k for k in keys - bounds if metric_direction(k) is None)
+    assert not undeclared, f"declare their direction in shared.metrics.DIRECTIONS: {undeclared}"
+    for key in keys - bounds:  # the server's aggregates keep the direction
+        assert metric_direction(f"global/{key}_mean") == metric_direction(key)
+
+
+@pytest.mark.parametrize(
+    ("key", "direction"),
+    [
+        (NUM_EXAMPLES, "count"),
+        (EVAL_WEIGHT_METRIC, "count"),
+        (TRAIN_WEIGHT_METRIC, "count"),
+        (TEST_WEIGHT_METRIC, "count"),
+        ("val/dice_5click", "higher"),
+        ("test/dice_12click", "higher"),
+        ("val/auc_gt_planes", "higher"),
+        ("val/auc_gt_planes_ci_low", None),
+        ("global/val/hd95_mm_worst", "lower"),
+        ("global/val/n_cases_seg_total", "count"),
+        ("train/seg_loss", "lower"),
+        ("privacy/seg_epsilon", "lower"),
+        ("privacy/client_epsilon", "lower"),
+        ("privacy/noise_multiplier_cls", "higher"),
+        ("test/birads/4A/dice_mean", "higher"),
+        ("test/volume/0-5/hd95_mm_std", None),
+        ("test/volume/0-5/hd95_mm_count", "count"),
+        ("val/hd95_undefined", "count"),
+        ("federation/replies", None),
+        ("val/dice_0click", None),
+        ("val/dicey", None),
+        ("global/val/dice", None),
+    ],
+)
+def test_metric_direction_is_looked_up_not_guessed(key, direction):
+    assert metric_direction(key) == direction
+
+
+@pytest.mark.parametrize("name", SELECT_METRICS)
+def test_every_selection_metric_can_rank_rounds(name: str):
+    assert metric_direction(f"global/val/{name}_mean") == "higher"
 
 
 def test_round_report_validation_and_json_round_trip():
