@@ -1,12 +1,17 @@
-"""`fedabus study` end to end on a 3-site synthetic consortium: every arm (the federated ones as real Flower
-simulations), every model tested on every site, the tables, the report, MLflow, and a resume that reuses every
-finished arm."""
+"""`fedabus study` end to end on a 3-site synthetic consortium: the arms (the federated one as a real Flower
+simulation), every model tested on every site, the tables, the report, MLflow, and a resume that reuses every
+finished arm.
+
+The default run studies zero-shot, local, pooled and federated (one simulation); leave-one-site-out adds three
+more simulations, so its real run is opt-in (``pytest -m study``; its orchestration is tested without Flower in
+tests/shared/study/test_arms.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -17,25 +22,39 @@ from shared.data.synth import generate_consortium
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ARMS = ("zero-shot", "local", "pooled", "federated", "loso")
+ARMS = ("zero-shot", "local", "pooled", "federated")
+ALL_ARMS = (*ARMS, "loso")
 CHEAP = ("model.cls-depth=18", "train.seg-epochs=1", "train.cls-epochs=1", "train.eval-clicks=2",
          "train.seg-click-iterations=1")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("study")
+def _study(root: Path, arms: tuple[str, ...]) -> dict:
     folders = generate_consortium(root / "sites", sites=3, cases=10, seed=4)
     base = save_base(build_random_base("small", cls_depth=18, seed=0), root / "base")
-    argv = ["study", "--sites", *map(str, folders), "--arms", ",".join(ARMS), "--base", str(base)]
+    argv = ["study", "--sites", *map(str, folders), "--arms", ",".join(arms), "--base", str(base)]
     argv += ["--rounds", "1", "--out", str(root / "out"), "--device", "cpu"]
     for item in CHEAP:
         argv += ["--set", item]
-    return {"root": root, "argv": argv, "sites": [f.name for f in folders], "out": root / "out"}
+    return {"root": root, "argv": argv, "sites": [f.name for f in folders], "out": root / "out", "arms": arms}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _study(tmp_path_factory.mktemp("study"), ARMS)
 
 
 @pytest.mark.timeout(1800)
 def test_every_arm_tests_every_model_on_every_site(study: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    _check_study(study, capsys)
+
+
+@pytest.mark.study
+@pytest.mark.timeout(2400)
+def test_all_five_arms_for_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _check_study(_study(tmp_path, ALL_ARMS), capsys)
+
+
+def _check_study(study: dict, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(study["argv"]) == 0
     printed = capsys.readouterr().out
     assert "Dice@1 [95% CI]" in printed and "report:" in printed
@@ -44,7 +63,8 @@ def test_every_arm_tests_every_model_on_every_site(study: dict, capsys: pytest.C
         rows = list(csv.DictReader(handle))
     assert {"arm", "model", "test_site", "metric", "value", "ci_low", "ci_high", "n"} <= set(rows[0])
     models = {"zero-shot", "pooled", "federated", *(f"local:{s}" for s in study["sites"])}
-    models |= {f"loso:-{s}" for s in study["sites"]}
+    if "loso" in study["arms"]:
+        models |= {f"loso:-{s}" for s in study["sites"]}
     dice = [r for r in rows if r["metric"] == "dice_1click"]
     assert {(r["model"], r["test_site"]) for r in dice} == {(m, s) for m in models for s in study["sites"]}
     for r in dice:
@@ -55,7 +75,7 @@ def test_every_arm_tests_every_model_on_every_site(study: dict, capsys: pytest.C
         if r["model"] == "zero-shot":
             assert not internal
     summary = json.loads((out / "study.json").read_text(encoding="utf-8"))
-    assert summary["arms"] == list(ARMS) and set(summary["site_fingerprints"]) == set(study["sites"])
+    assert summary["arms"] == list(study["arms"]) and set(summary["site_fingerprints"]) == set(study["sites"])
     assert "validation" in summary["selection_rule"] and summary["comparisons"]
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 5 and "Findings" in html
@@ -68,7 +88,7 @@ def test_every_arm_tests_every_model_on_every_site(study: dict, capsys: pytest.C
     nested = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
     )
-    assert {r.data.tags["fedabus.arm"] for r in nested} == set(ARMS)
+    assert {r.data.tags["fedabus.arm"] for r in nested} == set(study["arms"])
     federated = next(r for r in nested if r.data.tags["fedabus.arm"] == "federated")
     beneath = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{federated.info.run_id}'"
