@@ -179,8 +179,8 @@ def _final_test(
         TestedAdapter("before", 0, end.initial),
     ]
     online = set(grid.get_node_ids())
-    nodes = [n for n in vetting.accepted if n in online]
-    results = run_final_test(grid, nodes, adapters, config=config, timeout=timeout, tracker=end.tracker)
+    sites = {node: name for node, name in vetting.accepted.items() if node in online}
+    results = run_final_test(grid, sites, adapters, config=config, timeout=timeout, tracker=end.tracker)
     end.summary.update(results)
     end.summary["after_round"] = adapters[0].server_round
     end.summary["last_round"] = last_round

@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.replies import Recipients, metrics_by_site, site_of
 from server.reports import RoundReport
-from server.strategies import metrics_by_site, site_of
 from server.tracking import FederationTracker
 from shared.adapters import Adapter
 from shared.protocol import ARRAYS, CONFIG, adapter_to_record
@@ -35,8 +35,9 @@ class TestedAdapter:
 
 
 def _ask(
-    grid: Grid, nodes: list[int], adapter: Adapter, config: ConfigRecord, timeout: float
+    grid: Grid, sites: dict[int, str], adapter: Adapter, config: ConfigRecord, timeout: float
 ) -> list[Message]:
+    """Every site in ``sites`` (node -> name) evaluates ``adapter`` on its test split."""
     record = adapter_to_record(adapter.tensors)
     content = {**dict(config), "split": "test"}
     messages = [
@@ -45,25 +46,27 @@ def _ask(
             dst_node_id=node,
             message_type=MessageType.EVALUATE,
         )
-        for node in nodes
+        for node in sites
     ]
+    recipients = Recipients()
+    recipients.remember(messages, sites)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     for reply in replies:
         if reply.has_error():
-            log(WARNING, "Final test: site %s failed: %s", site_of(reply), reply.error.reason)
+            log(WARNING, "Final test: site %s failed: %s", site_of(reply, recipients), reply.error.reason)
     return replies
 
 
 def run_final_test(
     grid: Grid,
-    nodes: list[int],
+    sites: dict[int, str],
     adapters: list[TestedAdapter],
     *,
     config: ConfigRecord,
     timeout: float,
     tracker: FederationTracker,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Test each distinct adapter (by round) once at every node in ``nodes``; log the metrics to MLflow at
+    """Test each distinct adapter (by round) once at every site in ``sites`` (node -> name); log the metrics to MLflow at
     the adapter's round and return ``{role: {site: metrics}}`` (roles sharing a round share the result)."""
     results: dict[int, dict[str, dict[str, float]]] = {}
     for tested in adapters:
@@ -75,7 +78,7 @@ def run_final_test(
             tested.role,
             tested.server_round,
         )
-        metrics = metrics_by_site(_ask(grid, nodes, tested.adapter, config, timeout))
+        metrics = metrics_by_site(_ask(grid, sites, tested.adapter, config, timeout))
         results[tested.server_round] = metrics
         if metrics:
             tracker.log_test(RoundReport.from_site_metrics(tested.server_round, evaluation=metrics))

@@ -62,7 +62,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
-from server.strategies import metrics_by_site, site_of, updates_of
+from server.replies import metrics_by_site, site_of, updates_of
 from shared.config import ConfigError, PrivacyConfig
 from shared.privacy.opacus_loader import load_opacus
 from shared.protocol import ARRAYS, METRICS
@@ -377,6 +377,7 @@ class ClientDPHooks:
     last_train_metrics = _forwarded("last_train_metrics")
     last_eval_metrics = _forwarded("last_eval_metrics")
     last_sample_population = _forwarded("last_sample_population")
+    recipients = _forwarded("recipients")
 
     @property
     def client_side(self) -> bool:
@@ -403,9 +404,14 @@ class ClientDPHooks:
         logged_round = server_round + self.round_offset
         site_metrics = {
             site: {k: v for k, v in values.items() if k != KEY_NORM_BIT}  # per-site clip bits stay private
-            for site, values in metrics_by_site(replies).items()
+            for site, values in metrics_by_site(replies, self.strategy.recipients).items()
         }
-        usable = [msg for msg in updates_of(logged_round, replies) if self._usable(logged_round, msg, plan)]
+        recipients = self.strategy.recipients
+        usable = [
+            msg
+            for msg in updates_of(logged_round, replies, recipients)
+            if self._usable(logged_round, msg, plan)
+        ]
         try:
             if not usable:
                 log(WARNING, "Round %d: no usable update; global adapter unchanged, no ε spent", logged_round)
@@ -436,7 +442,13 @@ class ClientDPHooks:
             norm = update_norm(record, plan.reference)
             problem = None if math.isfinite(norm) else "a non-finite update"
         if problem is not None:
-            log(WARNING, "Round %d: site %s sent %s; dropped", server_round, site_of(msg), problem)
+            log(
+                WARNING,
+                "Round %d: site %s sent %s; dropped",
+                server_round,
+                site_of(msg, self.strategy.recipients),
+                problem,
+            )
             return False
         if norm == 0.0:
             return False  # a zero update adds nothing to the sum (and Flower's clipping divides by its norm)
@@ -445,7 +457,7 @@ class ClientDPHooks:
                 WARNING,
                 "Round %d: site %s sent an unclipped update (norm %.4g > clip norm %.4g); clipped here",
                 server_round,
-                site_of(msg),
+                site_of(msg, self.strategy.recipients),
                 norm,
                 plan.clipping_norm,
             )

@@ -4,11 +4,16 @@
 
 * sample sites with a deadline, so a round never waits forever for ``min_available_nodes``: sites that are
   online but still answering the handshake are waited for (up to ``connect_timeout``), sites that are gone are
-  not (:class:`FederationStalled` after ``sample_timeout`` seconds);
+  not (:class:`FederationStalled` after ``sample_timeout`` seconds). Flower's own ``configure_*`` then samples
+  its fraction from a view of the grid holding only the admitted sites; nothing of Flower is patched;
 * number rounds from ``round_offset + 1`` so a resumed run continues its numbering;
 * skip client evaluation on rounds off the evaluation interval;
 * drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
-* remember, per round, which site sent which metrics (``last_train_metrics`` / ``last_eval_metrics``), for tracking.
+* remember, per round, which site sent which metrics (``last_train_metrics`` / ``last_eval_metrics``), for tracking,
+  and where each message went (``recipients``, per instance), to name a site whose reply is an error.
+
+Each strategy is a plain subclass (``FedabusFedAvg(FedabusHooks, FedAvg)``, ...) of the Flower strategy that
+:data:`STRATEGIES` names.
 
 Strategy state that must survive a restart (FedAdam/Yogi/Adagrad moments) is exposed through
 :meth:`FedabusHooks.get_state` / :meth:`FedabusHooks.set_state`.
@@ -21,12 +26,11 @@ ServerApp does not care which one it holds (:data:`FederationStrategy`).
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -34,11 +38,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
+from server import privacy as client_dp
+from server.replies import Recipients, metrics_by_site, site_of, updates_of
 from shared.config import PrivacyConfig
-from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
-
-if TYPE_CHECKING:
-    from server.privacy import ClientDPHooks
+from shared.protocol import NUM_EXAMPLES
 
 __all__ = [
     "STRATEGIES",
@@ -70,66 +73,20 @@ class FederationStalled(RuntimeError):
     """Not enough sites were online within the deadline; the run stops instead of hanging."""
 
 
-class _Recipients:
-    """Who the messages of the last rounds went to. Flower's error replies (a site died or timed out) come from
-    the SuperLink itself; their ``reply_to_message_id`` is the only link back to the site."""
+class _AdmittedSites:
+    """A grid as Flower's sampling sees it in one ``configure_*`` call: only the sites fedabus admitted and
+    waited for (everything else is the real grid). Flower's ``sample_nodes`` then finds enough sites at once
+    and samples its fraction of them, so its own wait-forever loop never runs."""
 
-    def __init__(self) -> None:
-        self.sent: list[Message] = []
-        self.names: dict[int, str] = {}
+    def __init__(self, grid: Grid, admitted: list[int]) -> None:
+        self._grid = grid
+        self._admitted = list(admitted)
 
-    def remember(self, messages: list[Message], names: dict[int, str]) -> None:
-        # The grid sets each message's id when it pushes it, so ids are read at lookup time.
-        self.sent = [*self.sent[-len(messages) * 2 :], *messages] if messages else self.sent
-        self.names.update(names)
+    def get_node_ids(self) -> list[int]:
+        return list(self._admitted)
 
-    def name_of(self, reply: Message) -> str | None:
-        target = reply.metadata.reply_to_message_id
-        for message in self.sent:
-            if target and message.metadata.message_id == target:
-                node = message.metadata.dst_node_id
-                return self.names.get(node, f"node-{node}")
-        return None
-
-
-_RECIPIENTS = _Recipients()
-
-
-def site_of(message: Message) -> str:
-    """The site name a reply declares (``site`` ConfigRecord); for an error reply the site the message went to
-    (its name from the handshake); else the sending node id."""
-    record = message.content.config_records.get(SITE) if message.has_content() else None
-    if record is not None and "site-id" in record:
-        return str(record["site-id"])
-    if message.has_error():
-        name = _RECIPIENTS.name_of(message)
-        if name is not None:
-            return name
-    return f"node-{message.metadata.src_node_id}"
-
-
-def metrics_by_site(replies: Iterable[Message]) -> dict[str, dict[str, float]]:
-    """``{site: {metric: value}}`` of the replies that carry a metrics record (failed sites have none)."""
-    out = {}
-    for msg in replies:
-        if msg.has_error() or METRICS not in msg.content.metric_records:
-            continue
-        out[site_of(msg)] = {k: float(v) for k, v in msg.content.metric_records[METRICS].items()}
-    return out
-
-
-def updates_of(server_round: int, replies: Iterable[Message]) -> list[Message]:
-    """The replies that carry an update; logs every site that failed or sent none (with its reason)."""
-    with_update = []
-    for msg in replies:
-        if msg.has_error():
-            log(WARNING, "Round %d: site %s failed: %s", server_round, site_of(msg), msg.error.reason)
-        elif ARRAYS in msg.content.array_records:
-            with_update.append(msg)
-        else:
-            reason = msg.content.config_records.get(SITE, {}).get("declined", "no update sent")
-            log(WARNING, "Round %d: site %s sent no update: %s", server_round, site_of(msg), reason)
-    return with_update
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 class FedabusHooks:
@@ -147,6 +104,8 @@ class FedabusHooks:
     node_vetting: Callable[[Iterable[int]], set[int]] | None = None
     #: Number of eligible sites the last sampling chose from (the population of client-level DP accounting).
     last_sample_population: int | None = None
+    #: Where this strategy's messages went (names failed sites); set per instance by :func:`build_strategy`.
+    recipients: Recipients
 
     def _eligible(self, online: list[int]) -> tuple[list[int], list[int]]:
         """``(admitted, connecting)`` among the ``online`` nodes: admitted sites that may be sampled, and
@@ -157,13 +116,13 @@ class FedabusHooks:
         allowed = [n for n in online if self.allowed_nodes is None or n in self.allowed_nodes]
         return [n for n in allowed if n in accepted], [n for n in allowed if n in connecting]
 
-    def _sample(self, grid: Grid, min_available: int, sample_size: int) -> list[int]:
-        """Sample ``sample_size`` admitted sites once ``min_available`` are online; never wait forever.
+    def _wait_for_sites(self, grid: Grid, min_available: int) -> list[int]:
+        """The admitted sites once ``min_available`` of them are online; never waits forever.
 
-        Sampling waits for sites still answering the handshake ("slow to connect") up to ``sample_timeout``
-        once enough are admitted, and past it, up to ``connect_timeout``, while they could still make up
-        ``min_available``. It stops with :class:`FederationStalled` after ``sample_timeout`` when even the
-        connecting sites would be too few: the others are gone (offline at the SuperLink, or refused).
+        Waits for sites still answering the handshake ("slow to connect") up to ``sample_timeout`` once enough
+        are admitted, and past it, up to ``connect_timeout``, while they could still make up ``min_available``.
+        Stops with :class:`FederationStalled` after ``sample_timeout`` when even the connecting sites would be
+        too few: the others are gone (offline at the SuperLink, or refused).
         """
         started = time.monotonic()
         noted = -math.inf
@@ -173,7 +132,7 @@ class FedabusHooks:
             waited = time.monotonic() - started
             if len(admitted) >= min_available and (not connecting or waited >= self.sample_timeout):
                 self.last_sample_population = len(admitted)
-                return random.sample(admitted, min(sample_size, len(admitted)))
+                return admitted
             if waited >= self.sample_timeout and (
                 len(admitted) + len(connecting) < min_available
                 or waited >= max(self.sample_timeout, self.connect_timeout)
@@ -196,53 +155,36 @@ class FedabusHooks:
                 )
             time.sleep(self.poll_interval)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        server_round += self.round_offset
-        # Let subclasses (FedProx's mu, FedOpt's current arrays) do their part, but sample with a deadline.
-        original_sampler = self._sample_hook_swap()
-        try:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-        finally:
-            self._sample_hook_restore(original_sampler)
-        _RECIPIENTS.remember(messages, dict(getattr(self.node_vetting, "accepted", {})))
+    def _admitted_view(self, grid: Grid, fraction: float) -> Grid | _AdmittedSites:
+        """What Flower's own sampling should see: only the admitted sites, after waiting for them (a fraction
+        of 0 samples nobody, so nobody is waited for)."""
+        if fraction == 0.0:
+            return grid
+        return _AdmittedSites(grid, self._wait_for_sites(grid, self.min_available_nodes))
+
+    def _remember(self, messages: list[Message]) -> list[Message]:
+        self.recipients.remember(messages, dict(getattr(self.node_vetting, "accepted", {})))
         return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        # Flower's configure_train (and FedProx's mu, FedOpt's current arrays) samples from the admitted view.
+        view = self._admitted_view(grid, self.fraction_train)
+        return self._remember(
+            list(super().configure_train(server_round + self.round_offset, arrays, config, view))
+        )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
         if self.eval_interval > 1 and server_round % self.eval_interval:
             return []
-        original_sampler = self._sample_hook_swap()
-        try:
-            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        finally:
-            self._sample_hook_restore(original_sampler)
-        _RECIPIENTS.remember(messages, dict(getattr(self.node_vetting, "accepted", {})))
-        return messages
-
-    # Flower's strategies call the module-level ``sample_nodes`` (which waits forever); during our
-    # configure_* calls it is replaced by the deadline-bound sampler above.
-    def _sample_hook_swap(self):
-        import flwr.serverapp.strategy.fedavg as fedavg_module
-
-        original = fedavg_module.sample_nodes
-
-        def bounded(grid: Grid, min_available_nodes: int, sample_size: int):
-            nodes = self._sample(grid, min_available_nodes, sample_size)
-            return nodes, list(grid.get_node_ids())
-
-        fedavg_module.sample_nodes = bounded
-        return original
-
-    def _sample_hook_restore(self, original) -> None:
-        import flwr.serverapp.strategy.fedavg as fedavg_module
-
-        fedavg_module.sample_nodes = original
+        view = self._admitted_view(grid, self.fraction_evaluate)
+        return self._remember(list(super().configure_evaluate(server_round, arrays, config, view)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        self.last_train_metrics = metrics_by_site(replies)
-        with_update = updates_of(server_round, replies)
+        self.last_train_metrics = metrics_by_site(replies, self.recipients)
+        with_update = updates_of(server_round, replies, self.recipients)
         if not with_update:
             log(WARNING, "Round %d: no site sent an update; the global adapter is unchanged", server_round)
             return None, None
@@ -251,14 +193,14 @@ class FedabusHooks:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = list(replies)
-        self.last_eval_metrics = metrics_by_site(replies)
+        self.last_eval_metrics = metrics_by_site(replies, self.recipients)
         for msg in replies:
             if msg.has_error():
                 log(
                     WARNING,
                     "Round %d: evaluation failed at %s: %s",
                     server_round,
-                    site_of(msg),
+                    site_of(msg, self.recipients),
                     msg.error.reason,
                 )
         return super().aggregate_evaluate(server_round, replies)
@@ -289,8 +231,56 @@ class FedabusHooks:
         return {}
 
 
+# Each Flower strategy with the hooks; under client-level DP (FedAvg, FedProx only) the fixed-denominator mean too.
+class FedabusFedAvg(FedabusHooks, FedAvg):
+    pass
+
+
+class FedabusFedProx(FedabusHooks, FedProx):
+    pass
+
+
+class FedabusFedAdam(FedabusHooks, FedAdam):
+    pass
+
+
+class FedabusFedMedian(FedabusHooks, FedMedian):
+    pass
+
+
+class FedabusFedTrimmedAvg(FedabusHooks, FedTrimmedAvg):
+    pass
+
+
+class FedabusKrum(FedabusHooks, Krum):
+    pass
+
+
+class FedabusMultiKrum(FedabusHooks, MultiKrum):
+    pass
+
+
+class FedabusDPFedAvg(FedabusHooks, client_dp.FixedDenominatorMean, FedAvg):
+    pass
+
+
+class FedabusDPFedProx(FedabusHooks, client_dp.FixedDenominatorMean, FedProx):
+    pass
+
+
+_HOOKED: dict[type, type] = {
+    FedAvg: FedabusFedAvg,
+    FedProx: FedabusFedProx,
+    FedAdam: FedabusFedAdam,
+    FedMedian: FedabusFedMedian,
+    FedTrimmedAvg: FedabusFedTrimmedAvg,
+    Krum: FedabusKrum,
+    MultiKrum: FedabusMultiKrum,
+}
+_HOOKED_DP: dict[type, type] = {FedAvg: FedabusDPFedAvg, FedProx: FedabusDPFedProx}
+
 #: What :func:`build_strategy` returns: the hooked strategy, or Flower's DP wrapper around it.
-FederationStrategy: TypeAlias = "FedabusHooks | ClientDPHooks"
+FederationStrategy: TypeAlias = "FedabusHooks | client_dp.ClientDPHooks"
 
 
 def build_strategy(
@@ -320,9 +310,6 @@ def build_strategy(
         base = STRATEGIES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}") from None
-    # server.privacy builds on this module (site_of, updates_of), so it is imported here, not at the top.
-    from server import privacy as client_dp
-
     dp_mode = client_dp.check_client_dp(privacy, name.lower()) if privacy is not None else "off"
     common: dict[str, Any] = {
         "fraction_train": fraction_train,
@@ -340,11 +327,8 @@ def build_strategy(
         Krum: {"num_malicious_nodes": num_malicious},
         MultiKrum: {"num_malicious_nodes": num_malicious},
     }.get(base, {})
-    if dp_mode == "off":
-        cls = type(f"Fedabus{base.__name__}", (FedabusHooks, base), {})
-    else:
-        cls = type(f"FedabusDP{base.__name__}", (FedabusHooks, client_dp.FixedDenominatorMean, base), {})
-    strategy = cls(**common, **extra)
+    strategy = (_HOOKED if dp_mode == "off" else _HOOKED_DP)[base](**common, **extra)
+    strategy.recipients = Recipients()
     strategy.eval_interval = max(1, int(eval_interval))
     strategy.sample_timeout = float(sample_timeout)
     strategy.connect_timeout = float(connect_timeout)

@@ -9,7 +9,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.strategies import FederationStalled, build_strategy, site_of
+from server.replies import site_of
+from server.strategies import FederationStalled, build_strategy
 from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
 
 
@@ -123,4 +124,22 @@ def test_an_error_reply_names_the_site_the_message_went_to():
     to_y = next(m for m in messages if m.metadata.dst_node_id == 8)
     failed = Message(Error(code=1, reason="node unavailable"), reply_to=to_y)
     failed.metadata.__dict__["_src_node_id"] = 1  # error replies come from the SuperLink
-    assert site_of(failed) == "hospital-y"
+    assert site_of(failed, strategy.recipients) == "hospital-y"
+
+
+def test_sampling_patches_nothing_in_flower_and_samples_a_fraction_of_the_admitted_sites():
+    import flwr.serverapp.strategy.fedavg as fedavg_module
+
+    original = fedavg_module.sample_nodes
+    strategy = build_strategy("fedavg", min_sites=2, fraction_train=0.5)
+    strategy.allowed_nodes = {1, 2, 3, 4}  # node 5 is not admitted
+    messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2, 3, 4, 5])))
+    assert fedavg_module.sample_nodes is original
+    assert len(messages) == 2 and {m.metadata.dst_node_id for m in messages} <= {1, 2, 3, 4}
+    assert strategy.last_sample_population == 4
+
+
+def test_each_strategy_keeps_its_own_recipients():
+    one, two = build_strategy("fedavg", min_sites=1), build_strategy("fedprox", min_sites=1)
+    list(one.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1])))
+    assert one.recipients.sent and not two.recipients.sent

@@ -36,8 +36,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .image_encoder import Attention, get_rel_pos
+from .common import get_rel_pos
 
 __all__ = ["padded_window_attention"]
 
@@ -45,11 +46,12 @@ __all__ = ["padded_window_attention"]
 _Segment = tuple[int, int, int]
 
 
-def padded_window_attention(attn: Attention, x: torch.Tensor, window_size: int) -> torch.Tensor:
+def padded_window_attention(attn: nn.Module, x: torch.Tensor, window_size: int) -> torch.Tensor:
     """The official padded windowed attention (pad → partition → ``attn`` → unpartition → crop), exactly.
 
     Args:
-        attn: the block's :class:`Attention` (its ``qkv`` may be PEFT-wrapped; it is only called as a module).
+        attn: the block's :class:`~shared.models.sam_med3d.image_encoder.Attention` (its ``qkv`` may be PEFT-wrapped;
+            it is only called as a module).
         x: normed tokens (B, D, H, W, C) in token units (after ``norm1``, before padding).
         window_size: window edge ws ≥ 1 in tokens; the grid is zero-padded at the end of each axis to a
             multiple of ws.
@@ -77,7 +79,7 @@ def padded_window_attention(attn: Attention, x: torch.Tensor, window_size: int) 
     return attn.proj(torch.cat(rows, dim=1))
 
 
-def _project_with_zero_token(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _project_with_zero_token(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``qkv`` of the real tokens (B, D, H, W, 3C) and of one zero token per sample (B, 3C), in one module call.
 
     One call with batch B (rather than a separate batch-1 call) keeps per-sample hooks such as Opacus' valid.
@@ -98,7 +100,7 @@ def _axis_segments(size: int, window_size: int) -> list[_Segment]:
 
 
 def _segment_attention(
-    attn: Attention,
+    attn: nn.Module,
     qkv: torch.Tensor,
     qkv0: torch.Tensor,
     segments: tuple[_Segment, _Segment, _Segment],
@@ -116,7 +118,7 @@ def _segment_attention(
 
 
 def _window_class_attention(
-    attn: Attention, qkv: torch.Tensor, qkv0: torch.Tensor, window_size: int
+    attn: nn.Module, qkv: torch.Tensor, qkv0: torch.Tensor, window_size: int
 ) -> torch.Tensor:
     """Attention over windows of one real extent.
 
@@ -141,7 +143,7 @@ def _window_class_attention(
 
 
 def _attention_mask(
-    attn: Attention, q: torch.Tensor, q0: torch.Tensor, real: tuple[int, int, int], window_size: int
+    attn: nn.Module, q: torch.Tensor, q0: torch.Tensor, real: tuple[int, int, int], window_size: int
 ) -> torch.Tensor | None:
     """Float additive mask (N, h, n, n [+1]): rel-pos bias on the n real keys, ``logS`` on the virtual key.
 
@@ -165,7 +167,7 @@ def _attention_mask(
 
 
 def _rel_pos_terms(
-    attn: Attention, q: torch.Tensor, q0: torch.Tensor, real: tuple[int, int, int], window_size: int
+    attn: nn.Module, q: torch.Tensor, q0: torch.Tensor, real: tuple[int, int, int], window_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three quirk terms for every real query, over all ws keys per axis (padded ones included).
 

@@ -1,0 +1,92 @@
+"""Who a reply comes from, and what it carries: the helpers every strategy and wrapper shares.
+
+Flower's error replies (a site died or timed out) come from the SuperLink itself; their
+``reply_to_message_id`` is the only link back to the site, so a strategy remembers where its messages went
+(:class:`Recipients`, one per strategy instance) and :func:`site_of` names a failed site by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import Message
+from flwr.common.logger import log
+
+from shared.protocol import ARRAYS, METRICS, SITE
+
+__all__ = ["Recipients", "metrics_by_site", "site_of", "updates_of"]
+
+
+class Recipients:
+    """Who the messages of the last rounds went to (node -> site name from the handshake)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.names: dict[int, str] = {}
+
+    def remember(self, messages: list[Message], names: dict[int, str]) -> None:
+        # The grid sets each message's id when it pushes it, so ids are read at lookup time.
+        self.sent = [*self.sent[-len(messages) * 2 :], *messages] if messages else self.sent
+        self.names.update(names)
+
+    def name_of(self, reply: Message) -> str | None:
+        target = reply.metadata.reply_to_message_id
+        for message in self.sent:
+            if target and message.metadata.message_id == target:
+                node = message.metadata.dst_node_id
+                return self.names.get(node, f"node-{node}")
+        return None
+
+
+def site_of(message: Message, recipients: Recipients | None = None) -> str:
+    """The site name a reply declares (``site`` ConfigRecord); for an error reply the site the message went to
+    (its name from the handshake, via ``recipients``); else the sending node id."""
+    record = message.content.config_records.get(SITE) if message.has_content() else None
+    if record is not None and "site-id" in record:
+        return str(record["site-id"])
+    if message.has_error() and recipients is not None:
+        name = recipients.name_of(message)
+        if name is not None:
+            return name
+    return f"node-{message.metadata.src_node_id}"
+
+
+def metrics_by_site(
+    replies: Iterable[Message], recipients: Recipients | None = None
+) -> dict[str, dict[str, float]]:
+    """``{site: {metric: value}}`` of the replies that carry a metrics record (failed sites have none)."""
+    out = {}
+    for msg in replies:
+        if msg.has_error() or METRICS not in msg.content.metric_records:
+            continue
+        out[site_of(msg, recipients)] = {k: float(v) for k, v in msg.content.metric_records[METRICS].items()}
+    return out
+
+
+def updates_of(
+    server_round: int, replies: Iterable[Message], recipients: Recipients | None = None
+) -> list[Message]:
+    """The replies that carry an update; logs every site that failed or sent none (with its reason)."""
+    with_update = []
+    for msg in replies:
+        if msg.has_error():
+            log(
+                WARNING,
+                "Round %d: site %s failed: %s",
+                server_round,
+                site_of(msg, recipients),
+                msg.error.reason,
+            )
+        elif ARRAYS in msg.content.array_records:
+            with_update.append(msg)
+        else:
+            reason = msg.content.config_records.get(SITE, {}).get("declined", "no update sent")
+            log(
+                WARNING,
+                "Round %d: site %s sent no update: %s",
+                server_round,
+                site_of(msg, recipients),
+                reason,
+            )
+    return with_update
