@@ -16,9 +16,8 @@ install: $(STAMP)
 lint: install
 	$(PY) -m ruff check .
 
-# Two workers: the process tests run in order on one (tests/conftest.py), the rest fill its idle time.
 test: install lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q
 
 # The main job: a simulated 3-site federation on synthetic data with local MLflow (see docs/operations.md).
 demo: install
