@@ -68,12 +68,10 @@ def test_selection_is_unchanged_when_the_test_split_is_poisoned(tmp_path):
 def test_a_site_without_validation_cases_gets_them_carved_from_train(tmp_path):
     site_dir = generate_consortium(tmp_path / "sites", sites=1, cases=10, seed=2)[0]
     manifest = site_dir / "manifest.csv"
-    if manifest.is_file():  # the manifest layout: every val case becomes a training case
-        manifest.write_text(
-            manifest.read_text(encoding="utf-8").replace(",val,", ",train,"), encoding="utf-8"
-        )
-    else:  # the TDSC layout: fold the Validation folder into Train via a site config
-        pytest.skip("the synthetic site of seed 2 uses the TDSC layout")
+    assert manifest.is_file(), "the first synthetic site uses the manifest layout"
+    manifest.write_text(  # every val case becomes a training case
+        manifest.read_text(encoding="utf-8").replace(",val,", ",train,"), encoding="utf-8"
+    )
     plain = open_site(site_dir, val_fraction=0.0)
     carved = open_site(site_dir, val_fraction=0.25, seed=1)
     assert not plain.val_cases and carved.val_carved and carved.val_cases
