@@ -16,8 +16,10 @@ install: $(STAMP)
 lint: install
 	$(PY) -m ruff check .
 
+# Two workers, one test file each at a time: module-scoped process fixtures stay on one worker, and every
+# simulation has its own SuperLink ports (shared/simulation.py), so the process tests can run side by side.
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The main job: a simulated 3-site federation on synthetic data with local MLflow (see docs/operations.md).
 demo: install

@@ -1,13 +1,17 @@
 """Run a federation in Flower's simulation engine, as ``flwr run`` with a managed local SuperLink does.
 
 Used by ``fedabus demo`` and by the federated arms of ``fedabus study``. The run's Flower home is a folder of the
-caller's (never the user's ``~/.flwr``); the managed local SuperLink this starts is stopped afterwards (never one
-that was already running). Run-config values go in as one ``-c`` string (:func:`run_config_overrides`).
+caller's (never the user's ``~/.flwr``). Flower's managed local SuperLink listens on a fixed port (39091, control
+API 39093) unless ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``/``FLWR_LOCAL_CONTROL_API_PORT`` name others; each run
+here gets its own free ports, so simulations can run side by side, and its SuperLink is stopped afterwards.
+``keep_superlink`` keeps Flower's default ports instead, so that ``flwr`` commands find the SuperLink later.
+Run-config values go in as one ``-c`` string (:func:`run_config_overrides`).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +22,7 @@ from shared.noise import pythonwarnings
 __all__ = [
     "LOCAL_SUPERLINK_PORT",
     "app_dir",
+    "local_superlink_ports",
     "run_config_overrides",
     "run_simulation",
     "write_local_connection",
@@ -42,8 +47,25 @@ def _listening_pids(port: int) -> set[int]:
     return pids
 
 
-#: The managed local SuperLink of Flower's simulation serves its control API on this fixed port.
+#: Flower's default port for the managed local SuperLink (its HTTP API); the control API is on 39093.
 LOCAL_SUPERLINK_PORT = 39091
+_PORT_VARIABLES = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_superlink_ports(env: dict[str, str], *, private: bool) -> dict[str, str]:
+    """The port variables Flower's CLI reads for its managed local SuperLink: those already in ``env`` win; with
+    ``private`` the others are free ports of this machine, else Flower's defaults apply (nothing set)."""
+    chosen = {name: env[name] for name in _PORT_VARIABLES if env.get(name)}
+    if private:
+        for name in _PORT_VARIABLES:
+            chosen.setdefault(name, str(_free_port()))
+    return chosen
 
 
 def _stop_local_superlink(pids: set[int]) -> None:
@@ -136,14 +158,16 @@ def run_simulation(
         "--federation-config",
         f"num-supernodes={sites} client-resources-num-cpus=1",
     ]
-    before = _listening_pids(LOCAL_SUPERLINK_PORT)
     env = flwr_env(flwr_home)
+    env.update(local_superlink_ports(env, private=not keep_superlink))
+    port = int(env.get(_PORT_VARIABLES[0], LOCAL_SUPERLINK_PORT))
+    before = _listening_pids(port)
     try:
         if on_line is None and log_path is None:
             return subprocess.run(command, env=env, cwd=cwd, check=False).returncode
         return _run_logged(command, env, cwd, on_line, log_path)
     finally:
-        started_here = _listening_pids(LOCAL_SUPERLINK_PORT) - before
+        started_here = _listening_pids(port) - before
         if not keep_superlink:
             _stop_local_superlink(started_here)
 
