@@ -38,6 +38,7 @@ import torch
 from server.reports import BestAdapter
 from shared import __version__
 from shared.adapters import Adapter, AdapterError, load_adapter, save_adapter
+from shared.atomic import fsync_file, fsync_folder, is_temp_file, write_text_atomic
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -187,22 +188,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _round_dirs(folder: Path) -> dict[int, Path]:
     out = {}
     for path in folder.iterdir() if folder.is_dir() else ():
@@ -263,7 +248,7 @@ class ServerCheckpoint:
             if target.exists():  # an orphan of a crash before LATEST moved; LATEST never points here
                 shutil.rmtree(target)
             os.replace(tmp, target)
-            _fsync_dir(self.folder)
+            fsync_folder(self.folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -320,26 +305,17 @@ class ServerCheckpoint:
         state["files"] = {STRATEGY_FILE: _sha256(folder / STRATEGY_FILE)}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         for path in folder.iterdir():
-            _fsync_file(path)
-        _fsync_dir(folder)
+            fsync_file(path)
+        fsync_folder(folder)
 
     def _point_latest_to(self, name: str) -> None:
-        tmp = self.folder / f"{_TMP_PREFIX}{LATEST}-{uuid.uuid4().hex[:8]}"
-        try:
-            with tmp.open("w", encoding="utf-8") as fh:
-                fh.write(name + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.folder / LATEST)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        write_text_atomic(self.folder / LATEST, name + "\n", fsync=True)
 
     def _remove_leftovers(self) -> None:
         for path in self.folder.iterdir():
             if path.name.startswith(_TMP_PREFIX) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-            elif path.name.startswith(_TMP_PREFIX):
+            elif path.name.startswith(_TMP_PREFIX) or is_temp_file(path):
                 path.unlink(missing_ok=True)
 
     def _apply_retention(self, latest: int) -> None:

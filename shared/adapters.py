@@ -27,8 +27,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from shared import __version__
+from shared.atomic import atomic_write
 from shared.config import AdapterConfig
-from shared.tensor_files import atomic_write, describe_mismatch, pair_paths
+from shared.tensor_files import describe_mismatch, pair_paths
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -44,7 +45,6 @@ __all__ = [
     "fingerprint_state_dict",
     "load_adapter",
     "lora_specs_from_config",
-    "merge_lora",
     "save_adapter",
 ]
 
@@ -224,11 +224,6 @@ def check_names_and_shapes(
     )
     if problems:
         raise AdapterMismatchError(f"{what} does not fit the model: " + "; ".join(problems))
-
-
-def merge_lora(peft_model: PeftModel) -> nn.Module:
-    """Fold LoRA into the base weights and return the plain model (its original state-dict keys)."""
-    return peft_model.merge_and_unload()
 
 
 def fingerprint_state_dict(

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.atomic import write_bytes_atomic
 
 __all__ = [
     "DEFAULT_SERVER_NAMES",
@@ -123,13 +123,15 @@ def make_certificates(
     server_key = ec.generate_private_key(_CURVE())
     server_cert = _build_server_certificate(server_key, ca_key, ca_cert, san_entries, now=now, days=days)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    _write(paths.ca_key, _pem_private_key(ca_key), mode=_PRIVATE_MODE)
-    _write(paths.ca_cert, ca_pem, mode=_PUBLIC_MODE)
-    _write(paths.server_key, _pem_private_key(server_key), mode=_PRIVATE_MODE)
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=_PUBLIC_MODE)
+    write_bytes_atomic(paths.ca_key, _pem_private_key(ca_key), mode=_PRIVATE_MODE)
+    write_bytes_atomic(paths.ca_cert, ca_pem, mode=_PUBLIC_MODE)
+    write_bytes_atomic(paths.server_key, _pem_private_key(server_key), mode=_PRIVATE_MODE)
+    write_bytes_atomic(
+        paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=_PUBLIC_MODE
+    )
     for name, site_paths in paths.sites.items():
         _write_site_key_pair(name, site_paths, ca_pem)
-    _write(paths.readme, _readme_text(paths, san_entries, days).encode(), mode=_PUBLIC_MODE)
+    write_bytes_atomic(paths.readme, _readme_text(paths, san_entries, days).encode(), mode=_PUBLIC_MODE)
     return paths
 
 
@@ -284,23 +286,9 @@ def _write_site_key_pair(name: str, paths: SiteKeyPaths, ca_pem: bytes) -> None:
     public_bytes = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _write(paths.private_key, private_bytes, mode=_PRIVATE_MODE)
-    _write(paths.public_key, public_bytes + f" fedabus-{name}\n".encode(), mode=_PUBLIC_MODE)
-    _write(paths.ca_cert, ca_pem, mode=_PUBLIC_MODE)
-
-
-def _write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` atomically; the file has ``mode`` from the moment it exists (no umask window)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(paths.private_key, private_bytes, mode=_PRIVATE_MODE)
+    write_bytes_atomic(paths.public_key, public_bytes + f" fedabus-{name}\n".encode(), mode=_PUBLIC_MODE)
+    write_bytes_atomic(paths.ca_cert, ca_pem, mode=_PUBLIC_MODE)
 
 
 def _readme_text(paths: CertPaths, san_entries: list[x509.GeneralName], days: int) -> str:

@@ -1,12 +1,13 @@
 """File conventions shared by adapters and bases: a ``NAME.safetensors`` + ``NAME.json`` pair written
-atomically, and one wording for "these tensors do not fit" errors."""
+atomically (:func:`shared.atomic.atomic_write`, re-exported here for :mod:`shared.base`), and one wording for
+"these tensors do not fit" errors."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from shared.atomic import atomic_write
 
 __all__ = ["atomic_write", "describe_mismatch", "pair_paths"]
 
@@ -16,20 +17,6 @@ def pair_paths(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place: readers see the old
-    file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def describe_mismatch(

@@ -17,7 +17,6 @@ import gzip
 import os
 import re
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import BinaryIO
 import numpy as np
 import SimpleITK as sitk
 
+from shared.atomic import atomic_write, is_temp_file
 from shared.config import SiteConfig
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
 
 #: Formats :func:`write_volume` can write atomically (single-file formats).
 WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-_TMP_MARK = ".fedabus-tmp-"
 _CHUNK_BYTES = 16 << 20
 
 
@@ -385,7 +384,7 @@ def read_volume(
 
 
 def write_volume(image: sitk.Image, path: str | Path, *, compress: bool = True) -> Path:
-    """Write ``image`` atomically: to a hidden temp file in the target folder, then ``os.replace``.
+    """Write ``image`` atomically and durably (:func:`shared.atomic.atomic_write` with ``fsync``).
 
     An interrupted write never leaves a partial file under ``path``. Supported suffixes: WRITABLE_SUFFIXES.
     """
@@ -394,20 +393,8 @@ def write_volume(image: sitk.Image, path: str | Path, *, compress: bool = True) 
         raise VolumeReadError(
             path, f"cannot write this format atomically; use one of {', '.join(WRITABLE_SUFFIXES)}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_TMP_MARK}{uuid.uuid4().hex[:12]}-{path.name}")
     try:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
-        with open(tmp, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=compress), fsync=True)
     except RuntimeError as exc:
         raise VolumeReadError(path, f"cannot write ({_itk_reason(exc)})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
-
-
-def is_temp_file(path: Path) -> bool:
-    """True for a leftover temp file of an interrupted :func:`write_volume`."""
-    return path.name.startswith(_TMP_MARK)

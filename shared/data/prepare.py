@@ -17,15 +17,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
 
+from shared.atomic import write_text_atomic
 from shared.config import SiteConfig
 from shared.data.io import VolumeReadError, is_temp_file, read_volume, write_volume
 from shared.data.layouts import MANIFEST_NAME, CaseRecord, SiteIndex, discover_site
@@ -88,18 +87,6 @@ def _load_state(out_dir: Path) -> dict[str, dict[str, str]]:
         return {}
     cases = state.get("cases")
     return cases if isinstance(cases, dict) else {}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".fedabus-tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- folders
@@ -191,8 +178,10 @@ def prepare_site(
             state[case.case_id] = entry
             rows.append(_manifest_row(case, entry))
     _remove_stale(out, previous, state, result)
-    _write_text_atomic(out / MANIFEST_NAME, _manifest_text(rows))
-    _write_text_atomic(out / STATE_NAME, json.dumps({"version": _STATE_VERSION, "cases": state}, indent=1))
+    write_text_atomic(out / MANIFEST_NAME, _manifest_text(rows), fsync=True)
+    write_text_atomic(
+        out / STATE_NAME, json.dumps({"version": _STATE_VERSION, "cases": state}, indent=1), fsync=True
+    )
     return result
 
 

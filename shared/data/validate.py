@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from shared.atomic import write_text_atomic
 from shared.config import SiteConfig
 from shared.data.io import (
     VolumeHeader,
@@ -355,10 +355,7 @@ def _load_cache(path: Path | None) -> dict[str, dict]:
 
 
 def _save_cache(path: Path, entries: dict[str, dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".fedabus-tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps({"version": _CHECKS_VERSION, "entries": entries}))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"version": _CHECKS_VERSION, "entries": entries}))
 
 
 def validate_site(

@@ -30,14 +30,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import write_text_atomic
 from shared.privacy.accounting import HistoryEntry, epsilon_of, merge_history
 from shared.privacy.validation import ACCOUNTANTS
 
@@ -186,15 +185,6 @@ def _read(path: Path) -> _Entries:
     return _parse(path, text)
 
 
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a folder be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write(path: Path, entries: _Entries) -> None:
     """Write durably and atomically: readers see the old file or the new one, and a crash loses neither."""
     document = {
@@ -202,17 +192,7 @@ def _write(path: Path, entries: _Entries) -> None:
         "format_version": FORMAT_VERSION,
         "models": {model: [asdict(e) for e in entries[model]] for model in MODELS},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document, indent=1) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, json.dumps(document, indent=1) + "\n", fsync=True)
 
 
 @contextlib.contextmanager

@@ -28,11 +28,8 @@ columns are models, grouped by arm, so that e.g. ``local:site_a`` at ``site_a`` 
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import write_text_atomic
 from shared.study import figures
 from shared.study.figures import CaseRow
 
@@ -399,22 +397,6 @@ def build_html(results: Sequence[Row], cases: Sequence[Row], comparisons: Sequen
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def render_report(
     results: Iterable[Row], cases: Iterable[Row], comparisons: Iterable[Row], meta: Row, out_path: str | Path
 ) -> Path:
@@ -425,5 +407,5 @@ def render_report(
     """
     page = build_html(list(results), list(cases), list(comparisons), meta)
     out = Path(out_path)
-    _write_atomic(out, page)
+    write_text_atomic(out, page, fsync=True, mode=0o644)
     return out

@@ -1,4 +1,8 @@
-"""Training, evaluation and Grad-CAM of the tri-plane benign/malignant classifier (seed 003), in plain torch.
+"""Training, inference and evaluation of the tri-plane benign/malignant classifier (seed 003), in plain torch.
+
+Its inputs (planes, frame-triplets) live in :mod:`shared.training.cls_planes` and Grad-CAM in
+:mod:`shared.training.grad_cam`; both are re-exported here. The optimiser steps are
+:class:`shared.training.stepper.Stepper`'s, as for segmentation.
 
 Data. A lesion is described by its tri-plane frames, a float array **(3, F, S, S)** (planes in the order
 transverse, sagittal, coronal; F frames spread across the lesion; S × S pixels; see
@@ -36,31 +40,32 @@ per-sample bookkeeping and make a case count F times.
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
 from shared.config import TrainConfig
 from shared.metrics import AucResult, BinaryMetrics, auc_with_ci, binary_metrics, classification_metrics_dict
-from shared.models.triplane import (
-    PLANES,
-    TriPlaneClassifier,
-    frame_probabilities_to_lesion,
-    malignant_probabilities,
-)
+from shared.models.triplane import PLANES, frame_probabilities_to_lesion, malignant_probabilities
 from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, private_training
-from shared.privacy.steps import ProximalPull, is_dp_optimizer, noise_only_step, optimizer_step, proximal_pull
+from shared.privacy.steps import ProximalPull, proximal_pull
+from shared.training.cls_planes import (
+    checked_planes,
+    eval_mode,
+    frame_triplet_dataset,
+    lesion_frames,
+    parse_cls_planes,
+    select_planes,
+    unwrap_classifier,
+)
+from shared.training.grad_cam import grad_cam, save_grad_cam_images
+from shared.training.stepper import Stepper, TrainResult, progress_bar
 
 __all__ = [
     "FRAMES_KEY",
@@ -102,84 +107,6 @@ NO_LESION_PROBABILITY = 0.0
 #: AdamW weight decay (``train.cls-optimizer = "adamw"``); SGD uses none.
 ADAMW_WEIGHT_DECAY = 0.01
 _OPTIMIZERS = ("sgd", "adamw")
-_STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-# ----------------------------------------------------------------------------------------- model and planes
-def unwrap_classifier(model: nn.Module) -> TriPlaneClassifier:
-    """The :class:`TriPlaneClassifier` inside ``model``: itself, a PEFT wrapper or an Opacus GradSampleModule."""
-    current = model
-    for _ in range(8):
-        if isinstance(current, TriPlaneClassifier):
-            return current
-        if callable(getattr(type(current), "get_base_model", None)):  # PEFT PeftModel
-            current = current.get_base_model()
-        elif "_module" in current._modules:  # Opacus GradSampleModule
-            current = current._modules["_module"]
-        else:
-            break
-    raise TypeError(
-        f"expected a TriPlaneClassifier (plain, PEFT- or Opacus-wrapped), got {type(model).__name__}"
-    )
-
-
-def parse_cls_planes(text: str) -> tuple[str, ...]:
-    """``train.cls-planes`` (comma-separated subset of transverse, sagittal, coronal) in canonical order."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PLANES]
-    if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(
-            f"train.cls-planes = {text!r} is invalid: give one to three distinct planes out of {', '.join(PLANES)}"
-        )
-    return tuple(p for p in PLANES if p in names)
-
-
-def _checked_planes(model: nn.Module, config: TrainConfig) -> tuple[str, ...]:
-    """The configured planes, after checking the model was built with exactly those."""
-    planes = parse_cls_planes(config.cls_planes)
-    built = unwrap_classifier(model).planes
-    if built != planes:
-        raise ValueError(
-            f"train.cls-planes = {config.cls_planes!r} but the classifier was built with planes {built}; "
-            "build it with build_triplane_classifier(planes=...) from the same setting"
-        )
-    return planes
-
-
-def _select_planes(frames: torch.Tensor, planes: tuple[str, ...]) -> torch.Tensor:
-    """(B, 3, 1, S, S) or already selected (B, P, 1, S, S) -> (B, P, 1, S, S) holding only ``planes``."""
-    if frames.ndim != 5 or frames.shape[2] != 1 or frames.shape[1] not in (len(PLANES), len(planes)):
-        raise ValueError(
-            f"frames of shape {tuple(frames.shape)} are invalid: expected (B, 3, 1, S, S) in plane order "
-            f"{PLANES} or (B, {len(planes)}, 1, S, S) holding {planes}"
-        )
-    if frames.shape[1] == len(planes):
-        return frames
-    return frames[:, [PLANES.index(p) for p in planes]]
-
-
-def _lesion_frames(planes: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Lesion planes (N, 3, F, S, S) -> frame-triplets (N * F, 3, 1, S, S) float32, lesion-major order."""
-    tensor = torch.as_tensor(np.asarray(planes) if not isinstance(planes, torch.Tensor) else planes)
-    if tensor.ndim != 5 or tensor.shape[1] != len(PLANES):
-        raise ValueError(
-            f"lesion planes of shape {tuple(tensor.shape)} are invalid: expected (N, 3, F, S, S)"
-        )
-    n, _, frames, height, width = tensor.shape
-    return tensor.float().permute(0, 2, 1, 3, 4).reshape(n * frames, len(PLANES), 1, height, width)
-
-
-def frame_triplet_dataset(
-    planes: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray | torch.Tensor
-) -> TensorDataset:
-    """Frame-level training set: lesion planes (N, 3, F, S, S) and labels (N,) -> N * F samples
-    ``(frames (3, 1, S, S) float32, label () int64)``, the F frames of lesion 0 first."""
-    frames = _lesion_frames(planes)
-    n_lesions, n_frames = int(np.shape(planes)[0]), int(np.shape(planes)[2])
-    label_tensor = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
-    if label_tensor.numel() != n_lesions or not bool(((label_tensor == 0) | (label_tensor == 1)).all()):
-        raise ValueError(f"labels must be {n_lesions} values in {{0, 1}} (one per lesion), got {labels!r}")
-    return TensorDataset(frames, label_tensor.repeat_interleave(n_frames))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -222,7 +149,7 @@ def _lesion_batch(batch: Mapping[str, Any], *, dp: bool) -> tuple[torch.Tensor, 
     planes, labels = torch.as_tensor(batch[PLANES_KEY]), torch.as_tensor(batch[LABEL_KEY]).reshape(-1)
     if planes.shape[0] == 0:
         return planes.new_zeros((0,)), labels
-    return _lesion_frames(planes), labels.repeat_interleave(planes.shape[2])
+    return lesion_frames(planes), labels.repeat_interleave(planes.shape[2])
 
 
 def _unpack_batch(batch: Any, *, dp: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -267,67 +194,6 @@ def _proximal(
     )
 
 
-def _train_step(
-    model: nn.Module,
-    frames: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    optimizer: torch.optim.Optimizer,
-    pull: ProximalPull | None,
-    bf16: bool,
-) -> float:
-    """Forward, cross-entropy, backward and step on one batch; returns the batch's mean cross-entropy."""
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(frames)
-    loss = F.cross_entropy(logits.float(), labels)
-    loss.backward()
-    optimizer_step(optimizer, pull)
-    return float(loss.detach())
-
-
-@dataclass
-class _Counts:
-    """Totals of one :func:`train_classifier` call."""
-
-    seen: int = 0
-    steps: int = 0
-    skipped: int = 0
-    noise_only: int = 0
-    epoch_losses: list[float] = field(default_factory=list)
-
-
-def _epoch(
-    model: nn.Module,
-    loader: Iterable[Any],
-    *,
-    optimizer: torch.optim.Optimizer,
-    pull: ProximalPull | None,
-    planes: tuple[str, ...],
-    device: torch.device,
-    bf16: bool,
-    counts: _Counts,
-) -> None:
-    """One pass over ``loader``; an empty batch is skipped, or a noise-only step under DP."""
-    dp = is_dp_optimizer(optimizer)
-    total, count = 0.0, 0
-    for batch in loader:
-        unpacked = _unpack_batch(batch, dp=dp)
-        if unpacked is None and dp:
-            noise_only_step(optimizer, pull)
-            counts.steps, counts.noise_only = counts.steps + 1, counts.noise_only + 1
-            continue
-        if unpacked is None:
-            counts.skipped += 1
-            continue
-        frames = _select_planes(unpacked[0].to(device, torch.float32), planes)
-        labels = unpacked[1].to(device)
-        loss = _train_step(model, frames, labels, optimizer=optimizer, pull=pull, bf16=bf16)
-        total, count, counts.steps = total + loss * len(labels), count + len(labels), counts.steps + 1
-    counts.epoch_losses.append(total / count if count else math.nan)
-    counts.seen += count
-
-
 def _train_epochs(
     model: nn.Module,
     loader: Iterable[Any],
@@ -341,32 +207,35 @@ def _train_epochs(
 ) -> dict[str, Any]:
     """The epochs of :func:`train_classifier` and its report."""
     bf16 = config.bf16 and device.type == "cuda"
-    counts = _Counts()
-    bar = tqdm(
-        range(config.cls_epochs), desc="classifier", unit="epoch", disable=not (progress and config.progress)
+    stepper = Stepper(optimizer, pull=pull)
+
+    def batch_loss(unpacked: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        frames = select_planes(unpacked[0].to(device, torch.float32), planes)
+        labels = unpacked[1].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(frames)
+        return F.cross_entropy(logits.float(), labels), len(labels)
+
+    epochs = []
+    bar = progress_bar(
+        range(config.cls_epochs), enabled=progress and config.progress, description="classifier", unit="epoch"
     )
     for _ in bar:
-        _epoch(
-            model,
-            loader,
-            optimizer=optimizer,
-            pull=pull,
-            planes=planes,
-            device=device,
-            bf16=bf16,
-            counts=counts,
-        )
-        bar.set_postfix(loss=f"{counts.epoch_losses[-1]:.4f}")
+        batches = (_unpack_batch(batch, dp=stepper.dp) for batch in loader)
+        epochs.append(stepper.epoch(batches, batch_loss))
+        bar.set_postfix(loss=f"{epochs[-1].mean_sample_loss:.4f}")
+    result = TrainResult(tuple(epochs), stepper.lr)
+    losses = [e.mean_sample_loss for e in result.epochs]
     dataset = getattr(loader, "dataset", None)
-    per_epoch = len(dataset) if hasattr(dataset, "__len__") else counts.seen // max(1, config.cls_epochs)
+    per_epoch = len(dataset) if hasattr(dataset, "__len__") else result.examples // max(1, config.cls_epochs)
     return {
-        "loss": counts.epoch_losses[-1] if counts.epoch_losses else math.nan,
-        "epoch_losses": counts.epoch_losses,
+        "loss": losses[-1] if losses else math.nan,
+        "epoch_losses": losses,
         "num_examples": int(per_epoch),
-        "samples_seen": counts.seen,
-        "steps": counts.steps,
-        "noise_only_steps": counts.noise_only,
-        "skipped_empty_batches": counts.skipped,
+        "samples_seen": result.examples,
+        "steps": result.steps,
+        "noise_only_steps": result.noise_only_steps,
+        "skipped_empty_batches": result.skipped_empty_batches,
     }
 
 
@@ -414,7 +283,7 @@ def train_classifier(
     """
     if privacy is not None and optimizer is not None:
         raise ValueError("train_classifier: pass privacy= (DP-SGD is set up here) or an optimizer=, not both")
-    planes = _checked_planes(model, config)
+    planes = checked_planes(model, config)
     device = torch.device(device)
     model.to(device)
     model.train()
@@ -430,21 +299,6 @@ def train_classifier(
 
 
 # ------------------------------------------------------------------------------------------------ inference
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block, then the previous mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def predict_frame_probabilities(
     model: nn.Module, planes: np.ndarray | torch.Tensor, device: torch.device | str, *, batch_size: int = 64
 ) -> np.ndarray:
@@ -453,16 +307,16 @@ def predict_frame_probabilities(
     Only the model's planes are fed (fewer-plane variants). The model is moved to ``device`` and run in eval
     mode without gradients; its previous train/eval mode is restored.
     """
-    frames = _lesion_frames(planes)
+    frames = lesion_frames(planes)
     n_lesions = int(np.shape(planes)[0])
     if n_lesions == 0:
         return np.zeros((0, 0))
     base = unwrap_classifier(model)
-    frames = _select_planes(frames, base.planes)
+    frames = select_planes(frames, base.planes)
     device = torch.device(device)
     model.to(device)
     outputs = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, frames.shape[0], batch_size):
             logits = model(frames[start : start + batch_size].to(device))
             outputs.append(malignant_probabilities(logits.float()).cpu())
@@ -582,7 +436,7 @@ def evaluate_classifier(
     The model must be built with the planes of ``train.cls-planes``. Cases of both sources may be mixed;
     each source is evaluated on its own (see :meth:`ClsEvaluation.metrics_dict` for the names).
     """
-    planes = _checked_planes(model, config)
+    planes = checked_planes(model, config)
     cases = list(cases)
     if not cases:
         raise ValueError("evaluate_classifier: no cases given")
@@ -605,126 +459,3 @@ def evaluate_classifier(
             n_missing_planes=sum(c.planes is None for c in group),
         )
     return ClsEvaluation(planes=planes, threshold=config.cls_threshold, by_source=by_source)
-
-
-# ------------------------------------------------------------------------------------------------- Grad-CAM
-@contextmanager
-def _opacus_hooks_off(model: nn.Module) -> Iterator[None]:
-    """Pause Opacus' per-sample-gradient hooks (if ``model`` is a GradSampleModule) for the block."""
-    enabled = getattr(model, "hooks_enabled", None)
-    if enabled is None:
-        yield
-        return
-    model.disable_hooks()
-    try:
-        yield
-    finally:
-        if enabled:
-            model.enable_hooks()
-
-
-def _cam(activation: torch.Tensor, gradient: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Grad-CAM of one branch: activation/gradient (1, C, h, w) -> heatmap (H, W) float32 in [0, 1]."""
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0]
-    peak = cam.max()
-    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-    return cam.clamp(0, 1).detach().cpu().numpy().astype(np.float32)
-
-
-def grad_cam(
-    model: nn.Module,
-    planes: np.ndarray | torch.Tensor,
-    *,
-    frame: int = 0,
-    target_class: int | None = None,
-    stage: str = "layer4",
-) -> dict[str, np.ndarray]:
-    """Grad-CAM heatmaps of one lesion's frame-triplet, one per plane the model uses.
-
-    Args:
-        model: the classifier (plain, PEFT- or Opacus-wrapped), on any device; run in eval mode.
-        planes: the lesion's planes (3, F, S, S).
-        frame: which frame (0 .. F-1) to explain.
-        target_class: class whose logit is explained (1 malignant, 0 benign); default the predicted class.
-        stage: branch stage whose output is used; default ``layer4``, the last convolutional stage
-            (resolution S / 32; ``layer3`` gives S / 16).
-
-    Returns:
-        {plane: heatmap (S, S) float32 in [0, 1]}, 1 at the most important location (all 0 when no location
-        supports the class).
-    """
-    tensor = torch.as_tensor(np.asarray(planes) if not isinstance(planes, torch.Tensor) else planes).float()
-    if tensor.ndim != 4 or tensor.shape[0] != len(PLANES) or not 0 <= frame < tensor.shape[1]:
-        raise ValueError(
-            f"grad_cam: planes of shape {tuple(tensor.shape)} with frame={frame}; expected (3, F, S, S)"
-        )
-    if stage not in _STAGES:
-        raise ValueError(f"grad_cam: stage {stage!r} is not a ResNet stage; choose one of {_STAGES}")
-    base = unwrap_classifier(model)
-    x = _select_planes(tensor[:, frame : frame + 1].unsqueeze(0), base.planes)  # (1, P, 1, S, S)
-    x = x.to(_model_device(model)).requires_grad_(True)
-    activations: dict[str, torch.Tensor] = {}
-    handles = [
-        base.branches[p]
-        .get_submodule(stage)
-        .register_forward_hook(lambda _m, _i, out, p=p: activations.__setitem__(p, out))
-        for p in base.planes
-    ]
-    try:
-        with _eval_mode(model), _opacus_hooks_off(model), torch.enable_grad():
-            logits = model(x)
-            target = int(logits.argmax(dim=1)) if target_class is None else target_class
-            grads = torch.autograd.grad(logits[0, target], [activations[p] for p in base.planes])
-    finally:
-        for handle in handles:
-            handle.remove()
-    size = (tensor.shape[-2], tensor.shape[-1])
-    return {p: _cam(activations[p].detach(), g, size) for p, g in zip(base.planes, grads, strict=True)}
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-    """Min-max scale a frame to [0, 1] for display."""
-    low, high = float(np.min(image)), float(np.max(image))
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
-
-
-def save_grad_cam_images(
-    heatmaps: Mapping[str, np.ndarray],
-    planes: np.ndarray | torch.Tensor,
-    out_dir: str | Path,
-    case_id: str,
-    *,
-    frame: int = 0,
-    alpha: float = 0.45,
-) -> list[Path]:
-    """Write one PNG per plane: the frame in grey with the heatmap overlaid (jet colours, ``alpha``).
-
-    ``heatmaps`` is :func:`grad_cam`'s output for the same ``planes`` (3, F, S, S) and ``frame``. Files are
-    ``{out_dir}/{case_id}_{plane}_gradcam.png`` (characters other than letters, digits, ``_ . -`` in the
-    case id become ``_``); ``out_dir`` is created. Returns the written paths in plane order.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    array = np.asarray(planes.detach().cpu() if isinstance(planes, torch.Tensor) else planes)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", case_id) or "case"
-    written = []
-    for plane in (p for p in PLANES if p in heatmaps):
-        image = array[PLANES.index(plane), frame]
-        if heatmaps[plane].shape != image.shape:
-            raise ValueError(f"heatmap of {plane!r} has shape {heatmaps[plane].shape}, frame {image.shape}")
-        figure = Figure(figsize=(3, 3), dpi=100)
-        FigureCanvasAgg(figure)
-        axes = figure.add_axes((0, 0, 1, 0.92))
-        axes.imshow(_display(image), cmap="gray", vmin=0, vmax=1)
-        axes.imshow(heatmaps[plane], cmap="jet", alpha=alpha, vmin=0, vmax=1)
-        axes.set_axis_off()
-        figure.suptitle(f"{case_id} · {plane} · frame {frame}", fontsize=8)
-        path = out / f"{stem}_{plane}_gradcam.png"
-        figure.savefig(path)
-        written.append(path)
-    return written

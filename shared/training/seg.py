@@ -40,8 +40,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,15 +52,10 @@ from torch import nn
 from shared.adapters import adapter_parameters
 from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_generator
 from shared.config import TrainConfig
-from shared.privacy.dp_sgd import (
-    DPSettings,
-    PrivateModel,
-    check_poisson_loader,
-    frozen_parameters,
-    private_training,
-)
-from shared.privacy.steps import noise_only_step, optimizer_step, proximal_pull
+from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, frozen_parameters, private_training
+from shared.privacy.steps import ProximalPull, proximal_pull
 from shared.privacy.validation import PrivacyConfigError
+from shared.training.stepper import Stepper, TrainResult, progress_bar
 
 __all__ = [
     "DP_FROZEN_PARAMETERS",
@@ -73,7 +67,6 @@ __all__ = [
     "max_prompt_clicks",
     "parse_milestones",
     "patch_size_of",
-    "proximal_term",
     "sam_parts",
     "seg_click_loss",
     "snapshot_parameters",
@@ -336,20 +329,6 @@ def dp_frozen_parameters(model: nn.Module, config: TrainConfig) -> dict[str, nn.
     return {name: p for name, p in named.items() if p.requires_grad and name.startswith(prefixes)}
 
 
-def proximal_term(
-    params: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], mu: float
-) -> torch.Tensor:
-    """FedProx term ``mu / 2 * sum ||w - w_ref||²`` over ``params`` (every name must be in ``reference``)."""
-    missing = sorted(set(params) - set(reference))
-    if missing:
-        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise KeyError(
-            f"proximal reference lacks {len(missing)} trainable parameter(s): {', '.join(missing[:3])}{more}"
-        )
-    squares = [(p - reference[name].to(p.device, p.dtype)).pow(2).sum() for name, p in params.items()]
-    return 0.5 * mu * torch.stack(squares).sum()
-
-
 def parse_milestones(text: str) -> list[int]:
     """``"120,180"`` -> ``[120, 180]`` (epochs, increasing); empty -> ``[]``."""
     try:
@@ -386,162 +365,75 @@ def _batch_tensors(batch: Any, device: torch.device) -> tuple[torch.Tensor, torc
     return images.to(device, torch.float32), masks.to(device)
 
 
-def _progress_bar(loader: Iterable[Any], *, enabled: bool, description: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-class _Stepper:
-    """AdamW + step decay over the trainable parameters, with gradient accumulation, FedProx (its gradient
-    added at the step) and, after :meth:`use`, Opacus' DPOptimizer around the AdamW."""
-
-    def __init__(
-        self, model: nn.Module, config: TrainConfig, proximal_ref: Mapping[str, torch.Tensor] | None
-    ) -> None:
-        self.params = trainable_parameters(model)
-        if not self.params:
-            raise ValueError(
-                "the model has no trainable parameter: attach an adapter (shared.adapters.attach_lora) first"
-            )
-        if config.seg_grad_accumulation < 1:
-            raise ValueError(
-                f"train config: seg-grad-accumulation = {config.seg_grad_accumulation} must be >= 1"
-            )
-        self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=config.seg_lr, weight_decay=config.seg_weight_decay
+def _optimisation(
+    model: nn.Module, config: TrainConfig, proximal_ref: Mapping[str, torch.Tensor] | None
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.MultiStepLR, ProximalPull | None]:
+    """AdamW over the trainable parameters, its step decay and the FedProx pull (None when off)."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(
+            "the model has no trainable parameter: attach an adapter (shared.adapters.attach_lora) first"
         )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=parse_milestones(config.seg_lr_milestones), gamma=config.seg_lr_decay
-        )
-        reference = None
-        if config.proximal_mu > 0:
-            reference = proximal_ref if proximal_ref is not None else snapshot_parameters(model)
-        hint = "take it with snapshot_parameters(model)"
-        self.pull = (
-            proximal_pull(self.params, reference, config.proximal_mu, hint=hint) if reference else None
-        )
-        self.accumulation = config.seg_grad_accumulation
-        self.private: PrivateModel | None = None
-        self.step_optimizer: torch.optim.Optimizer = self.optimizer
-        self.pending = 0
-        self.steps = 0
-        self.noise_only_steps = 0
+    if config.seg_grad_accumulation < 1:
+        raise ValueError(f"train config: seg-grad-accumulation = {config.seg_grad_accumulation} must be >= 1")
+    optimizer = torch.optim.AdamW(params.values(), lr=config.seg_lr, weight_decay=config.seg_weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=parse_milestones(config.seg_lr_milestones), gamma=config.seg_lr_decay
+    )
+    reference = None
+    if config.proximal_mu > 0:
+        reference = proximal_ref if proximal_ref is not None else snapshot_parameters(model)
+    hint = "take it with snapshot_parameters(model)"
+    pull = proximal_pull(params, reference, config.proximal_mu, hint=hint) if reference else None
+    return optimizer, scheduler, pull
 
-    def use(self, private: PrivateModel) -> None:
-        """Step through Opacus' DPOptimizer (which wraps :attr:`optimizer`) from now on."""
-        if self.accumulation != 1:
-            raise PrivacyConfigError(
-                f"train.seg-grad-accumulation = {self.accumulation}: gradient accumulation is not supported "
-                "under sample-level DP; set it to 1 and raise train.seg-batch-size instead"
+
+def _show_loss_and_lr(bar: Any, stepper: Stepper) -> Callable[[float], None]:
+    return lambda loss: bar.set_postfix(loss=f"{loss:.4f}", lr=f"{stepper.lr:.2e}")
+
+
+def _train(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    config: TrainConfig,
+    device: torch.device,
+    stepper: Stepper,
+    show: bool,
+) -> dict[str, Any]:
+    """The epochs of :func:`train_segmentation` (model in train mode, then back to its mode) and its report."""
+    loss_fn = _default_loss()
+    rng = np.random.default_rng(config.seed)
+
+    def batch_loss(tensors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        images, masks = tensors
+        with autocast_context(device, config.bf16):
+            loss = seg_click_loss(
+                model, images, masks, config=config, rng=rng, loss_fn=loss_fn, fixed_prompt_length=stepper.dp
             )
-        self.private, self.step_optimizer = private, private.optimizer
+        return loss, int(images.shape[0])
 
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def backward(self, loss: torch.Tensor) -> bool:
-        """Back-propagate one micro-batch (loss scaled by 1/accumulation); return whether an optimiser step
-        followed."""
-        (loss / self.accumulation).backward()
-        self.pending += 1
-        return self.step() if self.pending == self.accumulation else False
-
-    def step(self) -> bool:
-        """Apply the accumulated gradients (also at the end of an epoch with a partial accumulation)."""
-        if self.pending == 0:
-            return False
-        if self.private is not None:
-            self.private.check_per_sample_gradients()
-        optimizer_step(self.step_optimizer, self.pull)
-        self.step_optimizer.zero_grad(set_to_none=True)
-        self.pending = 0
-        self.steps += 1
-        return True
-
-    def noise_only(self) -> None:
-        """The DP step of an empty Poisson batch (:func:`shared.privacy.steps.noise_only_step`)."""
-        noise_only_step(self.step_optimizer, self.pull)
-        self.step_optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        self.noise_only_steps += 1
-
-
-class _Run:
-    """One :func:`train_segmentation` call: the stepper, the click generator and the history it fills."""
-
-    def __init__(
-        self, model: nn.Module, config: TrainConfig, device: torch.device, stepper: _Stepper
-    ) -> None:
-        self.model, self.config, self.device, self.stepper = model, config, device, stepper
-        self.loss_fn = _default_loss()
-        self.rng = np.random.default_rng(config.seed)
-        self.history: dict[str, Any] = {
-            "loss_history": [],
-            "epoch_loss": [],
-            "examples_per_epoch": [],
-            "skipped_empty_batches": 0,
-        }
-
-    def _empty_batch(self) -> None:
-        if self.stepper.private is not None:
-            self.stepper.noise_only()
-        else:
-            self.history["skipped_empty_batches"] += 1
-
-    def epoch(self, loader: Iterable[Any], bar_description: str, show: bool) -> None:
-        losses: list[float] = []
-        pending: list[float] = []
-        examples = 0
-        private = self.stepper.private is not None
-        bar = _progress_bar(loader, enabled=show, description=bar_description)
-        for batch in bar:
-            tensors = _batch_tensors(batch, self.device)
-            if tensors is None:  # Poisson sampling can draw no sample
-                self._empty_batch()
-                continue
-            images, masks = tensors
-            with autocast_context(self.device, self.config.bf16):
-                loss = seg_click_loss(
-                    self.model,
-                    images,
-                    masks,
-                    config=self.config,
-                    rng=self.rng,
-                    loss_fn=self.loss_fn,
-                    fixed_prompt_length=private,
-                )
-            stepped = self.stepper.backward(loss)
-            losses.append(float(loss.detach()))
-            pending.append(losses[-1])
-            examples += int(images.shape[0])
-            if stepped:
-                self.history["loss_history"].append(float(np.mean(pending)))
-                pending = []
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.stepper.lr:.2e}")
-        if self.stepper.step():
-            self.history["loss_history"].append(float(np.mean(pending)))
-        self.history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
-        self.history["examples_per_epoch"].append(examples)
-
-    def run(self, loader: Iterable[Any], show: bool) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.train()
-        try:
-            for epoch in range(self.config.seg_epochs):
-                self.epoch(loader, f"seg epoch {epoch + 1}/{self.config.seg_epochs}", show)
-                self.stepper.scheduler.step()
-        finally:
-            self.model.train(was_training)
-        history = self.history
-        return {
-            **history,
-            "steps": self.stepper.steps,
-            "noise_only_steps": self.stepper.noise_only_steps,
-            "examples": int(sum(history["examples_per_epoch"])),
-            "lr": self.stepper.lr,
-        }
+    epochs = []
+    was_training = model.training
+    model.train()
+    try:
+        for epoch in range(config.seg_epochs):
+            bar = progress_bar(loader, enabled=show, description=f"seg epoch {epoch + 1}/{config.seg_epochs}")
+            batches = (_batch_tensors(batch, device) for batch in bar)
+            epochs.append(stepper.epoch(batches, batch_loss, after_batch=_show_loss_and_lr(bar, stepper)))
+    finally:
+        model.train(was_training)
+    result = TrainResult(tuple(epochs), stepper.lr)
+    return {
+        "loss_history": result.step_losses,
+        "epoch_loss": [e.mean_batch_loss for e in result.epochs],
+        "examples_per_epoch": [e.examples for e in result.epochs],
+        "skipped_empty_batches": result.skipped_empty_batches,
+        "steps": result.steps,
+        "noise_only_steps": result.noise_only_steps,
+        "examples": result.examples,
+        "lr": result.lr,
+    }
 
 
 def train_segmentation(
@@ -586,12 +478,25 @@ def train_segmentation(
     """
     device = torch.device(device)
     show = config.progress if progress is None else progress
+    accumulation = config.seg_grad_accumulation
     if privacy is None:
-        return _Run(model, config, device, _Stepper(model, config, proximal_ref)).run(loader, show)
+        optimizer, scheduler, pull = _optimisation(model, config, proximal_ref)
+        stepper = Stepper(optimizer, pull=pull, accumulation=accumulation, scheduler=scheduler)
+        return _train(model, loader, config=config, device=device, stepper=stepper, show=show)
     check_poisson_loader(loader, privacy)
+    if accumulation != 1:
+        raise PrivacyConfigError(
+            f"train.seg-grad-accumulation = {accumulation}: gradient accumulation is not supported "
+            "under sample-level DP; set it to 1 and raise train.seg-batch-size instead"
+        )
     with frozen_parameters(dp_frozen_parameters(model, config).values()):
-        stepper = _Stepper(model, config, proximal_ref)
-        with private_training(model, stepper.optimizer, privacy, what="SAM-Med3D") as private:
-            stepper.use(private)
-            result = _Run(private.module, config, device, stepper).run(loader, show)
+        optimizer, scheduler, pull = _optimisation(model, config, proximal_ref)
+        with private_training(model, optimizer, privacy, what="SAM-Med3D") as private:
+            stepper = Stepper(
+                private.optimizer,
+                pull=pull,
+                scheduler=scheduler,
+                before_step=private.check_per_sample_gradients,
+            )
+            result = _train(private.module, loader, config=config, device=device, stepper=stepper, show=show)
             return {**result, "privacy_history": private.history()}

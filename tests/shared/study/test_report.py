@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared import atomic
 from shared.study import report
 from shared.study.figures import _reliability
 from shared.study.report import render_report
@@ -238,7 +239,7 @@ def test_a_failed_write_keeps_the_old_report_and_leaves_no_temp_file(tmp_path: P
     def fail(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         render_report([], [], [], {}, out)
     assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]

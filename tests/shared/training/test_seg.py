@@ -23,7 +23,6 @@ from shared.models.sam_med3d import build_sam_med3d
 from shared.training import seg as seg_module
 from shared.training.seg import (
     parse_milestones,
-    proximal_term,
     sam_parts,
     seg_click_loss,
     snapshot_parameters,
@@ -265,14 +264,6 @@ def test_proximal_reference_defaults_to_the_starting_weights():
         )
 
     assert drift(1e4) < 0.5 * drift(0.0)
-
-
-def test_proximal_term_value_and_missing_names():
-    params = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[3.0]])}
-    reference = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([[1.0]])}
-    assert float(proximal_term(params, reference, 0.5)) == pytest.approx(0.25 * (1 + 4 + 4))
-    with pytest.raises(KeyError, match="'b'|b"):
-        proximal_term(params, {"a": reference["a"]}, 0.5)
 
 
 def test_empty_batches_are_skipped():
