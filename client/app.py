@@ -13,8 +13,23 @@ from flwr.clientapp import ClientApp
 from client.privacy import client_dp_clipping_mod
 from client.task import BaseMismatch, BudgetSpent, open_site_of, run_evaluate, run_train, site_settings
 from shared import __version__
-from shared.config import load_run_config
-from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adapter_to_record
+from shared.config import SPLITS, load_run_config
+from shared.metric_names import VAL
+from shared.protocol import (
+    ARRAYS,
+    BASE_FINGERPRINT,
+    CONFIG,
+    DECLINED,
+    FEDABUS_VERSION,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+    SPLIT,
+    adapter_to_record,
+    num_cases_key,
+)
 
 app = ClientApp(mods=[client_dp_clipping_mod])
 
@@ -24,9 +39,16 @@ def _config(context: Context):
 
 
 def _reply(
-    msg: Message, metrics: dict[str, float], site: str, arrays: ArrayRecord | None = None, **extra
+    msg: Message,
+    metrics: dict[str, float],
+    site: str,
+    arrays: ArrayRecord | None = None,
+    extra: dict[str, str] | None = None,
 ) -> Message:
-    content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"site-id": site, **extra})})
+    """The reply to ``msg``: ``metrics``, the ``site`` record (``site-id`` and the ``extra`` keys) and the
+    update ``arrays`` when there is one."""
+    site_record = ConfigRecord({SITE_ID: site, **(extra or {})})
+    content = RecordDict({METRICS: MetricRecord(metrics), SITE: site_record})
     if arrays is not None:
         content[ARRAYS] = arrays
     return Message(content, reply_to=msg)
@@ -41,9 +63,9 @@ def query(msg: Message, context: Context) -> Message:
     settings = site_settings(dict(context.node_config), config)
     base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
     site = open_site_of(settings, config)
-    info = {"base-fingerprint": base.fingerprint, "fedabus-version": __version__}
-    counts = {f"num-{split}-cases": float(len(site.cases(split))) for split in ("train", "val", "test")}
-    return _reply(msg, counts, site.name, **info)
+    info = {BASE_FINGERPRINT: base.fingerprint, FEDABUS_VERSION: __version__}
+    counts = {num_cases_key(split): float(len(site.cases(split))) for split in SPLITS}
+    return _reply(msg, counts, site.name, extra=info)
 
 
 @app.train()
@@ -56,15 +78,16 @@ def train(msg: Message, context: Context) -> Message:
             settings,
             config,
             msg.content[ARRAYS],
-            fingerprint=str(round_config.get("base-fingerprint", "")),
-            server_round=int(round_config.get("server-round", 0)),
+            fingerprint=str(round_config.get(BASE_FINGERPRINT, "")),
+            server_round=int(round_config.get(SERVER_ROUND, 0)),
             num_rounds=int(context.run_config.get("num-server-rounds", 1)),
             run=str(context.run_id),
         )
     except BaseMismatch as exc:
-        return _reply(msg, {NUM_EXAMPLES: 0.0}, settings.site_id or settings.site_dir.name, declined=str(exc))
+        site_name = settings.site_id or settings.site_dir.name
+        return _reply(msg, {NUM_EXAMPLES: 0.0}, site_name, extra={DECLINED: str(exc)})
     except BudgetSpent as exc:
-        return _reply(msg, exc.metrics, exc.site, declined=str(exc))
+        return _reply(msg, exc.metrics, exc.site, extra={DECLINED: str(exc)})
     return _reply(msg, metrics, site, arrays=adapter_to_record(update))
 
 
@@ -76,7 +99,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         settings,
         config,
         msg.content[ARRAYS],
-        fingerprint=str(msg.content[CONFIG].get("base-fingerprint", "")),
-        split=str(msg.content[CONFIG].get("split", "val")),
+        fingerprint=str(msg.content[CONFIG].get(BASE_FINGERPRINT, "")),
+        split=str(msg.content[CONFIG].get(SPLIT, VAL)),
     )
     return _reply(msg, metrics, site)

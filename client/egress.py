@@ -15,6 +15,35 @@ from collections.abc import Mapping
 import torch
 
 from shared.adapters import AdapterMismatchError, check_names_and_shapes
+from shared.metric_names import (
+    ACCURACY,
+    AUC,
+    AUC_CI_HIGH,
+    AUC_CI_LOW,
+    CLS_EPSILON,
+    CLS_LOSS,
+    DELTA,
+    DICE,
+    F1,
+    GT_PLANES,
+    HD95_MM,
+    NAMESPACES,
+    NOISE_MULTIPLIER_CLS,
+    NOISE_MULTIPLIER_SEG,
+    NPV,
+    NUM_EXAMPLES,
+    PPV,
+    PRIVACY,
+    SEG_EPSILON,
+    SEG_LOSS,
+    SENSITIVITY,
+    SPECIFICITY,
+    TEST,
+    TRAIN,
+    ci_names,
+    dice_click_name,
+    metric_key,
+)
 
 __all__ = [
     "EVAL_METRIC_NAMES",
@@ -28,40 +57,34 @@ __all__ = [
 ]
 
 #: Training metrics a site reports (``num-examples`` is the number of training cases, FedAvg's weight).
-TRAIN_METRIC_KEYS = ("num-examples", "train/seg_loss", "train/cls_loss")
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, metric_key(SEG_LOSS, split=TRAIN), metric_key(CLS_LOSS, split=TRAIN))
 #: Added under sample-level DP: cumulative ε per model at the site, δ and this round's noise multipliers.
-PRIVACY_METRIC_KEYS = (
-    "privacy/seg_epsilon",
-    "privacy/cls_epsilon",
-    "privacy/delta",
-    "privacy/noise_multiplier_seg",
-    "privacy/noise_multiplier_cls",
+PRIVACY_METRIC_KEYS = tuple(
+    metric_key(name, split=PRIVACY)
+    for name in (SEG_EPSILON, CLS_EPSILON, DELTA, NOISE_MULTIPLIER_SEG, NOISE_MULTIPLIER_CLS)
 )
 #: Evaluation metrics a site reports every evaluation round, under its split (``val/...`` each evaluation round,
 #: ``test/...`` once for the chosen models): the same names at every site, NaN when undefined. Confidence
 #: bounds are aggregates of the site's cases, like the values.
 EVAL_METRIC_NAMES = (
-    "dice_1click",
-    "dice_1click_ci_low",
-    "dice_1click_ci_high",
-    "dice",
-    "hd95_mm",
-    "hd95_mm_ci_low",
-    "hd95_mm_ci_high",
-    "auc",
-    "auc_ci_low",
-    "auc_ci_high",
-    "auc_gt_planes",
-    "auc_gt_planes_ci_low",
-    "auc_gt_planes_ci_high",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "accuracy",
-    "f1",
+    dice_click_name(1),
+    *ci_names(dice_click_name(1)),
+    DICE,
+    HD95_MM,
+    *ci_names(HD95_MM),
+    AUC,
+    AUC_CI_LOW,
+    AUC_CI_HIGH,
+    AUC + GT_PLANES,
+    *ci_names(AUC + GT_PLANES),
+    SENSITIVITY,
+    SPECIFICITY,
+    PPV,
+    NPV,
+    ACCURACY,
+    F1,
 )
-_NAME = re.compile(r"^(num-examples|(train|val|test|privacy)/[a-z0-9_.]+)$")
+_NAME = re.compile(rf"^({re.escape(NUM_EXAMPLES)}|({'|'.join(NAMESPACES)})/[a-z0-9_.]+)$")
 
 
 class EgressRefused(RuntimeError):
@@ -73,11 +96,11 @@ def train_metric_keys(sample_dp: bool) -> tuple[str, ...]:
     return TRAIN_METRIC_KEYS + (PRIVACY_METRIC_KEYS if sample_dp else ())
 
 
-def eval_metric_keys(eval_clicks: int, split: str = "test") -> tuple[str, ...]:
+def eval_metric_keys(eval_clicks: int, split: str = TEST) -> tuple[str, ...]:
     """The evaluation keys of ``split`` including Dice after the configured number of click rounds."""
     names = list(EVAL_METRIC_NAMES)
-    names.insert(3, f"dice_{eval_clicks}click")
-    return ("num-examples", *(f"{split}/{name}" for name in dict.fromkeys(names)))
+    names.insert(3, dice_click_name(eval_clicks))
+    return (NUM_EXAMPLES, *(metric_key(name, split=split) for name in dict.fromkeys(names)))
 
 
 def outgoing_adapter(

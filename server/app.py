@@ -27,8 +27,9 @@ from server.tracking import FederationTracker
 from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, load_run_config, to_flat_dict
+from shared.metric_names import VAL
 from shared.privacy.validation import validate_privacy
-from shared.protocol import adapter_to_record
+from shared.protocol import BASE_FINGERPRINT, SPLIT, adapter_to_record
 
 app = ServerApp()
 
@@ -116,7 +117,7 @@ def main(grid: Grid, context: Context) -> None:
         global_adapter, best = initial, None
     log(INFO, "%s", tracker.describe_location())
 
-    round_config = ConfigRecord({"base-fingerprint": fingerprint})
+    round_config = ConfigRecord({BASE_FINGERPRINT: fingerprint})
     round_end = RoundEnd(
         grid=grid,
         strategy=strategy,
@@ -131,7 +132,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=num_rounds,
         offset=strategy.round_offset,
         round_timeout=fed.round_timeout,
-        evaluate_config=ConfigRecord({**dict(round_config), "split": "val"}),
+        evaluate_config=ConfigRecord({**dict(round_config), SPLIT: VAL}),
         summary_path=summary_path,
         summary=_read_json(summary_path) if state is not None else {},
     )

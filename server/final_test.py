@@ -20,7 +20,8 @@ from server.replies import Recipients, metrics_by_site, site_of
 from server.reports import RoundReport
 from server.tracking import FederationTracker
 from shared.adapters import Adapter
-from shared.protocol import ARRAYS, CONFIG, adapter_to_record
+from shared.metric_names import TEST
+from shared.protocol import ARRAYS, CONFIG, SPLIT, adapter_to_record
 
 __all__ = ["TestedAdapter", "run_final_test"]
 
@@ -39,7 +40,7 @@ def _ask(
 ) -> list[Message]:
     """Every site in ``sites`` (node -> name) evaluates ``adapter`` on its test split."""
     record = adapter_to_record(adapter.tensors)
-    content = {**dict(config), "split": "test"}
+    content = {**dict(config), SPLIT: TEST}
     messages = [
         Message(
             RecordDict({ARRAYS: record, CONFIG: ConfigRecord(content)}),

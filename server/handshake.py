@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from shared.protocol import CONFIG, SITE
+from shared.protocol import BASE_FINGERPRINT, CONFIG, SITE, SITE_ID
 
 __all__ = ["SiteVetting"]
 
@@ -86,7 +86,7 @@ class SiteVetting:
         return {n for n in node_ids if n in asked}
 
     def _ask(self, nodes: list[int]) -> None:
-        config = ConfigRecord({"base-fingerprint": self.fingerprint})
+        config = ConfigRecord({BASE_FINGERPRINT: self.fingerprint})
         messages = [
             Message(RecordDict({CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY)
             for n in nodes
@@ -116,8 +116,8 @@ class SiteVetting:
                 log(WARNING, "Site on node %d refused: %s", node, reason)
             return
         info = reply.content.config_records.get(SITE, ConfigRecord())
-        site = str(info.get("site-id", f"node-{node}"))
-        theirs = str(info.get("base-fingerprint", ""))
+        site = str(info.get(SITE_ID, f"node-{node}"))
+        theirs = str(info.get(BASE_FINGERPRINT, ""))
         if theirs != self.fingerprint:
             self.refused[node] = (
                 f"base fingerprint {theirs or '(none)'} differs from the federation's {self.fingerprint}; "

@@ -6,10 +6,11 @@ The tracker (:mod:`server.tracking`) uploads them with the final artifacts: ``pl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from shared.metric_names import AUC, VAL, dice_click_count, dice_click_key, metric_key
 
 if TYPE_CHECKING:
     from server.reports import RoundReport
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
 __all__ = ["plot_metric_by_round", "write_round_plots"]
 
 _MEAN = "weighted mean"
-_DICE_CLICK = re.compile(r"^val/dice_(\d+)click$")
 
 
 def _series(history: Sequence[RoundReport], key: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -64,20 +64,17 @@ def plot_metric_by_round(
 
 def _dice_keys(history: Sequence[RoundReport]) -> list[str]:
     """``val/dice_1click`` and the largest click count reported."""
+    prefix = f"{VAL}/"
     clicks = sorted(
         {
-            int(m[1])
+            n
             for r in history
             for site in r.evaluation.values()
             for k in site
-            if (m := _DICE_CLICK.match(k))
+            if k.startswith(prefix) and (n := dice_click_count(k.removeprefix(prefix))) is not None
         }
     )
-    return (
-        [f"val/dice_{n}click" for n in dict.fromkeys([clicks[0], clicks[-1]])]
-        if clicks
-        else ["val/dice_1click"]
-    )
+    return [dice_click_key(n, split=VAL) for n in dict.fromkeys([clicks[0], clicks[-1]] if clicks else [1])]
 
 
 def write_round_plots(history: Sequence[RoundReport], folder: Path) -> None:
@@ -89,4 +86,6 @@ def write_round_plots(history: Sequence[RoundReport], folder: Path) -> None:
         ylabel="Dice",
         path=folder / "dice.png",
     )
-    plot_metric_by_round(history, ["val/auc"], title="AUC per site", ylabel="AUC", path=folder / "auc.png")
+    plot_metric_by_round(
+        history, [metric_key(AUC, split=VAL)], title="AUC per site", ylabel="AUC", path=folder / "auc.png"
+    )

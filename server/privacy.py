@@ -64,6 +64,14 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
 from server.replies import metrics_by_site, site_of, updates_of
 from shared.config import ConfigError, PrivacyConfig
+from shared.metric_names import (
+    CLIENT_CLIP_NORM,
+    CLIENT_EPSILON,
+    CLIENT_EPSILON_NO_AMPLIFICATION,
+    CLIENT_NOISE_STD,
+    PRIVACY,
+    metric_key,
+)
 from shared.privacy.opacus_loader import load_opacus
 from shared.protocol import ARRAYS, METRICS
 
@@ -496,15 +504,17 @@ class ClientDPHooks:
     def privacy_metrics(self) -> dict[str, float]:
         """Parent-run metrics after a round: ``privacy/client_epsilon`` (at the sampling rate), the ε without
         sampling amplification, and the last release's clip norm and noise std. Infinite ε (σ = 0) is left out.
-        The directions of these names are declared in :data:`shared.metrics.DIRECTIONS`."""
+        The directions of these names are declared in :data:`shared.metric_names.DIRECTIONS`."""
         out = {
-            "privacy/client_epsilon": self.client_accountant.epsilon(),
-            "privacy/client_epsilon_no_amplification": self.client_accountant.epsilon(amplification=False),
+            metric_key(CLIENT_EPSILON, split=PRIVACY): self.client_accountant.epsilon(),
+            metric_key(CLIENT_EPSILON_NO_AMPLIFICATION, split=PRIVACY): self.client_accountant.epsilon(
+                amplification=False
+            ),
         }
         out = {k: v for k, v in out.items() if math.isfinite(v)}
         if self.last_noise_std is not None and self.last_clipping_norm is not None:
-            out["privacy/client_clip_norm"] = self.last_clipping_norm
-            out["privacy/client_noise_std"] = self.last_noise_std
+            out[metric_key(CLIENT_CLIP_NORM, split=PRIVACY)] = self.last_clipping_norm
+            out[metric_key(CLIENT_NOISE_STD, split=PRIVACY)] = self.last_noise_std
         return out
 
     def keep_privacy_journal(self, path: Path) -> None:

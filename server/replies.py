@@ -13,7 +13,7 @@ from logging import WARNING
 from flwr.app import Message
 from flwr.common.logger import log
 
-from shared.protocol import ARRAYS, METRICS, SITE
+from shared.protocol import ARRAYS, DECLINED, METRICS, SITE, SITE_ID
 
 __all__ = ["Recipients", "metrics_by_site", "site_of", "updates_of"]
 
@@ -43,8 +43,8 @@ def site_of(message: Message, recipients: Recipients | None = None) -> str:
     """The site name a reply declares (``site`` ConfigRecord); for an error reply the site the message went to
     (its name from the handshake, via ``recipients``); else the sending node id."""
     record = message.content.config_records.get(SITE) if message.has_content() else None
-    if record is not None and "site-id" in record:
-        return str(record["site-id"])
+    if record is not None and SITE_ID in record:
+        return str(record[SITE_ID])
     if message.has_error() and recipients is not None:
         name = recipients.name_of(message)
         if name is not None:
@@ -81,7 +81,7 @@ def updates_of(
         elif ARRAYS in msg.content.array_records:
             with_update.append(msg)
         else:
-            reason = msg.content.config_records.get(SITE, {}).get("declined", "no update sent")
+            reason = msg.content.config_records.get(SITE, {}).get(DECLINED, "no update sent")
             log(
                 WARNING,
                 "Round %d: site %s sent no update: %s",

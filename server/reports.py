@@ -2,7 +2,7 @@
 
 A :class:`RoundReport` holds one round's metrics as the sites sent them (``{site: {metric: value}}``) with each
 site's example count; :func:`aggregate_site_metrics` summarises a metric over sites (example-weighted mean,
-worst site, or total of a count, as :func:`shared.metrics.metric_direction` declares it);
+worst site, or total of a count, as :func:`shared.metric_names.metric_direction` declares it);
 :func:`update_best` keeps the best global adapter by an aggregate. Everything here is plain data: the tracker
 (:mod:`server.tracking`) writes it to MLflow and the checkpoint keeps :meth:`RoundReport.to_json`.
 
@@ -20,18 +20,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shared.adapters import Adapter
-from shared.metrics import metric_direction
+from shared.metric_names import (
+    EVAL_WEIGHT_METRIC,
+    GLOBAL,
+    NUM_EXAMPLES,
+    PRIVACY,
+    ROUND_METRIC,
+    TEST,
+    TRAIN,
+    TRAIN_WEIGHT_METRIC,
+    metric_direction,
+)
 
 __all__ = [
-    "EVAL_WEIGHT_METRIC",
     "GLOBAL_PREFIX",
     "PRIVACY_PREFIX",
-    "ROUND_METRIC",
     "SITE_RESERVED",
     "TEST_PREFIX",
-    "TEST_WEIGHT_METRIC",
     "TRAIN_PREFIX",
-    "TRAIN_WEIGHT_METRIC",
     "BestAdapter",
     "RoundReport",
     "SiteAggregate",
@@ -41,19 +47,15 @@ __all__ = [
     "update_best",
 ]
 
+# The names are shared.metric_names': ROUND_METRIC (sentinel in every round batch: value = step = round) and
+# the example counts in each site's run (EVAL_WEIGHT_METRIC, TRAIN_WEIGHT_METRIC, TEST_WEIGHT_METRIC).
 #: Prefix of the aggregates the server logs on the parent run.
-GLOBAL_PREFIX = "global/"
-#: Sentinel metric in every round batch: value = step = round; the last logged round of a run.
-ROUND_METRIC = "federation/round"
-#: Example counts in each site's run: of the evaluation, the training and the final test.
-EVAL_WEIGHT_METRIC = "federation/eval_examples"
-TRAIN_WEIGHT_METRIC = "federation/train_examples"
-TEST_WEIGHT_METRIC = "federation/test_examples"
-TRAIN_PREFIX = "train/"
+GLOBAL_PREFIX = f"{GLOBAL}/"
+TRAIN_PREFIX = f"{TRAIN}/"
 #: Training-side metrics of sample-level DP (cumulative ε per model at a site), logged as sent.
-PRIVACY_PREFIX = "privacy/"
+PRIVACY_PREFIX = f"{PRIVACY}/"
 #: Final-test metrics: the test split's prefix.
-TEST_PREFIX = "test/"
+TEST_PREFIX = f"{TEST}/"
 #: Names a site's metrics may not use: the server writes them in the site's run.
 SITE_RESERVED = frozenset({ROUND_METRIC, EVAL_WEIGHT_METRIC, TRAIN_WEIGHT_METRIC})
 
@@ -64,7 +66,7 @@ class SiteAggregate:
     """One metric summarised over sites; NaN site values are left out (``n_sites`` counts the others).
 
     ``mean`` is example-weighted (None for counts), ``worst``/``worst_site`` follow the metric's direction
-    (:func:`~shared.metrics.metric_direction`; None when it has none or is a count), ``total`` is the sum
+    (:func:`~shared.metric_names.metric_direction`; None when it has none or is a count), ``total`` is the sum
     (counts only). All NaN when no site has a value.
     """
 
@@ -198,7 +200,7 @@ class RoundReport:
         *,
         evaluation: Mapping[str, Mapping[str, float]] | None = None,
         training: Mapping[str, Mapping[str, float]] | None = None,
-        weight_key: str = "num-examples",
+        weight_key: str = NUM_EXAMPLES,
         global_metrics: Mapping[str, float] | None = None,
     ) -> RoundReport:
         """Build a report from the metric dicts sites send (``{site: MetricRecord as dict}``).
@@ -350,7 +352,7 @@ def update_best(
     best: BestAdapter | None, *, adapter: Adapter, metric: str, value: float, server_round: int
 ) -> BestAdapter | None:
     """``best`` replaced by this round's adapter when ``value`` beats it (by the metric's declared direction,
-    :func:`~shared.metrics.metric_direction`).
+    :func:`~shared.metric_names.metric_direction`).
 
     NaN never wins. Raises ValueError for a metric whose direction is unknown or a count. The adapter is kept
     by reference: pass one that is not modified afterwards.

@@ -25,6 +25,7 @@ from server.checkpoint import ServerCheckpoint
 from server.reports import BestAdapter, RoundReport, update_best
 from server.tracking import FederationTracker
 from shared.adapters import Adapter
+from shared.metric_names import VAL, aggregate_key, metric_key
 from shared.protocol import layout_of, record_to_adapter
 
 __all__ = ["RoundEnd", "selection_key", "write_json"]
@@ -32,7 +33,7 @@ __all__ = ["RoundEnd", "selection_key", "write_json"]
 
 def selection_key(select_metric: str) -> str:
     """The parent-run aggregate that ranks rounds, e.g. ``global/val/dice_1click_mean``."""
-    return f"global/val/{select_metric}_mean"
+    return aggregate_key(metric_key(select_metric, split=VAL), "mean")
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:

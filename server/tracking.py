@@ -44,14 +44,10 @@ from typing import TYPE_CHECKING, Any
 
 from server.plots import write_round_plots
 from server.reports import (
-    EVAL_WEIGHT_METRIC,
     GLOBAL_PREFIX,
-    ROUND_METRIC,
     SITE_RESERVED,
     TEST_PREFIX,
-    TEST_WEIGHT_METRIC,
     TRAIN_PREFIX,
-    TRAIN_WEIGHT_METRIC,
     BestAdapter,
     RoundReport,
     json_safe,
@@ -59,6 +55,7 @@ from server.reports import (
 )
 from shared import __version__
 from shared.adapters import Adapter, save_adapter
+from shared.metric_names import EVAL_WEIGHT_METRIC, ROUND_METRIC, TEST_WEIGHT_METRIC, TRAIN_WEIGHT_METRIC
 from shared.mlflow_store import (
     DEFAULT_STORE_DIR,
     TrackingError,

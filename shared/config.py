@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shared.metric_names import AUC, DICE, GT_PLANES, TEST, TRAIN, VAL, dice_click_name
+
 __all__ = [
     "AdapterConfig",
     "ConfigError",
@@ -147,7 +149,7 @@ class TrainConfig:
     #: Model selection: the validation metric (higher is better) that picks the round (federation) or the
     #: training chunk (local training): ``dice_1click``, ``dice`` (last click), ``auc`` or ``auc_gt_planes``.
     #: The test split never takes part in selection.
-    select_metric: str = "dice_1click"
+    select_metric: str = dice_click_name(1)
     #: FedProx proximal coefficient (0 disables); the federation sets it per round.
     proximal_mu: float = 0.0
     #: bf16 autocast on CUDA (ignored on CPU).
@@ -165,7 +167,7 @@ class TrainConfig:
 
 
 #: Validation metrics that may select a model (all higher-is-better; see ``train.select-metric``).
-SELECT_METRICS: tuple[str, ...] = ("dice_1click", "dice", "auc", "auc_gt_planes")
+SELECT_METRICS: tuple[str, ...] = (dice_click_name(1), DICE, AUC, AUC + GT_PLANES)
 
 
 @dataclass(frozen=True)
@@ -408,7 +410,7 @@ _SECTIONS = {f.name: typing.get_type_hints(FedabusConfig)[f.name] for f in field
 # ---------------------------------------------------------------- site configuration (sites/<name>.toml)
 
 #: Split names a site may use, after normalisation.
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS: tuple[str, ...] = (TRAIN, VAL, TEST)
 
 
 @dataclass(frozen=True)

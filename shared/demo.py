@@ -19,6 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from shared.config import parse_assignments
+from shared.metric_names import (
+    AUC,
+    CLIENT_EPSILON,
+    CLS_EPSILON,
+    DELTA,
+    DICE,
+    GT_PLANES,
+    HD95_MM,
+    NUM_EXAMPLES,
+    PRIVACY,
+    SEG_EPSILON,
+    dice_click_key,
+    metric_key,
+)
 from shared.simulation import app_dir, run_simulation
 
 if TYPE_CHECKING:
@@ -35,11 +49,11 @@ __all__ = [
 ]
 
 TABLE_METRICS = (
-    ("test/dice_1click", "Dice@1"),
-    ("test/dice", "Dice@N"),
-    ("test/hd95_mm", "HD95 mm"),
-    ("test/auc_gt_planes", "AUC GT planes"),
-    ("test/auc", "AUC e2e"),
+    (dice_click_key(1), "Dice@1"),
+    (metric_key(DICE), "Dice@N"),
+    (metric_key(HD95_MM), "HD95 mm"),
+    (metric_key(AUC + GT_PLANES), "AUC GT planes"),
+    (metric_key(AUC), "AUC e2e"),
 )
 
 
@@ -89,20 +103,20 @@ def print_site_table(
 def _print_privacy(summary: dict, sites: list[str], file: TextIO) -> None:
     """Sample-level DP: the ε each site has spent per model (its ledger); client-level DP: the run's ε."""
     train = summary.get("train", {})
-    if any("privacy/seg_epsilon" in train.get(site, {}) for site in sites):
+    seg_key, cls_key, delta_key, client_key = (
+        metric_key(name, split=PRIVACY) for name in (SEG_EPSILON, CLS_EPSILON, DELTA, CLIENT_EPSILON)
+    )
+    if any(seg_key in train.get(site, {}) for site in sites):
         print("\nsample-level DP, ε spent per site (segmentation / classification, at δ):", file=file)
         for site in sites:
             values = train.get(site, {})
-            seg, cls = (
-                values.get("privacy/seg_epsilon", math.nan),
-                values.get("privacy/cls_epsilon", math.nan),
-            )
-            stopped = "  (stopped at its budget)" if values.get("num-examples") == 0.0 else ""
-            delta = values.get("privacy/delta", math.nan)
+            seg, cls = values.get(seg_key, math.nan), values.get(cls_key, math.nan)
+            stopped = "  (stopped at its budget)" if values.get(NUM_EXAMPLES) == 0.0 else ""
+            delta = values.get(delta_key, math.nan)
             print(f"  {site:10s} ε {seg:6.3f} / {cls:6.3f}  δ {delta:.2g}{stopped}", file=file)
     client = summary.get("client_privacy", {})
-    if "privacy/client_epsilon" in client:
-        print(f"\nclient-level DP: ε {client['privacy/client_epsilon']:.3f} for the run", file=file)
+    if client_key in client:
+        print(f"\nclient-level DP: ε {client[client_key]:.3f} for the run", file=file)
 
 
 #: Share of each site's cases, per class, that the demo holds out as the site's test split.

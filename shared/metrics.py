@@ -1,4 +1,4 @@
-"""The one metrics module of fedabus: segmentation, classification and the names they are logged under.
+"""The metrics of fedabus: segmentation and classification values, and the flat dicts they are logged as.
 
 Segmentation (seed 000): Dice, HD95 in millimetres (MONAI, with the voxel spacing), lesion volume in cm³, the
 volume bins 0–5, 5–20 and 20–100 cm³, per-group summaries (BI-RADS category or volume bin, Tables 4–5) and the
@@ -9,11 +9,9 @@ Masks are binary arrays of one volume in array order ``(z, y, x) = (D, H, W)``; 
 the same order. Functions accept numpy arrays or torch tensors (converted to numpy at the boundary) and return
 plain Python floats, so their results go straight into JSON, MLflow and Flower ``MetricRecord`` s.
 
-Metric names: every logged value has a flat key ``"{split}/{name}"`` such as ``test/dice_1click``,
-``test/dice_5click``, ``test/hd95_mm`` or ``test/auc``. Build them with :func:`metric_key`,
-:func:`dice_click_key` and the ``*_metrics_dict`` functions so that MLflow, the server and the benchmark use
-the same names. Whether a metric is better high or low, or is a count, is declared here too
-(:data:`DIRECTIONS`, read by :func:`metric_direction`): the server picks the worst site and the best round by it.
+Metric names: the ``*_metrics_dict`` functions return flat keys ``"{split}/{name}"`` such as
+``test/dice_1click``, ``test/hd95_mm`` or ``test/auc``, built by :mod:`shared.metric_names`, which also declares
+whether each metric is better high or low (:func:`shared.metric_names.metric_direction`).
 """
 
 from __future__ import annotations
@@ -23,33 +21,36 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
+from shared.metric_names import (
+    ACCURACY,
+    AUC,
+    AUC_CI_HIGH,
+    AUC_CI_LOW,
+    DICE,
+    F1,
+    HD95_MM,
+    HD95_UNDEFINED,
+    N_CASES_CLS,
+    N_CASES_SEG,
+    NPV,
+    PPV,
+    SENSITIVITY,
+    SPECIFICITY,
+    dice_click_key,
+    metric_key,
+)
+
 __all__ = [
-    "ACCURACY",
-    "AUC",
-    "AUC_CI_HIGH",
-    "AUC_CI_LOW",
     "AucResult",
     "BinaryMetrics",
-    "DICE",
-    "DIRECTIONS",
-    "Direction",
-    "F1",
     "GroupStats",
-    "HD95_MM",
-    "HD95_UNDEFINED",
-    "N_CASES_CLS",
-    "N_CASES_SEG",
-    "NPV",
-    "PPV",
-    "SENSITIVITY",
-    "SPECIFICITY",
     "VOLUME_BIN_EDGES_CM3",
     "VOLUME_BIN_LABELS",
     "as_binary_mask",
@@ -57,13 +58,9 @@ __all__ = [
     "binary_metrics",
     "classification_metrics_dict",
     "dice",
-    "dice_click_key",
-    "dice_click_name",
     "dice_vs_clicks",
     "hd95_mm",
     "lesion_volume_cm3",
-    "metric_direction",
-    "metric_key",
     "padded_dice_curves",
     "segmentation_metrics_dict",
     "stratified_metrics_dict",
@@ -71,158 +68,13 @@ __all__ = [
     "volume_bin",
 ]
 
-# ---------------------------------------------------------------------------------------------- metric names
-#: Mean Dice after the last click round.
-DICE = "dice"
-#: Mean HD95 in millimetres over the cases where it is defined (see :func:`hd95_mm`).
-HD95_MM = "hd95_mm"
-#: Number of cases whose HD95 is undefined (empty prediction), i.e. left out of ``hd95_mm``.
-HD95_UNDEFINED = "hd95_undefined"
-N_CASES_SEG = "n_cases_seg"
-AUC = "auc"
-AUC_CI_LOW = "auc_ci_low"
-AUC_CI_HIGH = "auc_ci_high"
-SENSITIVITY = "sensitivity"
-SPECIFICITY = "specificity"
-PPV = "ppv"
-NPV = "npv"
-ACCURACY = "accuracy"
-F1 = "f1"
-N_CASES_CLS = "n_cases_cls"
-
+# ---------------------------------------------------------------------------------------------- segmentation
 #: Lower edges (cm³) of the seed-000 lesion-volume bins; each bin is ``[edge, next edge)``, the last is open.
 VOLUME_BIN_EDGES_CM3: tuple[float, ...] = (0.0, 5.0, 20.0)
 #: Labels of those bins, as in seed 000 Tables 2, 4 and 5.
 VOLUME_BIN_LABELS: tuple[str, ...] = ("0-5", "5-20", "20-100")
 
-_NAME_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
-
-def _check_name_part(value: str, what: str) -> str:
-    if not _NAME_PART.match(value):
-        raise ValueError(
-            f"metric {what} {value!r} must be non-empty and use only letters, digits, '_', '.', '-'"
-        )
-    return value
-
-
-def metric_key(name: str, *, split: str = "test") -> str:
-    """Return the flat metric key ``"{split}/{name}"``, e.g. ``metric_key(AUC) == "test/auc"``."""
-    return f"{_check_name_part(split, 'split')}/{_check_name_part(name, 'name')}"
-
-
-def dice_click_name(n_clicks: int) -> str:
-    """Return the name (no split) of the mean Dice after click round ``n_clicks`` (1-based): ``dice_{n}click``."""
-    if n_clicks < 1:
-        raise ValueError(f"n_clicks must be >= 1 (round 1 is the first click), got {n_clicks}")
-    return f"dice_{n_clicks}click"
-
-
-def dice_click_key(n_clicks: int, *, split: str = "test") -> str:
-    """Return the key of the mean Dice after click round ``n_clicks`` (1-based): ``test/dice_{n}click``."""
-    return metric_key(dice_click_name(n_clicks), split=split)
-
-
-# ---------------------------------------------------------------------------------------------- directions
-#: How the server ranks a metric over sites and rounds: ``"higher"`` or ``"lower"`` is better (the worst site
-#: is the minimum or the maximum), ``"count"`` is summed over sites (no worst).
-Direction = Literal["higher", "lower", "count"]
-
-#: The direction of every metric fedabus logs: base names (looked up after :func:`metric_direction` strips
-#: the split and the suffixes) and a few whole keys. Dice after each click round (``dice_{n}click``) is
-#: higher-is-better; a confidence bound (``*_ci_low``, ``*_ci_high``) has no direction.
-DIRECTIONS: dict[str, Direction] = {
-    DICE: "higher",
-    HD95_MM: "lower",
-    HD95_UNDEFINED: "count",
-    N_CASES_SEG: "count",
-    AUC: "higher",
-    SENSITIVITY: "higher",
-    SPECIFICITY: "higher",
-    PPV: "higher",
-    NPV: "higher",
-    ACCURACY: "higher",
-    F1: "higher",
-    N_CASES_CLS: "count",
-    # Training losses under train/: produced by shared/training/site.py, sent per client/egress.py
-    # TRAIN_METRIC_KEYS; "loss" is what a site that names no model reports (the server logs it as train/loss).
-    "seg_loss": "lower",
-    "cls_loss": "lower",
-    "loss": "lower",
-    # Sample-level DP under privacy/: produced by shared/training/site.py, sent per client/egress.py
-    # PRIVACY_METRIC_KEYS. Better = more private, so the worst site is the least private one.
-    "seg_epsilon": "lower",
-    "cls_epsilon": "lower",
-    "delta": "lower",
-    "noise_multiplier_seg": "higher",
-    "noise_multiplier_cls": "higher",
-    # Client-level DP on the parent run (privacy/...), produced by server/privacy.py.
-    "client_epsilon": "lower",
-    "client_epsilon_no_amplification": "lower",
-    # Whole keys: the example count a site weighs by (shared.protocol.NUM_EXAMPLES) and the counts the server
-    # logs in each site's run (server/reports.py EVAL_WEIGHT_METRIC, TRAIN_WEIGHT_METRIC, TEST_WEIGHT_METRIC).
-    "num-examples": "count",
-    "federation/eval_examples": "count",
-    "federation/train_examples": "count",
-    "federation/test_examples": "count",
-}
-
-#: Namespaces a key may start with: the evaluation splits, training and sample-level DP.
-_NAMESPACES = frozenset({"train", "val", "test", "privacy"})
-#: The server's aggregates over sites: ``global/{key}_{mean|worst|total}`` (server/reports.py).
-_AGGREGATE_PREFIX = "global/"
-_AGGREGATE_STATS = ("_mean", "_worst", "_total")
-#: Per-group statistics of :func:`stratified_metrics_dict`: ``{by}/{group}/{metric}_{mean|std|count}``.
-_STRATUM_STATS = ("_mean", "_std", "_count")
-#: Input variants of a classification metric (shared/training/cls.py SOURCE_SUFFIXES): same direction.
-_SOURCE_SUFFIXES = ("_gt_planes",)
-_CI_BOUNDS = ("_ci_low", "_ci_high")
-_DICE_CLICK_NAME = re.compile(r"dice_[1-9][0-9]*click")
-
-
-def _cut_suffix(name: str, suffixes: Sequence[str]) -> tuple[str, str | None]:
-    """``name`` without the first of ``suffixes`` it ends with, and that suffix (None when none)."""
-    for suffix in suffixes:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)], suffix
-    return name, None
-
-
-def _base_direction(name: str) -> Direction | None:
-    if _cut_suffix(name, _CI_BOUNDS)[1] is not None:
-        return None
-    name = _cut_suffix(name, _SOURCE_SUFFIXES)[0]
-    if _DICE_CLICK_NAME.fullmatch(name):
-        return "higher"
-    return DIRECTIONS.get(name)
-
-
-def metric_direction(key: str) -> Direction | None:
-    """The declared direction of a logged metric (:data:`DIRECTIONS`), or None when it has none.
-
-    Understands the keys fedabus writes: a whole key of :data:`DIRECTIONS` (``num-examples``,
-    ``federation/eval_examples``); ``[{split}/]{name}`` with split ``train``, ``val``, ``test`` or ``privacy``
-    and the name possibly ending in ``_gt_planes``; a stratum ``{split}/{by}/{group}/{name}_{mean|std|count}``
-    (the mean keeps the direction, the spread has none, the count is a count); and the server's aggregates
-    ``global/{key}_{mean|worst|total}``. Confidence bounds and undeclared names give None (the server then
-    reports only a mean).
-    """
-    if key in DIRECTIONS:
-        return DIRECTIONS[key]
-    if key.startswith(_AGGREGATE_PREFIX):
-        inner, stat = _cut_suffix(key.removeprefix(_AGGREGATE_PREFIX), _AGGREGATE_STATS)
-        return metric_direction(inner) if stat is not None else None
-    namespace, _, rest = key.partition("/")
-    parts = rest.split("/") if namespace in _NAMESPACES else key.split("/")
-    if len(parts) == 1:
-        return _base_direction(parts[0])
-    if len(parts) == 3:
-        name, stat = _cut_suffix(parts[2], _STRATUM_STATS)
-        return _base_direction(name) if stat == "_mean" else "count" if stat == "_count" else None
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- segmentation
 def as_binary_mask(mask: np.ndarray | torch.Tensor | Sequence[Any], *, name: str = "mask") -> np.ndarray:
     """Return ``mask`` as a numpy bool array of the same shape.
 
@@ -617,10 +469,10 @@ def stratified_metrics_dict(
     Example: ``test/birads/4A/dice_mean``, ``test/volume/0-5/hd95_mm_std``. Characters other than letters,
     digits, ``_ . -`` in group labels become ``_`` (MLflow's rule for metric names).
     """
-    _check_name_part(by, "stratum name")
+    stratum = metric_key(by, split=split)
     out: dict[str, float] = {}
     for group, per_metric in strata.items():
-        prefix = f"{metric_key(by, split=split)}/{_safe_group(group)}"
+        prefix = f"{stratum}/{_safe_group(group)}"
         for metric, stats in per_metric.items():
             out[f"{prefix}/{metric}_mean"] = stats.mean
             out[f"{prefix}/{metric}_std"] = stats.std

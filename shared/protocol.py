@@ -23,26 +23,58 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from shared.adapters import AdapterMismatchError
+from shared.metric_names import NUM_EXAMPLES
 from shared.tensor_files import describe_mismatch
 
 __all__ = [
     "ARRAYS",
+    "BASE_FINGERPRINT",
     "CONFIG",
+    "DECLINED",
+    "FEDABUS_VERSION",
     "METRICS",
     "NUM_EXAMPLES",
+    "SERVER_ROUND",
     "SITE",
+    "SITE_ID",
+    "SPLIT",
     "adapter_to_record",
     "layout_of",
+    "num_cases_key",
     "record_to_adapter",
 ]
 
+# Records of a message.
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
-#: ConfigRecord in replies naming the site (``site-id``) and, when it sent no update, why (``declined``).
+#: ConfigRecord in replies naming the site (:data:`SITE_ID`) and, when it sent no update, why (:data:`DECLINED`).
 SITE = "site"
-#: The metric Flower's FedAvg weights by; fedabus sets it to the number of training cases.
-NUM_EXAMPLES = "num-examples"
+
+# Keys of the ``config`` record the server sends.
+#: The fingerprint of the base model the federation trains on (``seg=sha256:...;cls=sha256:...``); a site
+#: whose base differs declines. Also in the handshake reply: the site's own base.
+BASE_FINGERPRINT = "base-fingerprint"
+#: The federation round (Flower's strategies set it in every train and evaluate config).
+SERVER_ROUND = "server-round"
+#: The split an evaluate message asks for: ``val`` each evaluation round, ``test`` in the final test.
+SPLIT = "split"
+
+# Keys of the ``site`` record in replies.
+SITE_ID = "site-id"
+DECLINED = "declined"
+#: Handshake reply: the fedabus version the site runs.
+FEDABUS_VERSION = "fedabus-version"
+
+# Keys of the ``metrics`` record: NUM_EXAMPLES (Flower's FedAvg weighs by it; the number of training cases)
+# is a metric name too, defined with the others in shared.metric_names, which training code imports without
+# Flower; the other metric keys are built there as well.
+
+
+def num_cases_key(split: str) -> str:
+    """Handshake reply metric: the number of cases of the site's ``split``, ``num-{split}-cases``."""
+    return f"num-{split}-cases"
+
 
 #: name -> shape of every adapter tensor.
 Layout = Mapping[str, tuple[int, ...]]

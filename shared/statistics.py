@@ -1,10 +1,9 @@
-"""How sure each number of a cross-site study is (issue 13): confidence intervals, paired tests, calibration.
+"""How sure each number of a cross-site study is (issue 13): confidence intervals and paired tests.
 
-Builds on :mod:`shared.metrics`: case bootstrap (:func:`bootstrap_ci`, :func:`paired_bootstrap`), DeLong
-(:func:`delong_auc`, :func:`delong_test`; mid-rank algorithm of Sun & Xu, 2014), calibration
-(:func:`brier_score`, :func:`expected_calibration_error`, :func:`calibration_curve`), :func:`mcnemar`, and
-whole-split tables (:func:`classification_estimates`, :func:`segmentation_estimates`) keyed by the metric
-names of :mod:`shared.metrics`. The unit of resampling is the case (lesion / patient): per-case values are
+Builds on :mod:`shared.metrics` and :mod:`shared.calibration`: case bootstrap (:func:`bootstrap_ci`,
+:func:`paired_bootstrap`), DeLong (:func:`delong_auc`, :func:`delong_test`; mid-rank algorithm of Sun & Xu,
+2014), :func:`mcnemar`, and whole-split tables (:func:`classification_estimates`,
+:func:`segmentation_estimates`) keyed by the metric names of :mod:`shared.metric_names`. The unit of resampling is the case (lesion / patient): per-case values are
 rows of an ``(n_cases,)`` or ``(n_cases, k)`` array; resamples come from ``numpy.random.default_rng(seed)``.
 Undefined results are NaN with a ``note`` saying why, not exceptions: a small site's test split may lack a
 class or a defined HD95.
@@ -22,48 +21,42 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import binom, norm, rankdata
 
-from shared.metrics import (
+from shared.calibration import brier_score, expected_calibration_error, labels_and_probabilities
+from shared.metric_names import (
     ACCURACY,
     AUC,
+    BRIER,
     DICE,
+    ECE,
     F1,
     HD95_MM,
     NPV,
     PPV,
     SENSITIVITY,
     SPECIFICITY,
+    dice_click_name,
+)
+from shared.metrics import (
     _auc_from_ranks,
     _binary_labels,
     _one_class_reason,
     _scores,
     as_binary_mask,
     binary_metrics,
-    dice_click_name,
     padded_dice_curves,
 )
 
 __all__ = [
-    "BRIER",
-    "ECE",
-    "CalibrationCurve",
     "Comparison",
     "Estimate",
     "bootstrap_ci",
-    "brier_score",
-    "calibration_curve",
     "classification_estimates",
     "delong_auc",
     "delong_test",
-    "expected_calibration_error",
     "mcnemar",
     "paired_bootstrap",
     "segmentation_estimates",
 ]
-
-#: Brier score: mean squared error of the predicted malignancy probability (lower is better).
-BRIER = "brier"
-#: Expected calibration error with equal-width probability bins (lower is better).
-ECE = "ece"
 
 Statistic = Callable[[np.ndarray], float]
 
@@ -95,20 +88,6 @@ class Comparison:
     n: int
     method: str
     note: str = ""
-
-
-@dataclass(frozen=True)
-class CalibrationCurve:
-    """Reliability diagram of equal-width probability bins; empty bins are skipped.
-
-    All arrays have shape ``(n_nonempty_bins,)``: ``mean_predicted`` and ``observed_fraction`` are in
-    [0, 1], ``count`` the number of cases per bin, ``bin_index`` which of the ``n_bins`` bins (0-based).
-    """
-
-    mean_predicted: np.ndarray
-    observed_fraction: np.ndarray
-    count: np.ndarray
-    bin_index: np.ndarray
 
 
 def _undefined(n: int, method: str, note: str) -> Estimate:
@@ -343,46 +322,6 @@ def delong_test(
     return Comparison(diff, max(-1.0, diff - half), min(1.0, diff + half), p_value, labels.size, method)
 
 
-# --------------------------------------------------------------------------------------------- calibration
-def _probabilities(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
-    labels, (probs,) = _labels_and_scores(y_true, prob)
-    if np.any((probs < 0) | (probs > 1)):
-        raise ValueError(
-            "prob must lie in [0, 1]: pass malignancy probabilities (e.g. a softmax), not logits"
-        )
-    return labels, probs
-
-
-def brier_score(y_true: ArrayLike, prob: ArrayLike) -> float:
-    """Mean of ``(prob - y_true)²`` over cases, both shape ``(n_cases,)``; 0 is perfect, 0.25 a coin flip."""
-    labels, probs = _probabilities(y_true, prob)
-    return float(np.mean((probs - labels) ** 2))
-
-
-def calibration_curve(y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10) -> CalibrationCurve:
-    """Per-bin mean predicted probability, observed malignant fraction and case count (empty bins skipped).
-
-    ``n_bins`` equal-width bins of [0, 1]: bin ``k`` holds ``k / n_bins <= prob < (k + 1) / n_bins``, the
-    last one also ``prob == 1``. ``y_true`` and ``prob`` have shape ``(n_cases,)``.
-    """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    labels, probs = _probabilities(y_true, prob)
-    bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins)
-    keep = np.flatnonzero(count)
-    sum_prob = np.bincount(bins, weights=probs, minlength=n_bins)[keep]
-    sum_pos = np.bincount(bins, weights=labels.astype(np.float64), minlength=n_bins)[keep]
-    return CalibrationCurve(sum_prob / count[keep], sum_pos / count[keep], count[keep], keep)
-
-
-def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, n_bins: int = 10) -> float:
-    """ECE: ``sum_k (n_k / n) |mean prob_k - observed fraction_k|`` over the bins of :func:`calibration_curve`."""
-    curve = calibration_curve(y_true, prob, n_bins)
-    gaps = np.abs(curve.mean_predicted - curve.observed_fraction)
-    return float(np.sum(curve.count * gaps) / np.sum(curve.count))
-
-
 # ------------------------------------------------------------------------------------------ per-split tables
 #: Metrics of :func:`shared.metrics.binary_metrics` (its field names) and why each can be undefined.
 _BINARY_UNDEFINED_WHEN = {
@@ -421,7 +360,7 @@ def classification_estimates(
     one shared set of resamples. Undefined metrics are NaN Estimates whose note says why.
     """
     _check_bootstrap_args(n_boot, alpha)
-    labels, probs = _probabilities(y_true, prob)
+    labels, probs = labels_and_probabilities(y_true, prob)
     n, names = labels.size, (*_BINARY_UNDEFINED_WHEN, BRIER, ECE)
     point = _classification_row(labels, probs, threshold, n_bins)
     rows = _resample_indices(n, n_boot, seed, strata=labels)

@@ -27,6 +27,7 @@ import torch
 from shared.adapters import extract_adapter, lora_specs_from_config, save_adapter
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, to_flat_dict
+from shared.metric_names import VAL, metric_key
 from shared.study.sites import StudyError, StudySite, pooled_site, write_fold_sites
 from shared.training.selection import train_with_selection
 from shared.training.site import SiteData
@@ -92,7 +93,7 @@ def _trained(context: ArmContext, name: str, data: SiteData, trained_on: tuple[s
     def progress(r: int, rounds: int, value: float) -> None:
         context.say(f"    {name}: round {r}/{rounds}, {selection_metric} {value:.3f}")
 
-    selection_metric = f"val/{context.config.train.select_metric}"
+    selection_metric = metric_key(context.config.train.select_metric, split=VAL)
     selection = train_with_selection(
         models,
         data,

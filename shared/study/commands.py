@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shared.metric_names import AUC, dice_click_name
+
 __all__ = ["register", "run_study_command"]
 
 DEFAULT_ARMS = "zero-shot,local,federated,pooled,loso"
@@ -126,7 +128,7 @@ def run_study_command(args: argparse.Namespace) -> int:
 
 def _print_table(summary: dict) -> None:
     """Per test site and model: Dice@1 and AUC with their 95% CIs (pooled over folds when there are folds)."""
-    rows = [r for r in summary["results"] if r["metric"] in ("dice_1click", "auc") and r["repeat"] == 0]
+    rows = [r for r in summary["results"] if r["metric"] in (dice_click_name(1), AUC) and r["repeat"] == 0]
     folds = {r["fold"] for r in rows}
     rows = [r for r in rows if r["fold"] == ("all" if "all" in folds else next(iter(folds), None))]
     cells: dict[tuple[str, str], dict[str, str]] = {}
@@ -137,7 +139,7 @@ def _print_table(summary: dict) -> None:
     print(f"\n{'test site':10s} {'model':22s} {'Dice@1 [95% CI]':>24s} {'AUC [95% CI]':>24s}")
     for (site, model), values in sorted(cells.items()):
         print(
-            f"{site:10s} {model:22s} {values.get('dice_1click', 'n/a'):>24s} {values.get('auc', 'n/a'):>24s}"
+            f"{site:10s} {model:22s} {values.get(dice_click_name(1), 'n/a'):>24s} {values.get(AUC, 'n/a'):>24s}"
         )
 
 

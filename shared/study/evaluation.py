@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shared.config import FedabusConfig
+from shared.metric_names import AUC, HD95_MM, dice_click_name
 from shared.statistics import (
     Estimate,
     classification_estimates,
@@ -199,7 +200,10 @@ def _comparison_row(tags: Row, metric: str, result: Any) -> Row:
 def _compare(a: dict[str, Row], b: dict[str, Row], *, n_boot: int, seed: int, tags: Row) -> list[Row]:
     shared = sorted(set(a) & set(b))
     out = []
-    for metric, pick in (("dice_1click", lambda c: c["dice_curve"][0]), ("hd95_mm", lambda c: c["hd95_mm"])):
+    for metric, pick in (
+        (dice_click_name(1), lambda c: c["dice_curve"][0]),
+        (HD95_MM, lambda c: c["hd95_mm"]),
+    ):
         result = paired_bootstrap(
             np.array([pick(a[k]) for k in shared]),
             np.array([pick(b[k]) for k in shared]),
@@ -218,5 +222,5 @@ def _compare(a: dict[str, Row], b: dict[str, Row], *, n_boot: int, seed: int, ta
             np.array([a[k]["prob"] for k in labelled]),
             np.array([b[k]["prob"] for k in labelled]),
         )
-        out.append(_comparison_row(tags, "auc", result))
+        out.append(_comparison_row(tags, AUC, result))
     return out

@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from shared.calibration import calibration_curve, ece_of
+
 __all__ = [
     "CALIBRATION_BINS",
     "CaseRow",
@@ -319,15 +321,8 @@ def stratum_boxplot_figure(
 
 def _reliability(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Mean probability and observed malignant fraction of each non-empty bin, and the ECE."""
-    index = np.minimum((np.clip(probs, 0.0, 1.0) * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
-    confidence, observed, ece = [], [], 0.0
-    for b in range(CALIBRATION_BINS):
-        inside = index == b
-        if inside.any():
-            confidence.append(probs[inside].mean())
-            observed.append(labels[inside].mean())
-            ece += inside.mean() * abs(observed[-1] - confidence[-1])
-    return np.array(confidence), np.array(observed), float(ece)
+    curve = calibration_curve(labels, np.clip(probs, 0.0, 1.0), CALIBRATION_BINS)
+    return curve.mean_predicted, curve.observed_fraction, ece_of(curve)
 
 
 def calibration_figure(rows: Sequence[CaseRow], arms: Sequence[str]) -> str | None:

@@ -38,6 +38,21 @@ from pathlib import Path
 import numpy as np
 
 from shared.atomic import write_text_atomic
+from shared.metric_names import (
+    ACCURACY,
+    AUC,
+    BRIER,
+    DICE,
+    ECE,
+    F1,
+    HD95_MM,
+    NPV,
+    PPV,
+    SENSITIVITY,
+    SPECIFICITY,
+    dice_click_name,
+    metric_direction,
+)
 from shared.study import figures
 from shared.study.figures import CaseRow
 
@@ -67,24 +82,24 @@ META_KEYS = ("title", "created", "sites", "arms", "selection_rule", "notes")
 
 #: Display names, in the table's column order; metrics not listed follow by name.
 METRIC_LABELS = {
-    "dice_1click": "Dice@1",
-    "dice_5click": "Dice@5",
-    "dice": "Dice",
-    "hd95_mm": "HD95 (mm)",
-    "auc": "AUC",
-    "sensitivity": "Sensitivity",
-    "specificity": "Specificity",
-    "ppv": "PPV",
-    "npv": "NPV",
-    "f1": "F1",
-    "accuracy": "Accuracy",
-    "brier": "Brier",
-    "ece": "ECE",
+    dice_click_name(1): "Dice@1",
+    dice_click_name(5): "Dice@5",
+    DICE: "Dice",
+    HD95_MM: "HD95 (mm)",
+    AUC: "AUC",
+    SENSITIVITY: "Sensitivity",
+    SPECIFICITY: "Specificity",
+    PPV: "PPV",
+    NPV: "NPV",
+    F1: "F1",
+    ACCURACY: "Accuracy",
+    BRIER: "Brier",
+    ECE: "ECE",
 }
-#: Metrics whose best value is the smallest.
-LOWER_IS_BETTER = frozenset({"hd95_mm", "brier", "ece"})
+#: Metrics whose best value is the smallest (as :data:`shared.metric_names.DIRECTIONS` declares them).
+LOWER_IS_BETTER = frozenset(name for name in METRIC_LABELS if metric_direction(name) == "lower")
 #: Metrics named in the findings' "best arm" sentences.
-FINDING_METRICS = ("dice_1click", "auc")
+FINDING_METRICS = (dice_click_name(1), AUC)
 ALPHA = 0.05
 
 _CSS = """
@@ -173,7 +188,7 @@ def _models_by_arm(results: Sequence[Row], arms: Sequence[str]) -> list[tuple[st
 
 # --------------------------------------------------------------------------------------------- formatting
 def _decimals(metric: str) -> int:
-    return 1 if metric == "hd95_mm" else 3
+    return 1 if metric == HD95_MM else 3
 
 
 def _num(value: float, decimals: int = 3, sign: bool = False) -> str:
@@ -344,8 +359,8 @@ def _figure_sections(
 
     specs: list[tuple[str, str, Callable[[], str | None], str, str]] = [
         ("Dice after one click", "Dice@1 heatmap",
-         lambda: _heatmap(cells, sites, pairs, "dice_1click"), internal, "no Dice@1 values."),
-        ("ROC AUC", "AUC heatmap", lambda: _heatmap(cells, sites, pairs, "auc"), internal, "no AUC values."),
+         lambda: _heatmap(cells, sites, pairs, dice_click_name(1)), internal, "no Dice@1 values."),
+        ("ROC AUC", "AUC heatmap", lambda: _heatmap(cells, sites, pairs, AUC), internal, "no AUC values."),
         ("ROC curves per test site", "ROC curves", lambda: figures.roc_figure(rows, sites, arms),
          f"Cases of all an arm's models, folds and repeats pooled. {split}{_no_roc(rows, sites)}", no_probs),
         ("Dice vs clicks", "Dice vs clicks", lambda: figures.dice_vs_clicks_figure(rows, arms),

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from shared.config import ModelConfig
+from shared.metric_names import AUC, HD95_MM, VAL, dice_click_key, metric_key
 
 __all__ = ["register", "run_train_local"]
 
@@ -94,7 +95,7 @@ def run_train_local(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config(path=args.config, ignore=FLOWER_KEYS)
     device = resolve_device(args.device or config.model.device)
-    selection_metric = f"val/{config.train.select_metric}"
+    selection_metric = metric_key(config.train.select_metric, split=VAL)
     site = open_site(
         args.site_dir,
         site_config_path=args.site_config,
@@ -157,7 +158,12 @@ def run_train_local(args: argparse.Namespace) -> int:
         "seconds": round(time.monotonic() - started, 1),
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
-    for key in ("test/dice_1click", f"test/dice_{config.train.eval_clicks}click", "test/hd95_mm", "test/auc"):
+    for key in (
+        dice_click_key(1),
+        dice_click_key(config.train.eval_clicks),
+        metric_key(HD95_MM),
+        metric_key(AUC),
+    ):
         print(
             f"  {key:22s} before {before.get(key, float('nan')):.3f}  after {after.get(key, float('nan')):.3f}"
         )

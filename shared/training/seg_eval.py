@@ -42,9 +42,8 @@ from shared.clicks import ClickSession
 from shared.config import DataConfig, TrainConfig
 from shared.data.blocks import Block, covering_blocks, extract_blocks, lesion_bbox, stitch
 from shared.data.transforms import Preprocessed
+from shared.metric_names import DICE, HD95_MM
 from shared.metrics import (
-    DICE,
-    HD95_MM,
     GroupStats,
     dice,
     dice_vs_clicks,

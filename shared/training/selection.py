@@ -19,6 +19,7 @@ import torch
 
 from shared.adapters import Adapter, apply_adapter, extract_adapter
 from shared.config import FedabusConfig
+from shared.metric_names import VAL, metric_key
 from shared.training.site import SiteData, evaluate_site, train_site
 
 __all__ = ["Selection", "train_with_selection"]
@@ -67,7 +68,7 @@ def train_with_selection(
     evaluated chunk when given."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    metric = f"val/{config.train.select_metric}"
+    metric = metric_key(config.train.select_metric, split=VAL)
     has_val = bool(site.val_cases)
     history: dict[int, dict[str, float]] = {}
     best_round, best_value, best = 0, math.nan, None

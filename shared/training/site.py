@@ -31,6 +31,23 @@ from shared.data.loaders import (
 )
 from shared.data.planes import planes_from_config
 from shared.data.splits import carve_validation
+from shared.metric_names import (
+    CLS_EPSILON,
+    CLS_LOSS,
+    DELTA,
+    HD95_MM,
+    NOISE_MULTIPLIER_CLS,
+    NOISE_MULTIPLIER_SEG,
+    NUM_EXAMPLES,
+    PRIVACY,
+    SEG_EPSILON,
+    SEG_LOSS,
+    TEST,
+    TRAIN,
+    ci_names,
+    dice_click_name,
+    metric_key,
+)
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import RoundPlan
 from shared.privacy.sampling import OneFramePerCase, poisson_loader
@@ -151,10 +168,11 @@ def train_site(
         cases, config.data, batch_size=train_config.cls_batch_size, site_config=site.site_config, seed=seed
     )
     cls_result = train_classifier(cls, loader, config=train_config, device=device, proximal_ref=cls_ref)
+    seg_losses = seg_result["epoch_loss"]
     return {
-        "num-examples": float(len(cases)),
-        "train/seg_loss": float(seg_result["epoch_loss"][-1]) if seg_result["epoch_loss"] else float("nan"),
-        "train/cls_loss": float(cls_result["loss"]),
+        NUM_EXAMPLES: float(len(cases)),
+        metric_key(SEG_LOSS, split=TRAIN): float(seg_losses[-1]) if seg_losses else float("nan"),
+        metric_key(CLS_LOSS, split=TRAIN): float(cls_result["loss"]),
     }
 
 
@@ -265,12 +283,12 @@ def _train_site_private(
         results["cls"]["loss"],
     )
     return {
-        "num-examples": float(len(site.train_cases)),
-        "privacy/seg_epsilon": ledger.epsilon("seg", plan.delta, accountant=plan.accountant),
-        "privacy/cls_epsilon": ledger.epsilon("cls", plan.delta, accountant=plan.accountant),
-        "privacy/delta": float(plan.delta),
-        "privacy/noise_multiplier_seg": float(plan.seg.noise_multiplier),
-        "privacy/noise_multiplier_cls": float(plan.cls.noise_multiplier),
+        NUM_EXAMPLES: float(len(site.train_cases)),
+        metric_key(SEG_EPSILON, split=PRIVACY): ledger.epsilon("seg", plan.delta, accountant=plan.accountant),
+        metric_key(CLS_EPSILON, split=PRIVACY): ledger.epsilon("cls", plan.delta, accountant=plan.accountant),
+        metric_key(DELTA, split=PRIVACY): float(plan.delta),
+        metric_key(NOISE_MULTIPLIER_SEG, split=PRIVACY): float(plan.seg.noise_multiplier),
+        metric_key(NOISE_MULTIPLIER_CLS, split=PRIVACY): float(plan.cls.noise_multiplier),
     }
 
 
@@ -280,7 +298,7 @@ def evaluate_site(
     config: FedabusConfig,
     *,
     device: torch.device,
-    split: str = "test",
+    split: str = TEST,
     split_cases: tuple[CaseRecord, ...] | None = None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, float]:
@@ -291,7 +309,7 @@ def evaluate_site(
     ``split_cases`` evaluates these cases instead, under the name ``split``."""
     cases = list(site.cases(split) if split_cases is None else split_cases)
     if not cases:
-        return {"num-examples": 0.0}
+        return {NUM_EXAMPLES: 0.0}
     seg, cls = models["seg"].to(device), models["cls"].to(device)
     cls_cases: list[ClsCase] = []
 
@@ -322,7 +340,7 @@ def evaluate_site(
         **seg_eval.metrics,
         **_segmentation_bounds(seg_eval, split, seed=config.train.seed),
         **cls_eval.metrics_dict(split=split),
-        "num-examples": float(len(cases)),
+        NUM_EXAMPLES: float(len(cases)),
     }
     if details is not None:
         details["segmentation"] = seg_eval.to_json()
@@ -337,7 +355,8 @@ def _segmentation_bounds(evaluation: Any, split: str, *, seed: int) -> dict[str,
         [case.dice_curve for case in evaluation.cases], [case.hd95_mm for case in evaluation.cases], seed=seed
     )
     out = {}
-    for name in ("dice_1click", "hd95_mm"):
-        out[f"{split}/{name}_ci_low"] = float(estimates[name].ci_low)
-        out[f"{split}/{name}_ci_high"] = float(estimates[name].ci_high)
+    for name in (dice_click_name(1), HD95_MM):
+        low, high = ci_names(name)
+        out[metric_key(low, split=split)] = float(estimates[name].ci_low)
+        out[metric_key(high, split=split)] = float(estimates[name].ci_high)
     return out

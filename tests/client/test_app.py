@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from client.egress import EgressRefused, eval_metric_keys, outgoing_adapter, outgoing_metrics
@@ -40,12 +39,7 @@ def federation(tmp_path_factory):
     return {"site_dir": site_dir, "base_path": base_path, "adapter": adapter, "fingerprint": base.fingerprint}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def _context(federation, *, run: dict | None = None, node: dict | None = None) -> Context:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.privacy import client_dp_clipping_mod
 from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE
@@ -15,12 +14,7 @@ from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE
 GLOBAL = {"cls": np.linspace(-1, 1, 6), "seg": np.linspace(0, 2, 10)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def record(values: dict[str, np.ndarray]) -> ArrayRecord:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.handshake import SiteVetting
 from server.strategies import FederationStalled, build_strategy
@@ -18,12 +17,7 @@ from shared.protocol import SITE
 FINGERPRINT = "seg=sha256:aa;cls=sha256:bb"
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class SlowGrid:

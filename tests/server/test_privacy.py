@@ -17,7 +17,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.privacy import ClientPrivacyAccountant, update_norm
 from server.strategies import FedabusHooks, build_strategy
@@ -60,12 +59,7 @@ class FakeGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def packed(values: dict[str, np.ndarray] | float) -> ArrayRecord:

@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.replies import site_of
 from server.strategies import FederationStalled, build_strategy
@@ -22,12 +21,7 @@ class FakeGrid:
         return list(self.nodes)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def arrays(value: float) -> ArrayRecord:

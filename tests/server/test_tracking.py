@@ -21,15 +21,7 @@ import torch
 from mlflow import MlflowClient
 
 from client.egress import EVAL_METRIC_NAMES, PRIVACY_METRIC_KEYS, TRAIN_METRIC_KEYS, eval_metric_keys
-from server.reports import (
-    EVAL_WEIGHT_METRIC,
-    ROUND_METRIC,
-    TEST_WEIGHT_METRIC,
-    TRAIN_WEIGHT_METRIC,
-    RoundReport,
-    aggregate_site_metrics,
-    update_best,
-)
+from server.reports import RoundReport, aggregate_site_metrics, update_best
 from server.tracking import (
     FederationTracker,
     TrackingError,
@@ -40,7 +32,13 @@ from server.tracking import (
 from shared import __version__
 from shared.adapters import ADAPTER_FORMAT, Adapter, load_adapter
 from shared.config import SELECT_METRICS
-from shared.metrics import metric_direction
+from shared.metric_names import (
+    EVAL_WEIGHT_METRIC,
+    ROUND_METRIC,
+    TEST_WEIGHT_METRIC,
+    TRAIN_WEIGHT_METRIC,
+    metric_direction,
+)
 from shared.protocol import NUM_EXAMPLES
 
 CODE = {"fedabus-version": __version__, "git-commit": "0123abc", "git-dirty": "false"}
@@ -198,7 +196,7 @@ def test_every_metric_a_site_sends_has_a_declared_direction(split: str):
         metric_direction(k) is None for k in bounds
     )  # a confidence bound has no better side
     undeclared = sorted(k for k in keys - bounds if metric_direction(k) is None)
-    assert not undeclared, f"declare their direction in shared.metrics.DIRECTIONS: {undeclared}"
+    assert not undeclared, f"declare their direction in shared.metric_names.DIRECTIONS: {undeclared}"
     for key in keys - bounds:  # the server's aggregates keep the direction
         assert metric_direction(f"global/{key}_mean") == metric_direction(key)
 

@@ -11,17 +11,16 @@ import torch
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
+from shared.metric_names import dice_click_key, metric_key
 from shared.metrics import (
     _bootstrap_aucs,
     auc_with_ci,
     binary_metrics,
     classification_metrics_dict,
     dice,
-    dice_click_key,
     dice_vs_clicks,
     hd95_mm,
     lesion_volume_cm3,
-    metric_key,
     segmentation_metrics_dict,
     stratified_metrics_dict,
     stratify,

@@ -9,29 +9,27 @@ import pytest
 from scipy.stats import binomtest, norm
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from shared.metrics import (
+from shared.calibration import brier_score, calibration_curve, expected_calibration_error
+from shared.metric_names import (
     ACCURACY,
     AUC,
+    BRIER,
     DICE,
+    ECE,
     F1,
     HD95_MM,
     NPV,
     PPV,
     SENSITIVITY,
     SPECIFICITY,
-    binary_metrics,
 )
+from shared.metrics import binary_metrics
 from shared.statistics import (
-    BRIER,
-    ECE,
     Estimate,
     bootstrap_ci,
-    brier_score,
-    calibration_curve,
     classification_estimates,
     delong_auc,
     delong_test,
-    expected_calibration_error,
     mcnemar,
     paired_bootstrap,
     segmentation_estimates,

@@ -33,14 +33,7 @@ from shared.training.seg_eval import SegCase, evaluate_segmentation
 from tests.shared.tiny_sam import TINY_SAM as TINY
 from tests.shared.tiny_sam import P
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two, and far faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(seed: int = 0, spec: LoraSpec | None = None) -> nn.Module:

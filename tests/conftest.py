@@ -1,0 +1,33 @@
+"""Fixtures shared by the test packages (pytest runs with ``--import-mode=importlib``; conftest still applies)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's process-wide task identity set for the test (run 1, node 0, task 1), restored afterwards.
+
+    Building a ``flwr.app.Message`` outside a running Flower process needs it. Test modules that build messages
+    use it for every test: ``pytestmark = pytest.mark.usefixtures("task_identity")``.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny tensors: faster than two, and far faster on shared cores.
+
+    Used per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
