@@ -2,7 +2,7 @@
 
 ``privacy.client-dp`` picks one of Flower 1.41's wrappers (:data:`CLIENT_DP_WRAPPERS`); :func:`wrap_with_client_dp`
 puts it around the strategy :func:`server.strategies.build_strategy` made, and :class:`ClientDPHooks` keeps every
-fedabus hook working through it (round offset, deadline sampling, declined sites, per-site metrics, state).
+fedabus hook working through it (round numbering, deadline sampling, declined sites, per-site metrics, state).
 
 What is protected and how (the privacy unit is one site; neighbouring federations differ by one site's update
 being present or absent). In a round that samples ``m`` sites, with global adapter ``g``, clip norm ``C`` and
@@ -377,7 +377,7 @@ class ClientDPHooks:
     last_clipping_norm: float | None = None
     _plan: _RoundPlan | None = None
 
-    round_offset = _forwarded("round_offset")
+    rounds = _forwarded("rounds")
     eval_interval = _forwarded("eval_interval")
     sample_timeout = _forwarded("sample_timeout")
     allowed_nodes = _forwarded("allowed_nodes")
@@ -409,7 +409,7 @@ class ClientDPHooks:
         if plan is None:
             raise RuntimeError("aggregate_train before configure_train: no global adapter to clip against")
         replies = list(replies)
-        logged_round = server_round + self.round_offset
+        logged_round = self.rounds.federation(server_round)
         site_metrics = {
             site: {k: v for k, v in values.items() if k != KEY_NORM_BIT}  # per-site clip bits stay private
             for site, values in metrics_by_site(replies, self.strategy.recipients).items()

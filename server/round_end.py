@@ -47,8 +47,8 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
 class RoundEnd:
     """Called as ``round_end(flower_round, arrays)``; keeps the global and the best adapter so far.
 
-    ``offset`` is the number of rounds done before this server process started (resume): Flower numbers the
-    rounds of this process from 1, the federation from ``offset + 1``.
+    Flower's round number becomes the federation's through ``strategy.rounds``
+    (:class:`~server.round_numbering.RoundNumbering`), the one place that knows about resume.
     """
 
     grid: Grid
@@ -62,7 +62,6 @@ class RoundEnd:
     resumable_keys: tuple[str, ...]
     select_metric: str
     num_rounds: int
-    offset: int
     round_timeout: float
     #: What every evaluation message carries (the base fingerprint and ``split = "val"``).
     evaluate_config: ConfigRecord
@@ -76,10 +75,10 @@ class RoundEnd:
 
     def __call__(self, flower_round: int, arrays: ArrayRecord) -> None:
         if flower_round == 0:
-            if self.offset == 0:
+            if not self.strategy.rounds.resumed:  # a resumed run evaluated its start in its first process
                 self._evaluate_start(arrays)
             return None
-        actual = self.offset + flower_round
+        actual = self.strategy.rounds.federation(flower_round)
         tensors = record_to_adapter(arrays, layout_of(self.initial.tensors))
         self.global_adapter = Adapter(tensors, {**self.initial.manifest, "metadata": {"round": actual}})
         report = RoundReport.from_site_metrics(
@@ -105,12 +104,13 @@ class RoundEnd:
         return None
 
     def _evaluate_start(self, arrays: ArrayRecord) -> None:
-        """Round 0: every site evaluates the starting adapter on validation (a candidate like any round)."""
+        """Round 0 of a fresh run: every site evaluates the starting adapter on validation (a candidate like any
+        round)."""
         messages = self.strategy.configure_evaluate(
-            0 - self.offset, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid
+            0, arrays, ConfigRecord(dict(self.evaluate_config)), self.grid
         )
         replies = self.grid.send_and_receive(messages, timeout=self.round_timeout)
-        self.strategy.aggregate_evaluate(0 - self.offset, replies)
+        self.strategy.aggregate_evaluate(0, replies)
         report = RoundReport.from_site_metrics(0, evaluation=self.strategy.last_eval_metrics)
         self.tracker.log_round(report)
         self._select(report, self.initial, 0)

@@ -6,7 +6,8 @@
   online but still answering the handshake are waited for (up to ``connect_timeout``), sites that are gone are
   not (:class:`FederationStalled` after ``sample_timeout`` seconds). Flower's own ``configure_*`` then samples
   its fraction from a view of the grid holding only the admitted sites; nothing of Flower is patched;
-* number rounds from ``round_offset + 1`` so a resumed run continues its numbering;
+* give Flower's round number the federation's (``rounds``, :class:`~server.round_numbering.RoundNumbering`) in
+  every message and log line, so a resumed run continues its numbering;
 * skip client evaluation on rounds off the evaluation interval;
 * drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
 * remember, per round, which site sent which metrics (``last_train_metrics`` / ``last_eval_metrics``), for tracking,
@@ -40,7 +41,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from server import privacy as client_dp
 from server.replies import Recipients, metrics_by_site, site_of, updates_of
-from shared.config import PrivacyConfig
+from server.round_numbering import RoundNumbering
+from shared.config import FederationConfig, PrivacyConfig
 from shared.protocol import NUM_EXAMPLES
 
 __all__ = [
@@ -92,7 +94,8 @@ class _AdmittedSites:
 class FedabusHooks:
     """Mixin placed before a Flower strategy class; see the module docstring."""
 
-    round_offset: int = 0
+    #: Flower's round number -> the federation's (set once, on resume, by :mod:`server.federation_run`).
+    rounds: RoundNumbering = RoundNumbering()
     eval_interval: int = 1
     sample_timeout: float = 600.0
     #: How long sampling may wait past ``sample_timeout`` for sites that are online but still connecting.
@@ -170,18 +173,18 @@ class FedabusHooks:
         # Flower's configure_train (and FedProx's mu, FedOpt's current arrays) samples from the admitted view.
         view = self._admitted_view(grid, self.fraction_train)
         return self._remember(
-            list(super().configure_train(server_round + self.round_offset, arrays, config, view))
+            list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
         )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        server_round += self.round_offset
+        server_round = self.rounds.federation(server_round)
         if self.eval_interval > 1 and server_round % self.eval_interval:
             return []
         view = self._admitted_view(grid, self.fraction_evaluate)
         return self._remember(list(super().configure_evaluate(server_round, arrays, config, view)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        server_round += self.round_offset
+        server_round = self.rounds.federation(server_round)
         replies = list(replies)
         self.last_train_metrics = metrics_by_site(replies, self.recipients)
         with_update = updates_of(server_round, replies, self.recipients)
@@ -191,7 +194,7 @@ class FedabusHooks:
         return super().aggregate_train(server_round, with_update)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        server_round += self.round_offset
+        server_round = self.rounds.federation(server_round)
         replies = list(replies)
         self.last_eval_metrics = metrics_by_site(replies, self.recipients)
         for msg in replies:
@@ -284,54 +287,53 @@ FederationStrategy: TypeAlias = "FedabusHooks | client_dp.ClientDPHooks"
 
 
 def build_strategy(
-    name: str,
+    federation: FederationConfig,
     *,
-    min_sites: int,
-    fraction_train: float = 1.0,
-    fraction_evaluate: float = 1.0,
-    eval_interval: int = 1,
-    sample_timeout: float = 600.0,
-    connect_timeout: float = 1800.0,
     proximal_mu: float = 0.0,
-    server_lr: float = 0.1,
-    trim_beta: float = 0.2,
-    num_malicious: int = 0,
     privacy: PrivacyConfig | None = None,
 ) -> FederationStrategy:
-    """A Flower strategy by name (``fedavg``, ``fedprox``, ``fedadam``, ``fedmedian``, ``fedtrimmedavg``,
-    ``krum``, ``multikrum``) with the fedabus hooks. FedAvg weights by ``num-examples`` (training cases).
+    """The Flower strategy ``federation.strategy`` names (``fedavg``, ``fedprox``, ``fedadam``, ``fedmedian``,
+    ``fedtrimmedavg``, ``krum``, ``multikrum``) with the fedabus hooks. FedAvg weights by ``num-examples``
+    (training cases).
 
-    With ``privacy.client_dp`` other than ``off`` the strategy is wrapped for client-level DP (see
-    :mod:`server.privacy`): only ``fedavg`` and ``fedprox`` are accepted, and the adapter update is then the
-    unweighted sum of the sites' clipped updates divided by the number of sampled sites, plus Gaussian noise.
+    ``federation`` gives the sampling (``min-sites``, fractions, ``sample-timeout``; ``round-timeout`` is also
+    how long sampling waits for sites still connecting), ``eval-interval`` and each strategy's own setting
+    (``server-lr``, ``trim-beta``, ``num-malicious``); ``proximal_mu`` is FedProx's (``train.proximal-mu``, which
+    the sites read too). With ``privacy.client_dp`` other than ``off`` the strategy is wrapped for client-level
+    DP (see :mod:`server.privacy`): only ``fedavg`` and ``fedprox`` are accepted, and the adapter update is then
+    the unweighted sum of the sites' clipped updates divided by the number of sampled sites, plus Gaussian noise.
     Raises :class:`~shared.config.ConfigError` naming the setting when the privacy settings are invalid.
     """
+    name = federation.strategy.lower()
     try:
-        base = STRATEGIES[name.lower()]
+        base = STRATEGIES[name]
     except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}") from None
-    dp_mode = client_dp.check_client_dp(privacy, name.lower()) if privacy is not None else "off"
+        raise ValueError(
+            f"unknown strategy {federation.strategy!r}; expected one of {sorted(STRATEGIES)}"
+        ) from None
+    dp_mode = client_dp.check_client_dp(privacy, name) if privacy is not None else "off"
+    min_sites = federation.min_sites
     common: dict[str, Any] = {
-        "fraction_train": fraction_train,
-        "fraction_evaluate": fraction_evaluate,
+        "fraction_train": federation.fraction_train,
+        "fraction_evaluate": federation.fraction_evaluate,
         "min_train_nodes": min_sites,
-        "min_evaluate_nodes": min_sites if fraction_evaluate > 0 else 0,
+        "min_evaluate_nodes": min_sites if federation.fraction_evaluate > 0 else 0,
         "min_available_nodes": min_sites,
     }
     if base is not FedMedian and base is not Krum and base is not MultiKrum:
         common["weighted_by_key"] = NUM_EXAMPLES
     extra: dict[str, Any] = {
         FedProx: {"proximal_mu": proximal_mu},
-        FedAdam: {"eta": server_lr},
-        FedTrimmedAvg: {"beta": trim_beta},
-        Krum: {"num_malicious_nodes": num_malicious},
-        MultiKrum: {"num_malicious_nodes": num_malicious},
+        FedAdam: {"eta": federation.server_lr},
+        FedTrimmedAvg: {"beta": federation.trim_beta},
+        Krum: {"num_malicious_nodes": federation.num_malicious},
+        MultiKrum: {"num_malicious_nodes": federation.num_malicious},
     }.get(base, {})
     strategy = (_HOOKED if dp_mode == "off" else _HOOKED_DP)[base](**common, **extra)
     strategy.recipients = Recipients()
-    strategy.eval_interval = max(1, int(eval_interval))
-    strategy.sample_timeout = float(sample_timeout)
-    strategy.connect_timeout = float(connect_timeout)
+    strategy.eval_interval = max(1, int(federation.eval_interval))
+    strategy.sample_timeout = float(federation.sample_timeout)
+    strategy.connect_timeout = float(federation.round_timeout)
     strategy.last_train_metrics = {}
     strategy.last_eval_metrics = {}
     if dp_mode == "off" or privacy is None:

@@ -12,6 +12,7 @@ from flwr.common.constant import ErrorCode
 
 from server.handshake import SiteVetting
 from server.strategies import FederationStalled, build_strategy
+from shared.config import FederationConfig
 from shared.protocol import SITE
 
 FINGERPRINT = "seg=sha256:aa;cls=sha256:bb"
@@ -95,9 +96,10 @@ def test_a_lost_query_is_asked_again_later():
 
 
 def _strategy(grid: SlowGrid, min_sites: int, sample_timeout: float, connect_timeout: float = 30.0):
-    strategy = build_strategy(
-        "fedavg", min_sites=min_sites, sample_timeout=sample_timeout, connect_timeout=connect_timeout
+    federation = FederationConfig(
+        min_sites=min_sites, sample_timeout=sample_timeout, round_timeout=connect_timeout
     )
+    strategy = build_strategy(federation)
     strategy.node_vetting = SiteVetting(grid, FINGERPRINT)
     strategy.poll_interval = 0.05
     return strategy

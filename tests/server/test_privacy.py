@@ -19,8 +19,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
 from server.privacy import ClientPrivacyAccountant, update_norm
+from server.round_numbering import RoundNumbering
 from server.strategies import FedabusHooks, build_strategy
-from shared.config import ConfigError, PrivacyConfig
+from shared.config import ConfigError, FederationConfig, PrivacyConfig
 from shared.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE
 
 MODES = {
@@ -32,7 +33,7 @@ MODES = {
 #: Packed adapter layout as shared.protocol sends it: one flat float32 array per model.
 SIZES = {"cls": 6, "seg": 10}
 SERVER_MODULES = [
-    Path(__file__).resolve().parents[2] / "server" / name for name in ("app.py", "round_end.py")
+    Path(__file__).resolve().parents[2] / "server" / name for name in ("federation_run.py", "round_end.py")
 ]
 
 
@@ -87,12 +88,21 @@ def reply(node: int, site: str, update: ArrayRecord | None, *, examples: int = 1
     return Message(content, reply_to=request)
 
 
-def dp_strategy(mode: str, *, sigma: float = 0.0, clip: float = 1.0, delta: float = 1e-5, **kwargs):
+def dp_strategy(
+    mode: str,
+    *,
+    sigma: float = 0.0,
+    clip: float = 1.0,
+    delta: float = 1e-5,
+    proximal_mu: float = 0.0,
+    **federation,
+):
+    """A strategy under client-level DP ``mode``; ``federation``: FederationConfig fields (``min_sites`` 1)."""
     privacy = PrivacyConfig(
         client_dp=mode, client_noise_multiplier=sigma, client_clip_norm=clip, client_delta=delta
     )
-    kwargs.setdefault("min_sites", 1)
-    return build_strategy(kwargs.pop("name", "fedavg"), privacy=privacy, **kwargs)
+    federation.setdefault("min_sites", 1)
+    return build_strategy(FederationConfig(**federation), proximal_mu=proximal_mu, privacy=privacy)
 
 
 def configure(strategy, nodes: list[int], global_arrays: ArrayRecord | None = None) -> list[Message]:
@@ -116,7 +126,7 @@ def test_every_strategy_attribute_server_app_uses_is_offered_by_the_wrapper():
         for name in re.findall(r"\bstrategy\.(\w+)", module.read_text(encoding="utf-8"))
     }
     assert {
-        "round_offset",
+        "rounds",
         "last_train_metrics",
         "get_state",
         "set_state",
@@ -128,15 +138,15 @@ def test_every_strategy_attribute_server_app_uses_is_offered_by_the_wrapper():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_wrapper_keeps_offset_vetting_eval_interval_and_site_metrics(mode):
+def test_wrapper_keeps_round_numbering_vetting_eval_interval_and_site_metrics(mode):
     strategy = dp_strategy(mode, clip=2.0, eval_interval=2)
     assert isinstance(strategy, MODES[mode]) and isinstance(strategy.strategy, FedabusHooks)
-    strategy.round_offset = 4
+    strategy.rounds = RoundNumbering(done_before=4)
     strategy.node_vetting = lambda nodes: {n for n in nodes if n != 3}
     messages = configure(strategy, [1, 2, 3])
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
     config = messages[0].content[CONFIG]
-    assert config["server-round"] == 5 and strategy.strategy.round_offset == 4
+    assert config["server-round"] == 5 and strategy.strategy.rounds.done_before == 4
     assert (config.get(KEY_CLIPPING_NORM) == pytest.approx(2.0)) == mode.startswith("client-")
     assert (
         list(strategy.configure_evaluate(1, packed(0.0), ConfigRecord(), FakeGrid([1, 2]))) == []
@@ -153,7 +163,7 @@ def test_wrapper_keeps_offset_vetting_eval_interval_and_site_metrics(mode):
 
 
 def test_without_client_dp_the_strategy_is_unwrapped_and_reports_no_privacy():
-    strategy = build_strategy("krum", min_sites=1, privacy=PrivacyConfig())
+    strategy = build_strategy(FederationConfig(strategy="krum", min_sites=1), privacy=PrivacyConfig())
     assert isinstance(strategy, FedabusHooks)
     assert strategy.client_privacy_spent() is None and strategy.privacy_metrics() == {}
 
@@ -378,17 +388,17 @@ def test_federation_loop_reports_epsilon_after_every_round():
 def test_invalid_privacy_settings_are_refused(settings, message):
     privacy = PrivacyConfig(**{"client_dp": "server-fixed", **settings})
     with pytest.raises(ConfigError, match=re.escape(message)):
-        build_strategy("fedavg", min_sites=1, privacy=privacy)
+        build_strategy(FederationConfig(min_sites=1), privacy=privacy)
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"])
 def test_aggregators_the_noise_cannot_protect_are_refused(name):
     with pytest.raises(ConfigError, match=f"federation.strategy = '{name}' cannot be combined"):
-        dp_strategy("server-fixed", name=name)
+        dp_strategy("server-fixed", strategy=name)
 
 
 def test_fedprox_is_accepted_and_keeps_its_proximal_term():
-    strategy = dp_strategy("server-fixed", name="fedprox", proximal_mu=0.1)
+    strategy = dp_strategy("server-fixed", strategy="fedprox", proximal_mu=0.1)
     assert configure(strategy, [1])[0].content[CONFIG]["proximal-mu"] == pytest.approx(0.1)
 
 

@@ -9,7 +9,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from server.replies import site_of
+from server.round_numbering import RoundNumbering
 from server.strategies import FederationStalled, build_strategy
+from shared.config import FederationConfig
 from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
 
 
@@ -40,7 +42,7 @@ def reply(node: int, site: str, *, value: float | None, examples: int, dice: flo
 
 
 def test_fedavg_weights_by_training_examples_and_remembers_sites():
-    strategy = build_strategy("fedavg", min_sites=2)
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2))
     replies = [reply(1, "a", value=1.0, examples=1), reply(2, "b", value=5.0, examples=3)]
     agg, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(agg["seg.w"].numpy(), np.full((2, 3), (1 * 1 + 3 * 5) / 4))
@@ -49,7 +51,7 @@ def test_fedavg_weights_by_training_examples_and_remembers_sites():
 
 
 def test_sites_without_update_or_with_errors_are_dropped():
-    strategy = build_strategy("fedavg", min_sites=1)
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=1))
     request = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
     failed = Message(Error(code=1, reason="site crashed"), reply_to=request)
     replies = [reply(1, "a", value=2.0, examples=2), reply(2, "b", value=None, examples=0), failed]
@@ -59,9 +61,11 @@ def test_sites_without_update_or_with_errors_are_dropped():
     assert strategy.aggregate_train(2, [reply(2, "b", value=None, examples=0)]) == (None, None)
 
 
-def test_round_offset_and_eval_interval():
-    strategy = build_strategy("fedprox", min_sites=1, proximal_mu=0.1, eval_interval=2)
-    strategy.round_offset = 4
+def test_resumed_round_numbering_and_eval_interval():
+    strategy = build_strategy(
+        FederationConfig(strategy="fedprox", min_sites=1, eval_interval=2), proximal_mu=0.1
+    )
+    strategy.rounds = RoundNumbering(done_before=4)
     messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2])))
     assert len(messages) == 2
     config = messages[0].content["config"]
@@ -73,7 +77,7 @@ def test_round_offset_and_eval_interval():
 
 
 def test_sampling_gives_up_after_the_deadline():
-    strategy = build_strategy("fedavg", min_sites=3, sample_timeout=0.5)
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=3, sample_timeout=0.5))
     started = time.monotonic()
     with pytest.raises(FederationStalled, match=r"only 1 site\(s\) admitted"):
         strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1]))
@@ -81,26 +85,26 @@ def test_sampling_gives_up_after_the_deadline():
 
 
 def test_refused_nodes_are_never_sampled():
-    strategy = build_strategy("fedavg", min_sites=1)
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=1))
     strategy.allowed_nodes = {2}
     messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2, 3])))
     assert [m.metadata.dst_node_id for m in messages] == [2]
 
 
 def test_fedadam_state_round_trips():
-    strategy = build_strategy("fedadam", min_sites=1)
+    strategy = build_strategy(FederationConfig(strategy="fedadam", min_sites=1))
     list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1])))
     strategy.aggregate_train(1, [reply(1, "a", value=1.0, examples=1)])
     state = strategy.get_state()
     assert {k.split("/")[0] for k in state} == {"m_t", "v_t"}
-    fresh = build_strategy("fedadam", min_sites=1)
+    fresh = build_strategy(FederationConfig(strategy="fedadam", min_sites=1))
     fresh.set_state(state)
     np.testing.assert_array_equal(fresh.m_t["seg.w"], strategy.m_t["seg.w"])
 
 
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
-        build_strategy("fedsgd", min_sites=1)
+        build_strategy(FederationConfig(strategy="fedsgd", min_sites=1))
 
 
 def test_an_error_reply_names_the_site_the_message_went_to():
@@ -110,7 +114,7 @@ def test_an_error_reply_names_the_site_the_message_went_to():
         def __call__(self, nodes):
             return set(self.accepted)
 
-    strategy = build_strategy("fedavg", min_sites=2)
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2))
     strategy.node_vetting = Vetting()
     messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([7, 8])))
     for number, message in enumerate(messages):  # what the grid does when it pushes them
@@ -125,7 +129,7 @@ def test_sampling_patches_nothing_in_flower_and_samples_a_fraction_of_the_admitt
     import flwr.serverapp.strategy.fedavg as fedavg_module
 
     original = fedavg_module.sample_nodes
-    strategy = build_strategy("fedavg", min_sites=2, fraction_train=0.5)
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2, fraction_train=0.5))
     strategy.allowed_nodes = {1, 2, 3, 4}  # node 5 is not admitted
     messages = list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2, 3, 4, 5])))
     assert fedavg_module.sample_nodes is original
@@ -134,6 +138,20 @@ def test_sampling_patches_nothing_in_flower_and_samples_a_fraction_of_the_admitt
 
 
 def test_each_strategy_keeps_its_own_recipients():
-    one, two = build_strategy("fedavg", min_sites=1), build_strategy("fedprox", min_sites=1)
+    one, two = (
+        build_strategy(FederationConfig(strategy="fedavg", min_sites=1)),
+        build_strategy(FederationConfig(strategy="fedprox", min_sites=1)),
+    )
     list(one.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1])))
     assert one.recipients.sent and not two.recipients.sent
+
+
+def test_the_strategy_takes_its_settings_from_the_federation_section():
+    federation = FederationConfig(
+        strategy="FedAdam", min_sites=3, eval_interval=0, sample_timeout=7.0, round_timeout=9.0, server_lr=0.5
+    )
+    strategy = build_strategy(federation)
+    assert strategy.eta == pytest.approx(0.5) and strategy.min_available_nodes == 3
+    assert (strategy.eval_interval, strategy.sample_timeout, strategy.connect_timeout) == (1, 7.0, 9.0)
+    krum = build_strategy(FederationConfig(strategy="krum", num_malicious=1))
+    assert krum.num_malicious_nodes == 1

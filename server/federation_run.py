@@ -1,0 +1,224 @@
+"""One federated run on the server: config -> strategy -> tracking -> RoundEnd -> Flower's loop -> final test.
+
+The round loop is Flower's own (``Strategy.start``); fedabus adds hooks (:mod:`server.strategies`) and an
+end-of-round callback (:mod:`server.round_end`) that logs every site's validation metrics to MLflow, keeps the
+best adapter by validation, saves a checkpoint and prints progress. After the last round the test split is
+touched once (:mod:`server.final_test`): every site tests the chosen, the last and the starting adapter.
+
+With ``federation.resume`` a run continues from its work folder's latest checkpoint: the same MLflow run, the
+strategy state, the global and the best adapter, and the federation's round numbering
+(:class:`~server.round_numbering.RoundNumbering`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from server.checkpoint import CheckpointState, ServerCheckpoint
+from server.final_test import TestedAdapter, run_final_test
+from server.handshake import SiteVetting
+from server.reports import RoundReport
+from server.round_end import RoundEnd, write_json
+from server.round_numbering import RoundNumbering
+from server.strategies import FederationStrategy, build_strategy
+from server.tracking import FederationTracker
+from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter
+from shared.base import load_base, wrap_for_training
+from shared.config import FedabusConfig, to_flat_dict
+from shared.metric_names import VAL
+from shared.protocol import BASE_FINGERPRINT, SPLIT, adapter_to_record
+
+__all__ = ["CLIENT_PRIVACY_JOURNAL", "RESUMABLE_KEYS", "FederationRun", "work_dir_of"]
+
+#: Run-config keys that may differ when a run is resumed (paths, tracking location, the number of rounds).
+RESUMABLE_KEYS = (
+    "num-server-rounds",
+    "federation.tracking-uri",
+    "federation.sample-timeout",
+    "federation.round-timeout",
+    "federation.final-test",
+)
+#: Client-level DP releases, written before each noisy adapter goes out (survives a crash before the checkpoint).
+CLIENT_PRIVACY_JOURNAL = "client_privacy_journal.json"
+
+
+def work_dir_of(config: FedabusConfig) -> Path:
+    """The server's work folder: ``federation.work-dir``, else ``~/.fedabus/<federation.run-name>``."""
+    fed = config.federation
+    return Path(fed.work_dir) if fed.work_dir else Path.home() / ".fedabus" / fed.run_name
+
+
+def _initial_adapter(config: FedabusConfig) -> tuple[Adapter, str]:
+    """The starting adapter of a fresh run (seeded by ``train.seed``) and the base's fingerprint."""
+    if not config.model.base_path:
+        raise ValueError(
+            "model.base-path is empty: the server needs the federation's base (fedabus make-base)"
+        )
+    base = load_base(config.model.base_path, attention_impl=config.model.attention_impl)
+    torch.manual_seed(config.train.seed)  # every fresh run starts from the same adapter
+    models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    return extract_adapter(models, base_fingerprints=base.fingerprints), base.fingerprint
+
+
+def _resume(
+    state: CheckpointState, strategy: FederationStrategy, config: FedabusConfig, work: Path
+) -> FederationTracker:
+    """Continue after the checkpoint's round: its MLflow run, strategy state and round numbering."""
+    fed = config.federation
+    tracker = FederationTracker.resume(state.mlflow_run_id, tracking_uri=fed.tracking_uri, default_dir=work)
+    if "round_report" in state.extra:
+        tracker.log_round(RoundReport.from_json(state.extra["round_report"]))
+    strategy.set_state(state.strategy_state)
+    strategy.rounds = RoundNumbering(done_before=state.server_round)
+    log(INFO, "Resuming after round %d from %s", state.server_round, state.path)
+    return tracker
+
+
+def _start(config: FedabusConfig, flat: dict[str, Any], fingerprint: str, work: Path) -> FederationTracker:
+    """A new MLflow parent run for a fresh federation."""
+    fed = config.federation
+    return FederationTracker.start(
+        config=flat,
+        strategy=fed.strategy,
+        base_fingerprint=fingerprint,
+        tracking_uri=fed.tracking_uri,
+        default_dir=work,
+        experiment=fed.experiment,
+        run_name=fed.run_name,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@dataclass
+class FederationRun:
+    """The parts of one ServerApp run, wired from the config by :meth:`prepare`; :meth:`run` runs it."""
+
+    grid: Grid
+    config: FedabusConfig
+    #: ``num-server-rounds``: the federation's total, including rounds done before a resume.
+    num_rounds: int
+    work: Path
+    strategy: FederationStrategy
+    vetting: SiteVetting
+    tracker: FederationTracker
+    round_end: RoundEnd
+    #: What every train message carries (the base fingerprint).
+    round_config: ConfigRecord
+
+    @classmethod
+    def prepare(cls, grid: Grid, config: FedabusConfig, *, num_rounds: int) -> FederationRun:
+        """Load the base and make the starting adapter, build the strategy, and open the MLflow run (a new one,
+        or the checkpoint's when resuming)."""
+        fed = config.federation
+        flat = {**to_flat_dict(config), "num-server-rounds": num_rounds}
+        work = work_dir_of(config)
+        work.mkdir(parents=True, exist_ok=True)
+        initial, fingerprint = _initial_adapter(config)
+        strategy = build_strategy(fed, proximal_mu=config.train.proximal_mu, privacy=config.privacy)
+        strategy.keep_privacy_journal(work / CLIENT_PRIVACY_JOURNAL)
+        vetting = SiteVetting(grid, fingerprint)
+        strategy.node_vetting = vetting
+        checkpoints = ServerCheckpoint(work / "checkpoints", keep=fed.checkpoint_keep)
+        state = checkpoints.resume(flat, ignore=RESUMABLE_KEYS) if fed.resume else None
+        if state is not None:
+            tracker = _resume(state, strategy, config, work)
+        else:
+            tracker = _start(config, flat, fingerprint, work)
+        log(INFO, "%s", tracker.describe_location())
+        round_config = ConfigRecord({BASE_FINGERPRINT: fingerprint})
+        summary_path = work / "summary.json"
+        round_end = RoundEnd(
+            grid=grid,
+            strategy=strategy,
+            tracker=tracker,
+            checkpoints=checkpoints,
+            initial=initial,
+            global_adapter=state.global_adapter if state is not None else initial,
+            best=state.best if state is not None else None,
+            flat_config=flat,
+            resumable_keys=RESUMABLE_KEYS,
+            select_metric=config.train.select_metric,
+            num_rounds=num_rounds,
+            round_timeout=fed.round_timeout,
+            evaluate_config=ConfigRecord({**dict(round_config), SPLIT: VAL}),
+            summary_path=summary_path,
+            summary=_read_json(summary_path) if state is not None else {},
+        )
+        return cls(grid, config, num_rounds, work, strategy, vetting, tracker, round_end, round_config)
+
+    def run(self) -> None:
+        """Train the rounds still to do, test once (``federation.final-test``), close the MLflow run and save
+        ``final_adapter`` and ``chosen_adapter`` in the work folder."""
+        remaining = self.strategy.rounds.remaining(self.num_rounds)
+        if remaining > 0:
+            self.strategy.start(
+                grid=self.grid,
+                initial_arrays=adapter_to_record(self.round_end.global_adapter.tensors),
+                num_rounds=remaining,
+                timeout=self.config.federation.round_timeout,
+                train_config=self.round_config,
+                evaluate_config=self.round_end.evaluate_config,
+                evaluate_fn=self.round_end,
+            )
+        else:
+            log(INFO, "All %d rounds were already done; nothing to train", self.num_rounds)
+        if self.config.federation.final_test:
+            self._final_test()
+        self._save()
+
+    def _final_test(self) -> None:
+        """Test the chosen, the last and the starting adapter once at every admitted site (see
+        :mod:`server.final_test`); the results go to ``summary.json`` (``after`` is the chosen adapter)."""
+        end = self.round_end
+        if "after" in end.summary and end.summary.get("tested_rounds") is not None:
+            log(INFO, "The final test was already done; not testing again")
+            return
+        chosen = end.best
+        if chosen is None:
+            log(WARNING, "No round was evaluated on validation: the last round's adapter is the chosen one")
+        last_round = int(end.summary.get("rounds_done", 0))
+        adapters = [
+            TestedAdapter("after", chosen.server_round, chosen.adapter)
+            if chosen is not None
+            else TestedAdapter("after", last_round, end.global_adapter),
+            TestedAdapter("last", last_round, end.global_adapter),
+            TestedAdapter("before", 0, end.initial),
+        ]
+        online = set(self.grid.get_node_ids())
+        sites = {node: name for node, name in self.vetting.accepted.items() if node in online}
+        results = run_final_test(
+            self.grid,
+            sites,
+            adapters,
+            config=self.round_config,
+            timeout=self.config.federation.round_timeout,
+            tracker=self.tracker,
+        )
+        end.summary.update(results)
+        end.summary["after_round"] = adapters[0].server_round
+        end.summary["last_round"] = last_round
+        end.summary["tested_rounds"] = sorted({a.server_round for a in adapters})
+        write_json(end.summary_path, end.summary)
+
+    def _save(self) -> None:
+        """Close the MLflow run and save the last round's and the chosen (best by validation) adapter."""
+        end = self.round_end
+        self.tracker.finish(final_adapter=end.global_adapter, best=end.best)
+        save_adapter(end.global_adapter, self.work / "final_adapter")
+        chosen = end.best.adapter if end.best is not None else end.global_adapter
+        save_adapter(chosen, self.work / "chosen_adapter")
+        log(INFO, "Chosen adapter (best by validation): %s", self.work / "chosen_adapter.safetensors")
+        log(INFO, "Final adapter: %s", self.work / "final_adapter.safetensors")
+        log(INFO, "%s", self.tracker.describe_location())
