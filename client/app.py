@@ -11,7 +11,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.privacy import client_dp_clipping_mod
-from client.task import BaseMismatch, BudgetSpent, open_site_of, run_evaluate, run_train, site_settings
+from client.task import (
+    BaseMismatch,
+    BudgetSpent,
+    base_of,
+    open_site_of,
+    run_evaluate,
+    run_train,
+    site_settings,
+)
 from shared import __version__
 from shared.config import SPLITS, load_run_config
 from shared.metric_names import VAL
@@ -56,13 +64,13 @@ def _reply(
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Handshake: the site's name and base fingerprint (no data details beyond case counts)."""
-    from shared.base import load_base
-
+    """Handshake: the site's name and base fingerprint (no data details beyond case counts). A fresh process
+    hashes the base's weights here rather than trusting a recorded stamp: once per run, every site's weights are
+    read in full."""
     config = _config(context)
     settings = site_settings(dict(context.node_config), config)
-    base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
-    site = open_site_of(settings, config)
+    base = base_of(settings, config, trust_stamp=False)
+    site = open_site_of(settings, config, run=str(context.run_id))
     info = {BASE_FINGERPRINT: base.fingerprint, FEDABUS_VERSION: __version__}
     counts = {num_cases_key(split): float(len(site.cases(split))) for split in SPLITS}
     return _reply(msg, counts, site.name, extra=info)
@@ -101,5 +109,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         msg.content[ARRAYS],
         fingerprint=str(msg.content[CONFIG].get(BASE_FINGERPRINT, "")),
         split=str(msg.content[CONFIG].get(SPLIT, VAL)),
+        run=str(context.run_id),
     )
     return _reply(msg, metrics, site)

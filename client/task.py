@@ -6,7 +6,7 @@ adapter, so a record built from another base or other adapter settings is refuse
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +14,21 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.egress import eval_metric_keys, outgoing_adapter, outgoing_metrics, train_metric_keys
+from client.site_setup import SITE_SETUP
 from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config
-from shared.base import BaseModels, load_base, wrap_for_training
+from shared.base import BaseModels, working_copy, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.planning import RoundPlan, plan_private_round
 from shared.protocol import Layout, layout_of, record_to_adapter
-from shared.training.site import SiteData, evaluate_site, open_site, train_site
+from shared.training.site import SiteData, evaluate_site, train_site
 
 __all__ = [
     "BaseMismatch",
     "BudgetSpent",
     "SiteSettings",
+    "base_of",
     "open_site_of",
     "run_evaluate",
     "run_train",
@@ -128,31 +130,40 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
     )
 
 
-def _setup(settings: SiteSettings, config: FedabusConfig, fingerprint: str) -> tuple[BaseModels, SiteData]:
-    base = load_base(settings.base_path, attention_impl=config.model.attention_impl)
+def base_of(settings: SiteSettings, config: FedabusConfig, *, trust_stamp: bool = True) -> BaseModels:
+    """The site's base, loaded and fingerprinted once per process (:mod:`client.site_setup`); shared between
+    messages, so train only a :func:`shared.base.working_copy` of it. ``trust_stamp=False`` (the query) hashes the
+    weights in a fresh process even when the state folder recorded their fingerprints."""
+    return SITE_SETUP.base(
+        settings.base_path,
+        settings.state_dir,
+        attention_impl=config.model.attention_impl,
+        trust_stamp=trust_stamp,
+    )
+
+
+def _setup(
+    settings: SiteSettings, config: FedabusConfig, fingerprint: str, run: str
+) -> tuple[BaseModels, SiteData]:
+    base = base_of(settings, config)
     if fingerprint and base.fingerprint != fingerprint:
         raise BaseMismatch(
             f"this site's base {settings.base_path} has fingerprint {base.fingerprint}, but the federation uses "
             f"{fingerprint}; install the coordinator's base files (fedabus make-base output) and restart"
         )
-    return base, open_site_of(settings, config)
+    return base, open_site_of(settings, config, run=run)
 
 
-def open_site_of(settings: SiteSettings, config: FedabusConfig) -> SiteData:
-    """The site's validated data (validation carved from ``train`` when the site has none, the same cases
-    in every message), named by the node config's ``site-id`` when given."""
-    site = open_site(
-        settings.site_dir,
-        site_config_path=settings.site_config,
-        val_fraction=config.data.val_fraction,
-        seed=config.train.seed,
-    )
-    return replace(site, name=settings.site_id) if settings.site_id else site
+def open_site_of(settings: SiteSettings, config: FedabusConfig, *, run: str = "") -> SiteData:
+    """The site's validated data, opened once per ``run`` and process while its files are unchanged
+    (:meth:`client.site_setup.SiteSetup.site`)."""
+    return SITE_SETUP.site(settings, config, run=run)
 
 
 def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord) -> tuple[dict, Layout]:
     """The site's models with the global adapter applied, and the adapter layout (name -> shape)."""
-    models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    specs = lora_specs_from_config(config.adapter)
+    models = wrap_for_training(working_copy(base, specs), specs)
     layout = layout_of(extract_adapter(models, base_fingerprints=base.fingerprints).tensors)
     tensors = record_to_adapter(global_record, layout)
     adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
@@ -175,7 +186,7 @@ def run_train(
     Under sample-level DP the round is planned against the site's ledger first; :class:`BudgetSpent` when
     it would exceed the site's budget (nothing is trained)."""
     settings.apply_threads()
-    base, site = _setup(settings, config, fingerprint)
+    base, site = _setup(settings, config, fingerprint, run)
     plan, ledger = _privacy_plan(settings, config, site, num_rounds, server_round, run)
     models, layout = _models(base, config, global_record)
     device = resolve_device(settings.device)
@@ -248,13 +259,14 @@ def run_evaluate(
     *,
     fingerprint: str,
     split: str = "val",
+    run: str = "",
 ) -> tuple[dict[str, float], str]:
     """Evaluate the global adapter on the site's ``split`` (``val`` every evaluation round; ``test`` once, for
     the models the server chose); returns (checked metrics, site name)."""
     if split not in ("val", "test"):
         raise ValueError(f"evaluate message asks for split {split!r}; a site evaluates on val or test only")
     settings.apply_threads()
-    base, site = _setup(settings, config, fingerprint)
+    base, site = _setup(settings, config, fingerprint, run)
     models, _ = _models(base, config, global_record)
     metrics = evaluate_site(models, site, config, device=resolve_device(settings.device), split=split)
     return outgoing_metrics(metrics, eval_metric_keys(config.train.eval_clicks, split=split)), site.name

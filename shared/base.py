@@ -12,13 +12,16 @@ trained by ``fedabus pretrain``.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from torch import nn
 
 from shared import __version__
 from shared.adapters import LoraSpec, attach_lora, fingerprint_state_dict
@@ -36,10 +39,12 @@ __all__ = [
     "BASE_FORMAT",
     "BaseModels",
     "base_from_checkpoints",
+    "base_stamp",
     "build_random_base",
     "load_base",
     "read_base_manifest",
     "save_base",
+    "working_copy",
     "wrap_for_training",
 ]
 
@@ -133,10 +138,18 @@ def read_base_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = True) -> BaseModels:
+def load_base(
+    path: str | Path,
+    *,
+    attention_impl: str = "fast",
+    verify: bool = True,
+    fingerprints: dict[str, str] | None = None,
+) -> BaseModels:
     """Open a saved base (memory-mapped) and check its weights against the fingerprints in its manifest.
 
     The architectures are rebuilt from the manifest (:func:`read_base_manifest`), never from the config.
+    ``fingerprints``: the weights' fingerprints as hashed earlier from these very files (a caller that checked
+    :func:`base_stamp`); they are not hashed again, only compared with the manifest's.
     """
     from safetensors.torch import load_file
 
@@ -151,10 +164,29 @@ def load_base(path: str | Path, *, attention_impl: str = "fast", verify: bool = 
     base = BaseModels(
         sam, cls, manifest["sam_config"], manifest["cls_config"], provenance=manifest["provenance"]
     )
-    base.refresh_fingerprints()
+    if fingerprints is None:
+        base.refresh_fingerprints()
+    else:
+        base.fingerprints = dict(fingerprints)
     if verify and base.fingerprints != manifest["fingerprints"]:
         raise CheckpointError(f"{tensor_path}: weights do not match the fingerprints in {manifest_path.name}")
     return base
+
+
+def base_stamp(path: str | Path) -> dict[str, Any]:
+    """What identifies the files of a saved base without reading them: the resolved tensor path and, for both
+    files, ``[size, mtime_ns, ctime_ns, inode]``. Replacing a file (new inode), writing it (mtime, ctime) or
+    copying another over it (ctime, which user tools cannot set back) changes the stamp."""
+    tensor_path, manifest_path = pair_paths(path)
+    stamp: dict[str, Any] = {"path": str(tensor_path.resolve())}
+    for kind, file in (("safetensors", tensor_path), ("json", manifest_path)):
+        try:
+            st = os.stat(file)
+        except FileNotFoundError:
+            read_base_manifest(path)  # raises, naming the missing file and how to make a base
+            raise
+        stamp[kind] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return stamp
 
 
 def base_from_checkpoints(
@@ -189,3 +221,25 @@ def base_from_checkpoints(
 def wrap_for_training(base: BaseModels, specs: dict[str, LoraSpec]) -> dict[str, PeftModel]:
     """Attach LoRA to both base models (in place): ``{"seg": PeftModel, "cls": PeftModel}``."""
     return {"seg": attach_lora(base.sam, specs["seg"]), "cls": attach_lora(base.cls, specs["cls"])}
+
+
+def working_copy(base: BaseModels, specs: dict[str, LoraSpec]) -> BaseModels:
+    """A base to wrap and train without touching ``base``: new module objects whose frozen parameters share
+    ``base``'s tensors (no copy of the weights), while the submodules that ``specs`` train fully (``trainable``)
+    and all buffers are copies. ``base`` stays valid only as long as nothing writes to frozen parameters, which
+    LoRA training never does (:func:`attach_lora` freezes them)."""
+    memo: dict[int, Any] = {}
+    for prefix, model in (("seg", base.sam), ("cls", base.cls)):
+        trained = tuple(f"{name}." for name in specs[prefix].trainable)
+        for name, param in model.named_parameters():
+            if not name.startswith(trained):
+                memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+    sam, cls = copy.deepcopy((base.sam, base.cls), memo)
+    return BaseModels(
+        sam,
+        cls,
+        copy.deepcopy(base.sam_config),
+        copy.deepcopy(base.cls_config),
+        dict(base.fingerprints),
+        copy.deepcopy(base.provenance),
+    )

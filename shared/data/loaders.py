@@ -43,7 +43,7 @@ from shared.data.io import read_volume
 from shared.data.layouts import CaseRecord
 from shared.data.planes import largest_lesion_box, planes_from_config
 from shared.data.transforms import lesion_crop, preprocess_case
-from shared.data.validate import usable_cases
+from shared.data.validate import ValidationReport, usable_cases
 
 __all__ = [
     "EvalBlocksd",
@@ -63,19 +63,21 @@ logger = logging.getLogger(__name__)
 
 
 def site_cases(
-    site_dir: str | Path,
+    site_dir: str | Path | ValidationReport,
     site_config: SiteConfig | None = None,
     *,
     splits: Sequence[str] | None = None,
     cache: str | Path | None = None,
 ) -> list[CaseRecord]:
-    """Usable cases of ``site_dir`` in ``splits`` (all splits when None): validation errors are skipped with a
-    logged count (:func:`shared.data.validate.usable_cases`; ``cache``, a file outside the site folder, skips
-    re-checking unchanged cases), as are cases without a mask or label."""
+    """Usable cases of ``site_dir`` (a folder, or its finished validation report) in ``splits`` (all splits when
+    None): validation errors are skipped with a logged count (:func:`shared.data.validate.usable_cases`;
+    ``cache``, a file outside the site folder, skips re-checking unchanged cases), as are cases without a mask
+    or label."""
     cases = usable_cases(site_dir, site_config, splits=splits, cache=cache)
     complete = [c for c in cases if c.mask is not None and c.label is not None]
     if len(complete) < len(cases):
-        logger.warning("%s: skipping %d case(s) without mask or label", site_dir, len(cases) - len(complete))
+        where = site_dir.site_dir if isinstance(site_dir, ValidationReport) else site_dir
+        logger.warning("%s: skipping %d case(s) without mask or label", where, len(cases) - len(complete))
     return complete
 
 

@@ -31,6 +31,7 @@ from shared.data.loaders import (
 )
 from shared.data.planes import planes_from_config
 from shared.data.splits import carve_validation
+from shared.data.validate import validate_site
 from shared.metric_names import (
     CLS_EPSILON,
     CLS_LOSS,
@@ -100,16 +101,16 @@ def open_site(
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> SiteData:
-    """Index and validate a site folder; raises ValueError when it has no usable training case.
+    """Index and validate a site folder (``cache`` as in :func:`shared.data.validate.validate_site`); raises
+    ValueError when it has no usable training case.
 
     A site without ``val`` cases gets ``val_fraction`` of each label's training cases as its validation split
     (:func:`shared.data.splits.carve_validation`, seeded by ``seed``; logged)."""
     site_dir = Path(site_dir)
     path = Path(site_config_path) if site_config_path else find_site_config(site_dir)
     site_config = load_site_config(path) if path else None
-    splits = {
-        split: tuple(site_cases(site_dir, site_config, splits=(split,), cache=cache)) for split in SPLITS
-    }
+    report = validate_site(site_dir, site_config, cache=cache)  # once, for all three splits
+    splits = {split: tuple(site_cases(report, site_config, splits=(split,))) for split in SPLITS}
     name = (site_config.name if site_config and site_config.name else "") or site_dir.name
     if not splits["train"]:
         raise ValueError(

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client.app as client_app
 from client.egress import EgressRefused, eval_metric_keys, outgoing_adapter, outgoing_metrics
+from client.site_setup import SITE_SETUP
 from shared.adapters import extract_adapter, lora_specs_from_config
 from shared.base import build_random_base, save_base, wrap_for_training
 from shared.config import load_config
@@ -36,14 +37,25 @@ def federation(tmp_path_factory):
     torch.manual_seed(0)
     models = wrap_for_training(base, lora_specs_from_config(config.adapter))
     adapter = extract_adapter(models, base_fingerprints=base.fingerprints)
-    return {"site_dir": site_dir, "base_path": base_path, "adapter": adapter, "fingerprint": base.fingerprint}
+    return {
+        "site_dir": site_dir,
+        "base_path": base_path,
+        "adapter": adapter,
+        "fingerprint": base.fingerprint,
+        "state_dir": root / "state",
+    }
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 def _context(federation, *, run: dict | None = None, node: dict | None = None) -> Context:
-    node = {"data-path": str(federation["site_dir"]), "device": "cpu", **(node or {})}
+    node = {
+        "data-path": str(federation["site_dir"]),
+        "device": "cpu",
+        "state-dir": str(federation["state_dir"]),  # the site's caches, not the home folder's
+        **(node or {}),
+    }
     run = {
         **RUN_CONFIG,
         "model.base-path": str(federation["base_path"]),
@@ -117,6 +129,19 @@ def test_query_reports_the_base_fingerprint(federation):
     request = Message(content=RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
     reply = client_app.query(request, _context(federation))
     assert reply.content[SITE]["base-fingerprint"] == federation["fingerprint"]
+
+
+def test_messages_of_a_process_share_one_untouched_base_and_one_validation(federation):
+    SITE_SETUP.clear()
+    hashed, validated = SITE_SETUP.hashed, SITE_SETUP.validated
+    request = Message(content=RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
+    client_app.query(request, _context(federation))
+    for _ in range(2):
+        client_app.train(_message(federation, MessageType.TRAIN), _context(federation))
+    assert (SITE_SETUP.hashed - hashed, SITE_SETUP.validated - validated) == (1, 1)
+    (cached,) = SITE_SETUP.bases.values()
+    fingerprints = dict(cached.base.fingerprints)
+    assert cached.base.refresh_fingerprints() == fingerprints  # training left the shared base as it was
 
 
 def test_egress_refuses_anything_else():

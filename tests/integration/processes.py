@@ -238,14 +238,15 @@ class Deployment:
         self, site: str, superlink: str | None = None, *, data_path: Path | None = None
     ) -> tuple[subprocess.Popen, Path]:
         """A SuperNode authenticating with ``site``'s key; its node config names ``data_path`` (default
-        ``root/site``) and the site id."""
+        ``root/site``), the site id and a state folder under ``root`` (not the home folder's)."""
         site_paths = self.creds.sites[site]
         argv = [
             str(BIN / "flower-supernode"),
             "--superlink", superlink or self.address,
             "--root-certificates", str(site_paths.ca_cert),
             "--auth-supernode-private-key", str(site_paths.private_key),
-            "--node-config", f'data-path="{data_path or self.root / site}" site-id="{site}"',
+            "--node-config",
+            f'data-path="{data_path or self.root / site}" site-id="{site}" state-dir="{self.root / "state" / site}"',
             "--port", str(free_port()),
         ]  # fmt: skip
         return self.start(argv, f"supernode-{site}-{len(self.processes)}.log")

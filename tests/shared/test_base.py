@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from shared.adapters import LoraSpec, adapter_parameters
-from shared.base import base_from_checkpoints, build_random_base, load_base, save_base, wrap_for_training
+from shared.base import (
+    BaseModels,
+    base_from_checkpoints,
+    base_stamp,
+    build_random_base,
+    load_base,
+    save_base,
+    working_copy,
+    wrap_for_training,
+)
 from shared.models.sam_med3d import CheckpointError
 
 
@@ -73,3 +84,44 @@ def test_wrap_for_training_marks_only_adapters_trainable():
     cls_names = set(adapter_parameters(models["cls"]))
     assert any(n.startswith("head.") for n in cls_names)
     assert any(".lora_A." in n and n.startswith("branches.coronal.") for n in cls_names)
+
+
+def test_trusted_fingerprints_skip_hashing_but_must_match_the_manifest(tmp_path, base, monkeypatch):
+    path = save_base(base, tmp_path / "base")
+    monkeypatch.setattr(BaseModels, "refresh_fingerprints", lambda self: pytest.fail("weights were hashed"))
+    loaded = load_base(path, fingerprints=dict(base.fingerprints))
+    assert loaded.fingerprints == base.fingerprints
+    with pytest.raises(CheckpointError, match="fingerprints"):
+        load_base(path, fingerprints={"seg": "sha256:0", "cls": "sha256:0"})
+
+
+def test_base_stamp_changes_when_a_file_is_rewritten_or_swapped(tmp_path, base):
+    path = save_base(base, tmp_path / "base")
+    first = base_stamp(path)
+    assert base_stamp(tmp_path / "base") == first  # X, X.safetensors and X.json name the same base
+    other = save_base(build_random_base("small", cls_depth=18, seed=4), tmp_path / "other")
+    st = os.stat(path)
+    os.replace(other, path)  # same size; give it the old mtime too
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    swapped = base_stamp(path)
+    assert swapped["safetensors"][0] == first["safetensors"][0]
+    assert swapped["safetensors"][1] == first["safetensors"][1]
+    assert swapped != first
+    with pytest.raises(CheckpointError, match="base not found"):
+        base_stamp(tmp_path / "nothing")
+
+
+def test_working_copy_shares_frozen_weights_and_copies_what_trains(base):
+    specs = {"seg": LoraSpec(), "cls": LoraSpec(targets=r"branches\.\w+\..*conv\d*", trainable=("head",))}
+    fingerprints = dict(base.refresh_fingerprints())
+    models = wrap_for_training(working_copy(base, specs), specs)
+    copied = dict(models["seg"].get_base_model().named_parameters())
+    qkv = "image_encoder.blocks.0.attn.qkv.base_layer.weight"
+    assert copied[qkv].data_ptr() == base.sam.image_encoder.blocks[0].attn.qkv.weight.data_ptr()
+    with torch.no_grad():
+        for model in models.values():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(1.0)
+    assert base.refresh_fingerprints() == fingerprints
+    assert not any(name.startswith("base_model") for name, _ in base.sam.named_modules())
