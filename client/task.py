@@ -19,6 +19,7 @@ from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_
 from shared.base import BaseModels, working_copy, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
+from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.planning import RoundPlan, plan_private_round
 from shared.protocol import Layout, layout_of, record_to_adapter
@@ -229,10 +230,10 @@ def _privacy_plan(
     )
     if not plan.allowed:
         spent = {
-            "num-examples": 0.0,
-            "privacy/seg_epsilon": plan.seg.epsilon_before,
-            "privacy/cls_epsilon": plan.cls.epsilon_before,
-            "privacy/delta": plan.delta,
+            NUM_EXAMPLES: 0.0,
+            metric_key(SEG_EPSILON, split=PRIVACY): plan.seg.epsilon_before,
+            metric_key(CLS_EPSILON, split=PRIVACY): plan.cls.epsilon_before,
+            metric_key(DELTA, split=PRIVACY): plan.delta,
         }
         metrics = outgoing_metrics(spent, train_metric_keys(True))
         raise BudgetSpent(
