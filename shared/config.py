@@ -12,6 +12,7 @@ types and rejecting unknown keys with a message that names the key and the allow
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -115,6 +116,43 @@ class DataConfig:
     #: Fraction of each label's training cases carved out as the validation split when a site has no ``val``
     #: cases (deterministic, seeded by ``train.seed``; 0: no validation, the last round/epoch is kept).
     val_fraction: float = 0.2
+    #: Training augmentation of both models (shared/data/augment.py; never for validation, test or inference).
+    #: Off: the training items are exactly those without augmentation.
+    augment: bool = True
+    #: Probability (0-1) of each of rotation, zoom, speckle, blur, gamma and intensity per training item.
+    augment_prob: float = 0.2
+    #: Probability (0-1) of a flip along the sweep (z) axis, and separately along the lateral (x) axis.
+    augment_flip_prob: float = 0.5
+    #: Largest rotation angle (degrees, 0-45) about each axis.
+    augment_rotate_deg: float = 10.0
+    #: Isotropic zoom factor drawn in [1 - augment-zoom, 1 + augment-zoom] (0 to below 1).
+    augment_zoom: float = 0.1
+    #: Speckle-like multiplicative noise: standard deviation of n in signal × (1 + n) (>= 0).
+    augment_speckle_std: float = 0.1
+    #: Largest Gaussian blur σ (voxels, >= 0); σ is drawn in [augment-blur-sigma / 4, augment-blur-sigma].
+    augment_blur_sigma: float = 1.0
+    #: Gamma drawn in [1 / (1 + augment-gamma), 1 + augment-gamma] (>= 0).
+    augment_gamma: float = 0.3
+    #: Contrast × (1 + u) and brightness + u (standard deviations of the normalised image), u in ±augment-intensity.
+    augment_intensity: float = 0.1
+
+    def __post_init__(self) -> None:
+        limits = {
+            "augment_prob": (0.0, 1.0),
+            "augment_flip_prob": (0.0, 1.0),
+            "augment_rotate_deg": (0.0, 45.0),
+            "augment_zoom": (0.0, 0.99),
+            "augment_speckle_std": (0.0, math.inf),
+            "augment_blur_sigma": (0.0, math.inf),
+            "augment_gamma": (0.0, math.inf),
+            "augment_intensity": (0.0, math.inf),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"data.{name.replace('_', '-')} = {value!r} must lie in [{low:g}, {high:g}]"
+                )
 
 
 @dataclass(frozen=True)

@@ -91,15 +91,15 @@ def pretrain_base(
             f"pretrain: {len(cases)} synthetic public cases; training SAM-Med3D ({recipe.sam_preset}) fully"
         )
         sam = base.sam.to(dev).requires_grad_(True)
+        # No augmentation: the cache key is the recipe, so the same recipe must keep giving the same base.
+        data = replace(config.data, augment=False)
         loader = seg_train_loader(
-            cases, config.data, batch_size=train.seg_batch_size, site_config=site_config, seed=recipe.seed
+            cases, data, batch_size=train.seg_batch_size, site_config=site_config, seed=recipe.seed
         )
         seg = train_segmentation(sam, loader, config=train, device=dev)
         print(f"pretrain: classifier (ResNet-{recipe.cls_depth} branches) fully")
         cls = base.cls.to(dev).requires_grad_(True)
-        loader = cls_loader(
-            cases, config.data, batch_size=train.cls_batch_size, site_config=site_config, seed=0
-        )
+        loader = cls_loader(cases, data, batch_size=train.cls_batch_size, site_config=site_config, seed=0)
         cls_result = train_classifier(cls, loader, config=train, device=dev)
     if recipe.cls_fresh_head:
         torch.manual_seed(recipe.seed)

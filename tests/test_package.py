@@ -258,3 +258,16 @@ def test_the_installed_packages_are_the_tested_pins():
             0
         ]  # torch's local build tag (+cpu, +cu126) is not the version
         assert installed == pinned, f"{name} {installed} is installed, constraints.txt pins {pinned}"
+
+
+def test_seed_recipes_load_with_the_papers_settings():
+    seg = load_config(path=CONFIGS / "seed-000.toml")
+    assert (seg.model.sam_preset, seg.adapter.lora_rank, seg.data.patch_size) == ("vit_b_ori", 4, 128)
+    assert (seg.train.seg_lr, seg.train.seg_epochs, seg.train.seg_batch_size) == (2e-4, 200, 2)
+    assert (seg.train.seg_lr_milestones, seg.train.seg_lr_decay) == ("120,180", 0.1)
+    assert seg.train.eval_clicks == seg.train.seg_click_iterations == 11
+    assert seg.data.block_min_lesion_voxels == 2000
+    cls = load_config(path=CONFIGS / "seed-003.toml")
+    assert (cls.model.cls_depth, cls.train.cls_optimizer, cls.train.cls_lr) == (50, "sgd", 1e-3)
+    assert cls.train.cls_momentum == 0.9
+    assert cls.train.cls_planes == "transverse,sagittal,coronal"

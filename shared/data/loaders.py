@@ -12,17 +12,20 @@ Items (tensors are plain ``torch.Tensor``; batched loaders add a leading batch a
 * segmentation training (:func:`seg_train_loader`): ``image`` (1, P, P, P) float32 normalised, ``mask``
   (1, P, P, P) float32 0/1, ``crop_start`` (3,) int64 = (z, y, x) of the crop in the preprocessed volume,
   ``case_id`` str, ``label`` int64 (1 malignant). P = ``DataConfig.patch_size``; crops are centred on the
-  largest lesion with seeded jitter ``DataConfig.crop_jitter_voxels``.
+  largest lesion with seeded jitter ``DataConfig.crop_jitter_voxels``, then augmented when ``data.augment`` is
+  on (:mod:`shared.data.augment`; ``crop_start`` is where the crop was cut, before augmentation).
 * segmentation evaluation (:func:`seg_eval_loader`, one case per step, not batched): ``image`` and ``mask``
   (1, D, H, W) float32 of the whole preprocessed case; ``blocks`` (list of
   :class:`~shared.data.blocks.Block`), ``block_images`` and ``block_masks`` (N, 1, P, P, P) float32;
   ``spacing_mm`` (z, y, x), ``pad_value``, ``lesion_volume_cm3``, ``case_id``, ``label``, ``birads`` (str or
   None), ``grid``/``original`` (:class:`~shared.data.transforms.Grid`) to map predictions back to the file.
 * classification (:func:`cls_loader`): ``planes`` (3, F, S, S) float32 from the ground-truth mask
-  (:mod:`shared.data.planes`), ``label`` int64, ``case_id`` str.
+  (:mod:`shared.data.planes`), ``label`` int64, ``case_id`` str; for training (the default) cut from an augmented
+  lesion region when ``data.augment`` is on (:class:`TriPlanesd`).
 
-Determinism: the loaders draw crop jitter and shuffling from ``seed`` (a seeded ``torch.Generator``); pass a
-different seed per round/epoch for fresh crops.
+Determinism: the loaders draw crop jitter and shuffling from ``seed`` (a seeded ``torch.Generator``) and the
+augmentation from ``seed``, the case and its draw count (:mod:`shared.data.augment`); pass a different seed per
+round/epoch for fresh crops. Evaluation items (:func:`seg_eval_loader`) are never augmented.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
-from monai.transforms import Compose, Randomizable, Transform
+from monai.transforms import Compose, Randomizable, RandomizableTrait, Transform
 
 from shared.config import DataConfig, SiteConfig
+from shared.data.augment import TrainAugmentation, build_augmentation
 from shared.data.blocks import covering_blocks, extract_blocks
 from shared.data.io import read_volume
 from shared.data.layouts import CaseRecord
-from shared.data.planes import largest_lesion_box, planes_from_config
-from shared.data.transforms import lesion_crop, preprocess_case
+from shared.data.planes import LesionBox, largest_lesion_box, planes_from_config
+from shared.data.transforms import crop_or_pad, lesion_crop, preprocess_case
 from shared.data.validate import ValidationReport, usable_cases
 
 __all__ = [
@@ -124,12 +128,14 @@ class LoadCased(Transform):
 class LesionCropd(Randomizable, Transform):
     """A loaded case → a training crop (module docstring), centred on the largest lesion's box with jitter.
 
-    The jitter comes from this transform's random state (MONAI ``set_random_state``; seeded by the loaders).
+    The jitter comes from this transform's random state (MONAI ``set_random_state``; seeded by the loaders);
+    ``augment`` (training) then augments the crop's image and mask together.
     """
 
-    def __init__(self, config: DataConfig) -> None:
+    def __init__(self, config: DataConfig, augment: TrainAugmentation | None = None) -> None:
         self.patch_size = config.patch_size
         self.jitter = config.crop_jitter_voxels
+        self.augment = augment
         self._seed = 0
 
     def randomize(self, data: Any = None) -> None:
@@ -146,9 +152,12 @@ class LesionCropd(Randomizable, Transform):
             jitter_voxels=self.jitter,
             rng=np.random.default_rng(self._seed),
         )
+        image, mask = crop.image, crop.mask
+        if self.augment is not None:
+            image, mask = self.augment(image, mask, pad_value=data["pad_value"], case_id=data["case_id"])
         return {
-            "image": torch.from_numpy(crop.image[None].astype(np.float32)),
-            "mask": torch.from_numpy(crop.mask[None].astype(np.float32)),
+            "image": torch.from_numpy(image[None].astype(np.float32)),
+            "mask": torch.from_numpy(mask[None].astype(np.float32)),
             "crop_start": torch.tensor(crop.start, dtype=torch.int64),
             "case_id": data["case_id"],
             "label": torch.tensor(data["label"], dtype=torch.int64),
@@ -180,16 +189,54 @@ class EvalBlocksd(Transform):
         }
 
 
-class TriPlanesd(Transform):
-    """A loaded case → ``planes`` (3, F, S, S) float32 from its ground-truth mask, ``label``, ``case_id``."""
+#: Side of the lesion region augmented before the classifier's planes are cut, as a multiple of the planes'
+#: square side (room for rotation and zoom-out to bring in real surroundings instead of padding).
+AUGMENT_REGION_ROOM = 1.5
 
-    def __init__(self, config: DataConfig) -> None:
+
+def _planes_region(data: Mapping[str, Any], config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The lesion region that holds every plane of the largest lesion (with :data:`AUGMENT_REGION_ROOM`), as
+    (image, mask) crops; mask voxels outside that lesion's bounding box are cleared so that the largest lesion
+    stays the one the planes are cut from."""
+    mask, spacing = data["mask"], np.asarray(data["spacing_mm"], dtype=float)
+    box: LesionBox = largest_lesion_box(mask)
+    extent_mm = np.asarray(box.extent) * spacing
+    side_mm = float(
+        np.max(extent_mm + 2 * np.maximum(config.planes_margin * extent_mm, config.planes_margin_mm))
+    )
+    sizes = np.ceil(AUGMENT_REGION_ROOM * side_mm / spacing).astype(int) + 1
+    start = np.asarray(box.centre_voxel) - sizes // 2
+    image = crop_or_pad(data["image"], start, sizes, pad_value=data["pad_value"])
+    region_mask = np.zeros(tuple(sizes), dtype=np.uint8)
+    inner = tuple(
+        slice(max(a - s, 0), max(min(b - s, n), 0))
+        for a, b, s, n in zip(box.start, box.stop, start, sizes, strict=True)
+    )
+    region_mask[inner] = crop_or_pad(mask, start, sizes)[inner]
+    return image, region_mask
+
+
+class TriPlanesd(Transform):
+    """A loaded case → ``planes`` (3, F, S, S) float32 from its ground-truth mask, ``label``, ``case_id``.
+
+    With ``augment`` (training) the planes are cut from an augmented lesion region (:func:`_planes_region`,
+    image and mask augmented together in 3D; docs/training.md says why); an augmentation that leaves no lesion
+    voxel (a tiny lesion zoomed away) falls back to the region as it was."""
+
+    def __init__(self, config: DataConfig, augment: TrainAugmentation | None = None) -> None:
         self.config = config
+        self.augment = augment
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        image, mask = data["image"], data["mask"]
+        if self.augment is not None:
+            image, mask = _planes_region(data, self.config)
+            augmented = self.augment(image, mask, pad_value=data["pad_value"], case_id=data["case_id"])
+            if augmented[1].any():
+                image, mask = augmented
         planes = planes_from_config(
-            data["image"],
-            data["mask"],
+            image,
+            mask,
             self.config,
             spacing_mm=data["spacing_mm"],
             pad_value=data["pad_value"],
@@ -199,6 +246,11 @@ class TriPlanesd(Transform):
             "label": torch.tensor(data["label"], dtype=torch.int64),
             "case_id": data["case_id"],
         }
+
+
+class _AugmentedTriPlanesd(TriPlanesd, RandomizableTrait):
+    """:class:`TriPlanesd` with augmentation, marked random so that MONAI's CacheDataset caches the loaded case
+    before it and never one augmented draw."""
 
 
 # ---------------------------------------------------------------- datasets and loaders
@@ -242,8 +294,9 @@ def seg_train_dataset(
     seed: int = 0,
     cache_rate: float = 0.0,
 ) -> Dataset:
-    """Lesion-centred training crops of ``cases`` (items in the module docstring), jitter seeded by ``seed``."""
-    crop = LesionCropd(config)
+    """Lesion-centred training crops of ``cases`` (items in the module docstring), jitter and augmentation
+    (``data.augment``) seeded by ``seed``."""
+    crop = LesionCropd(config, build_augmentation(config, seed=seed, stream="seg"))
     crop.set_random_state(seed=seed)
     common, per_case = _split_configs(site_config)
     return _dataset(cases, Compose([LoadCased(config, common), crop]), cache_rate, per_case)
@@ -260,7 +313,10 @@ def seg_train_loader(
     num_workers: int = 0,
     cache_rate: float = 0.0,
 ) -> DataLoader:
-    """Batches of training crops: ``image``/``mask`` (B, 1, P, P, P) float32, ``crop_start`` (B, 3)."""
+    """Batches of training crops: ``image``/``mask`` (B, 1, P, P, P) float32, ``crop_start`` (B, 3).
+
+    ``num_workers > 0`` is refused while ``data.augment`` is on (:func:`~shared.data.augment.build_augmentation`)."""
+    build_augmentation(config, seed=seed, stream="seg", num_workers=num_workers)  # refuses workers early
     dataset = seg_train_dataset(cases, config, site_config=site_config, seed=seed, cache_rate=cache_rate)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=_generator(seed)
@@ -297,10 +353,15 @@ def cls_dataset(
     *,
     site_config: SiteConfigs = None,
     cache_rate: float = 0.0,
+    seed: int = 0,
+    training: bool = True,
 ) -> Dataset:
-    """Tri-plane frames from the ground-truth masks of ``cases`` with their labels."""
+    """Tri-plane frames from the ground-truth masks of ``cases`` with their labels; for ``training`` cut from
+    augmented lesion regions when ``data.augment`` is on (seeded by ``seed``), never when ``training`` is False."""
     common, per_case = _split_configs(site_config)
-    return _dataset(cases, Compose([LoadCased(config, common), TriPlanesd(config)]), cache_rate, per_case)
+    augment = build_augmentation(config, seed=seed, stream="cls") if training else None
+    planes = TriPlanesd(config) if augment is None else _AugmentedTriPlanesd(config, augment)
+    return _dataset(cases, Compose([LoadCased(config, common), planes]), cache_rate, per_case)
 
 
 def cls_loader(
@@ -313,9 +374,15 @@ def cls_loader(
     shuffle: bool = True,
     num_workers: int = 0,
     cache_rate: float = 0.0,
+    training: bool = True,
 ) -> DataLoader:
-    """Batches of ``planes`` (B, 3, F, S, S) float32 and ``label`` (B,) int64."""
-    dataset = cls_dataset(cases, config, site_config=site_config, cache_rate=cache_rate)
+    """Batches of ``planes`` (B, 3, F, S, S) float32 and ``label`` (B,) int64 (augmented as :func:`cls_dataset`;
+    ``num_workers > 0`` is refused while augmenting)."""
+    if training:
+        build_augmentation(config, seed=seed, stream="cls", num_workers=num_workers)  # refuses workers early
+    dataset = cls_dataset(
+        cases, config, site_config=site_config, cache_rate=cache_rate, seed=seed, training=training
+    )
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=_generator(seed)
     )

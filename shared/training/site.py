@@ -222,7 +222,9 @@ def _train_cls_private(
     the keyword arguments of :func:`train_classifier`."""
     if plan.cls.steps == 0:
         return {"loss": float("nan"), "privacy_history": []}
-    lesions = cls_dataset(list(site.train_cases), data, site_config=site.site_config)
+    lesions = cls_dataset(
+        list(site.train_cases), data, site_config=site.site_config, seed=train["config"].seed
+    )
     loader = poisson_loader(
         OneFramePerCase(lesions), sample_rate=plan.cls.sample_rate, steps_per_epoch=plan.cls.steps_per_epoch
     )

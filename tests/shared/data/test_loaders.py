@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -14,11 +15,13 @@ from shared.config import DataConfig, load_site_config
 from shared.data.blocks import stitch
 from shared.data.loaders import (
     LoadCased,
+    cls_dataset,
     cls_loader,
     seg_eval_loader,
     seg_train_loader,
     site_cases,
 )
+from shared.data.planes import planes_from_config
 from shared.data.synth import SynthOptions, generate_consortium
 from shared.data.transforms import crop_or_pad
 
@@ -50,9 +53,11 @@ def test_site_cases_filters_splits(sites) -> None:
 
 
 def test_seg_train_loader_shapes_and_crops_map_back(sites) -> None:
+    unaugmented = dataclasses.replace(CONFIG, augment=False)  # an augmented crop does not map back voxel-wise
     for site_dir, config in sites:
         cases = site_cases(site_dir, config)
-        batch = next(iter(seg_train_loader(cases, CONFIG, batch_size=2, site_config=config, shuffle=False)))
+        loader = seg_train_loader(cases, unaugmented, batch_size=2, site_config=config, shuffle=False)
+        batch = next(iter(loader))
         assert batch["image"].shape == batch["mask"].shape == (2, 1, 24, 24, 24)
         assert batch["image"].dtype == batch["mask"].dtype == torch.float32
         assert batch["crop_start"].shape == (2, 3) and batch["crop_start"].dtype == torch.int64
@@ -121,3 +126,67 @@ def test_invalid_cases_are_skipped_with_a_logged_count(sites, tmp_path: Path, ca
     assert any("skipping 1 of 5" in record.getMessage() for record in caplog.records)
     batch = next(iter(seg_train_loader(cases, CONFIG, batch_size=4, site_config=config)))
     assert batch["image"].shape[0] == 4
+
+
+# ------------------------------------------------------------------ training augmentation (data.augment)
+
+
+def test_seg_training_is_augmented_deterministically_per_seed(sites) -> None:
+    site_dir, site_config = sites[0]
+    cases = site_cases(site_dir, site_config)
+
+    def batch(config: DataConfig, seed: int) -> dict:
+        return next(iter(seg_train_loader(cases, config, batch_size=5, site_config=site_config, seed=seed)))
+
+    first, again = batch(CONFIG, 1), batch(CONFIG, 1)
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+    assert not torch.equal(first["image"], batch(CONFIG, 2)["image"])
+    plain = batch(dataclasses.replace(CONFIG, augment=False), 1)
+    assert torch.equal(first["crop_start"], plain["crop_start"])  # same crops, then augmented
+    assert not torch.equal(first["image"], plain["image"])
+    assert set(torch.unique(first["mask"]).tolist()) <= {0.0, 1.0}
+    assert all(m.sum() > 0 for m in first["mask"])
+
+
+def test_augment_off_gives_the_unaugmented_planes_bit_for_bit(sites) -> None:
+    """(The crops: test_seg_train_loader_shapes_and_crops_map_back.)"""
+    site_dir, site_config = sites[0]
+    off = dataclasses.replace(CONFIG, augment=False)
+    for case in site_cases(site_dir, site_config):
+        loaded = LoadCased(off, site_config)({"case": case})
+        planes = cls_dataset([case], off, site_config=site_config)[0]["planes"].numpy()
+        kwargs = {"spacing_mm": loaded["spacing_mm"], "pad_value": loaded["pad_value"]}
+        assert np.array_equal(planes, planes_from_config(loaded["image"], loaded["mask"], off, **kwargs))
+
+
+def test_classifier_training_planes_are_augmented_evaluation_planes_never(sites) -> None:
+    site_dir, site_config = sites[0]
+    cases = site_cases(site_dir, site_config)
+    off = dataclasses.replace(CONFIG, augment=False)
+
+    def planes(config: DataConfig, *, seed: int = 0, training: bool = True) -> torch.Tensor:
+        loader = cls_loader(
+            cases, config, batch_size=5, site_config=site_config, seed=seed, shuffle=False, training=training
+        )
+        return torch.cat([b["planes"] for b in loader])
+
+    augmented = planes(CONFIG, seed=3)
+    assert torch.equal(augmented, planes(CONFIG, seed=3)) and torch.isfinite(augmented).all()
+    assert not torch.equal(augmented, planes(CONFIG, seed=4))
+    assert not torch.equal(augmented, planes(off))
+    assert augmented.shape == planes(off).shape == (5, 3, 2, 16, 16)
+    assert torch.equal(planes(CONFIG, training=False), planes(off))
+    strong = dataclasses.replace(CONFIG, augment_prob=1.0)
+    cached = cls_dataset(cases[:1], strong, site_config=site_config, cache_rate=1.0, seed=3)
+    assert not torch.equal(cached[0]["planes"], cached[0]["planes"])  # the cache holds the case, not a draw
+
+
+def test_evaluation_items_are_identical_with_augment_on_and_off(sites) -> None:
+    site_dir, site_config = sites[0]
+    cases = site_cases(site_dir, site_config)
+    on = list(seg_eval_loader(cases, CONFIG, site_config=site_config))
+    off = list(seg_eval_loader(cases, dataclasses.replace(CONFIG, augment=False), site_config=site_config))
+    for a, b in zip(on, off, strict=True):
+        for key in ("image", "mask", "block_images", "block_masks"):
+            assert torch.equal(a[key], b[key]), key
+        assert a["blocks"] == b["blocks"] and a["case_id"] == b["case_id"]
