@@ -44,6 +44,8 @@ __all__ = [
 #: Formats :func:`write_volume` can write atomically (single-file formats).
 WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _CHUNK_BYTES = 16 << 20
+#: Names of single-file volumes (a folder so named is a mistake, not a DICOM series folder).
+_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class VolumeReadError(ValueError):
@@ -98,9 +100,28 @@ def _itk_reason(exc: Exception) -> str:
     return (lines[-1] if lines else "no detail").removeprefix("[nrrd] ")[:300]
 
 
-def _require_exists(path: Path) -> None:
+def _require_readable(path: Path) -> None:
+    """Raise VolumeReadError when ``path`` is missing, an empty file, or cannot be opened by this process.
+
+    Checked before ITK sees the file: ITK reports a file it may not open as "does not exist" and an empty one
+    as "Unable to determine ImageIO reader".
+    """
     if not path.exists():
         raise VolumeReadError(path, "missing file (does not exist)")
+    try:
+        if path.is_dir():
+            next(os.scandir(path), None)
+            return
+        if path.stat().st_size == 0:
+            raise VolumeReadError(path, "empty file (0 bytes)")
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise VolumeReadError(
+            path, "unreadable: permission denied (give the account that runs fedabus read access)"
+        ) from None
+    except OSError as exc:
+        raise VolumeReadError(path, f"unreadable ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------- DICOM series
@@ -112,6 +133,10 @@ def _dicom_files(folder: Path) -> tuple[str, ...]:
     except RuntimeError as exc:
         raise VolumeReadError(folder, f"unreadable DICOM folder ({_itk_reason(exc)})") from None
     if not series:
+        if folder.name.lower().endswith(_VOLUME_SUFFIXES):
+            raise VolumeReadError(
+                folder, "a folder where a volume file is expected (it holds no DICOM series)"
+            )
         raise VolumeReadError(folder, "unreadable: folder holds no DICOM series (and is not a volume file)")
     if len(series) > 1:
         raise VolumeReadError(
@@ -147,7 +172,16 @@ def _file_header(path: Path) -> VolumeHeader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeReadError(path, f"unreadable or truncated file ({_itk_reason(exc)})") from None
+        reason = _itk_reason(exc)
+        if "size is zero" in reason:  # NRRD: "_nrrdSizeCheck: axis 1 size is zero!"
+            raise VolumeReadError(
+                path, f"zero-size dimension: the volume holds no voxel ({reason})"
+            ) from None
+        _check_nifti_size(path)  # NIfTI with dim[1] = 0: "not recognized as a NIFTI file"
+        if reason.startswith("Unable to determine ImageIO reader"):
+            reason = "no reader recognises it: not a volume file, or its header is corrupt"
+        raise VolumeReadError(path, f"unreadable or truncated file ({reason})") from None
+    _check_nifti_size(path)
     spacing = tuple(reader.GetSpacing())
     return VolumeHeader(
         path=path,
@@ -169,7 +203,7 @@ def read_header(path: str | Path, *, site_config: SiteConfig | None = None) -> V
     unreadable).
     """
     path = Path(path)
-    _require_exists(path)
+    _require_readable(path)
     header = _dicom_header(path) if path.is_dir() else _file_header(path)
     if site_config is None or header.dimension != 3:
         return header
@@ -204,12 +238,14 @@ def volume_shape_problem(header: VolumeHeader) -> str | None:
 
 @dataclass(frozen=True)
 class _NiftiLayout:
-    """Where a NIfTI-1/2 file keeps its voxels: byte offset, voxel count and size, float dtype if any."""
+    """Where a NIfTI-1/2 file keeps its voxels: byte offset, voxel count and size, float dtype if any, and the
+    header's size per axis (x, y, z, ...) as written (ITK reads a 0 there as 1)."""
 
     offset: int
     count: int
     itemsize: int
     float_dtype: np.dtype | None
+    size: tuple[int, ...] = ()
 
     @property
     def needed(self) -> int:
@@ -231,12 +267,13 @@ def _nifti_layout(head: bytes) -> _NiftiLayout | None:
             break
     else:
         return None
+    size = tuple(int(n) for n in dims[1 : max(1, min(dims[0], 7)) + 1])
     count = 1
-    for n in dims[1 : max(1, min(dims[0], 7)) + 1]:
+    for n in size:
         count *= max(n, 1)
     floats = {16: "f4", 64: "f8"}
     float_dtype = np.dtype(endian + floats[datatype]) if datatype in floats else None
-    return _NiftiLayout(offset, count, max(bitpix, 8) // 8, float_dtype)
+    return _NiftiLayout(offset, count, max(bitpix, 8) // 8, float_dtype, size)
 
 
 def _open_nifti(path: Path) -> BinaryIO:
@@ -245,6 +282,22 @@ def _open_nifti(path: Path) -> BinaryIO:
 
 def _is_nifti(path: Path) -> bool:
     return not path.is_dir() and path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _check_nifti_size(path: Path) -> None:
+    """Raise VolumeReadError when a NIfTI header gives an axis of length 0 (a volume without voxels)."""
+    if not _is_nifti(path):
+        return
+    try:
+        with _open_nifti(path) as stream:
+            layout = _nifti_layout(stream.read(540))
+    except (EOFError, OSError, zlib.error, struct.error):
+        return  # corrupt data: check_file_complete reports it
+    if layout is not None and 0 in layout.size:
+        raise VolumeReadError(
+            path,
+            f"zero-size dimension: the header gives size {layout.size} (x, y, z); the volume holds no voxel",
+        )
 
 
 def _gzip_length(path: Path) -> int:

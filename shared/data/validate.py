@@ -1,10 +1,11 @@
 """Check every case of a site and report each problem with the case id, the file and the reason.
 
-Errors (the case is unusable): missing, unreadable or truncated file; image not a 3D grey-level volume;
-NaN/Inf intensities; image/mask geometry mismatch (size, spacing, origin, direction beyond tolerance); empty
-or non-binary mask; unknown label value; unknown split; duplicate case id. Warnings (the case is usable):
-placeholder header spacing such as TDSC's (1, 1, 1) mm when the site config does not override it, implausible
-physical extent, constant image.
+Errors (the case is unusable): missing, empty, unreadable (permissions) or truncated file, or a folder where
+a file should be; a volume that is not 3D grey-level or has a zero-size dimension; NaN/Inf intensities;
+image/mask geometry mismatch (size, spacing, origin, direction beyond tolerance); empty or non-binary mask;
+unknown label value; unknown split; duplicate case id. Warnings (the case is usable): placeholder header
+spacing such as TDSC's (1, 1, 1) mm when the site config does not override it, implausible physical extent,
+constant image.
 
 Voxels are read one case at a time, image then mask, and scanned in slabs so that a check never holds more
 than one volume in memory. Training and evaluation call :func:`usable_cases`, which runs the same checks and
