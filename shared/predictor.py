@@ -18,6 +18,12 @@ and reuses it for every new click:
   one-click-per-round episode; :meth:`SamPredictor3D.predict_sequential` does this for a list at once.
 * The logits are upsampled to the crop (trilinear), thresholded at 0 and pasted into a ``(D, H, W)`` mask
   that is False outside the crop.
+
+A further click costs one prompt-encoder and mask-decoder pass plus the mask: the dense positional encoding
+of the embedding grid is computed once per image (not once per click), only the crop's part of the mask is
+written and counted, and :meth:`SamPredictor3D.predict_sequential` builds the full-size mask of the last
+click only. Outputs are bitwise those of the plain per-click ``decode_clicks`` path (docs/performance.md,
+"Interactive latency").
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import nn
 from shared.data.blocks import Block
 from shared.data.transforms import crop_or_pad
 from shared.metrics import lesion_volume_cm3
-from shared.training.seg import decode_clicks, encode_images, patch_size_of, upsample_logits
+from shared.training.seg import encode_images, patch_size_of, sam_parts, upsample_logits
 
 __all__ = ["Prediction", "SamPredictor3D"]
 
@@ -83,6 +89,7 @@ class SamPredictor3D:
         self._spacing_mm: tuple[float, float, float] | None = None
         self._pad_value = 0.0
         self._embeddings: dict[Click, torch.Tensor] = {}
+        self._dense_pe: torch.Tensor | None = None
         self._logits: dict[Click, dict[tuple[tuple[Click, int], ...], torch.Tensor]] = {}
 
     def set_image(
@@ -100,6 +107,7 @@ class SamPredictor3D:
         self._volume = array
         self._spacing_mm = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
         self._pad_value = float(pad_value)
+        self._dense_pe = None  # recomputed once per image, so a model changed in between is seen
         self._embeddings.clear()
         self._logits.clear()
 
@@ -117,11 +125,7 @@ class SamPredictor3D:
     def predict(self, clicks: Sequence[Sequence[int]], labels: Sequence[int]) -> Prediction:
         """Mask of the lesion pointed at by ``clicks`` ((z, y, x) voxel indices; the first places the crop)
         with ``labels`` (1 lesion, 0 background), as the module docstring describes."""
-        volume = self._require_image()
-        points, point_labels = self._check_clicks(clicks, labels, volume.shape)
-        start = self.crop_start(points[0])
-        inside = [all(0 <= p - s < self.patch_size for p, s in zip(pt, start, strict=True)) for pt in points]
-        ignored = tuple(pt for pt, ok in zip(points, inside, strict=True) if not ok)
+        start, used, ignored = self._place(clicks, labels)
         if ignored:
             warnings.warn(
                 f"clicks {list(ignored)} lie outside the {self.patch_size}³ crop at {start} placed by the first "
@@ -129,7 +133,6 @@ class SamPredictor3D:
                 UserWarning,
                 stacklevel=2,
             )
-        used = tuple((pt, lab) for pt, lab, ok in zip(points, point_labels, inside, strict=True) if ok)
         low_res, iou = self._decode(start, used)
         return self._prediction(start, low_res, iou, len(used), ignored)
 
@@ -140,10 +143,9 @@ class SamPredictor3D:
             raise ValueError(
                 f"need at least one click and one label per click, got {len(clicks)} clicks, {len(labels)} labels"
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # reported once below, by the full call
-            for count in range(1, len(clicks)):
-                self.predict(clicks[:count], labels[:count])
+        for count in range(1, len(clicks)):  # earlier clicks: their logits are needed, not their masks
+            start, used, _ = self._place(clicks[:count], labels[:count])
+            self._decode(start, used)
         return self.predict(clicks, labels)
 
     # ------------------------------------------------------------------------------------ internals
@@ -151,6 +153,18 @@ class SamPredictor3D:
         if self._volume is None:
             raise RuntimeError("no image set: call set_image(volume, spacing_mm) before predicting")
         return self._volume
+
+    def _place(
+        self, clicks: Sequence[Sequence[int]], labels: Sequence[int]
+    ) -> tuple[Click, tuple[tuple[Click, int], ...], tuple[Click, ...]]:
+        """(crop start, (click, label) pairs inside the crop, clicks outside it) of a click list."""
+        volume = self._require_image()
+        points, point_labels = self._check_clicks(clicks, labels, volume.shape)
+        start = self.crop_start(points[0])
+        inside = [all(0 <= p - s < self.patch_size for p, s in zip(pt, start, strict=True)) for pt in points]
+        ignored = tuple(pt for pt, ok in zip(points, inside, strict=True) if not ok)
+        used = tuple((pt, lab) for pt, lab, ok in zip(points, point_labels, inside, strict=True) if ok)
+        return start, used, ignored
 
     @staticmethod
     def _check_clicks(
@@ -192,9 +206,29 @@ class SamPredictor3D:
         labels = torch.tensor([[lab for _, lab in used]], dtype=torch.int64, device=self.device)
         embedding = self._embedding(start)
         with torch.inference_mode():
-            low_res, iou = decode_clicks(self.model, embedding, coords, labels, previous)
+            low_res, iou = self._run_decoder(embedding, coords, labels, previous)
         history[used] = low_res
         return low_res, float(iou.reshape(-1)[0])
+
+    def _run_decoder(
+        self,
+        embedding: torch.Tensor,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        previous: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`shared.training.seg.decode_clicks` with the image's dense positional encoding cached."""
+        sam = sam_parts(self.model)
+        if self._dense_pe is None:
+            self._dense_pe = sam.prompt_encoder.get_dense_pe()
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=previous)
+        return sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self._dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
 
     def _prediction(
         self, start: Click, low_res: torch.Tensor, iou: float, clicks_used: int, ignored: tuple[Click, ...]
@@ -202,8 +236,10 @@ class SamPredictor3D:
         volume = self._require_image()
         with torch.inference_mode():
             crop_mask = (upsample_logits(low_res, self.patch_size)[0, 0] > 0).cpu().numpy()
-        mask = np.zeros(volume.shape, dtype=bool)
+        mask = np.zeros(volume.shape, dtype=bool)  # pages outside the crop are never written
         inside, part = Block(start, self.patch_size, 0).overlap(volume.shape)
-        mask[inside] = crop_mask[part]
-        volume_cm3 = None if self._spacing_mm is None else lesion_volume_cm3(mask, self._spacing_mm)
+        visible = crop_mask[part]
+        mask[inside] = visible
+        # the mask is False outside the crop: count the crop's part only, not the whole volume
+        volume_cm3 = None if self._spacing_mm is None else lesion_volume_cm3(visible, self._spacing_mm)
         return Prediction(mask, iou, start, low_res.detach().cpu(), clicks_used, ignored, volume_cm3)

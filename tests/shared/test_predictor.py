@@ -9,9 +9,11 @@ from torch import nn
 
 import shared.predictor as predictor_module
 from shared.adapters import LoraSpec, attach_lora
+from shared.data.transforms import crop_or_pad
+from shared.metrics import lesion_volume_cm3
 from shared.models.sam_med3d import build_sam_med3d
 from shared.predictor import SamPredictor3D
-from shared.training.seg import sam_parts
+from shared.training.seg import decode_clicks, encode_images, sam_parts, upsample_logits
 from tests.shared.tiny_sam import TINY_SAM as TINY
 from tests.shared.tiny_sam import P
 
@@ -113,14 +115,14 @@ def test_a_volume_smaller_than_the_crop_is_padded():
 
 def test_previous_logits_of_the_longest_earlier_prefix_are_fed_back(monkeypatch):
     seen = []
-    real_decode = predictor_module.decode_clicks
+    real_decode = predictor_module.SamPredictor3D._run_decoder
 
-    def recording(model, embeddings, coords, labels, mask_logits):
-        low_res, iou = real_decode(model, embeddings, coords, labels, mask_logits)
+    def recording(self, embeddings, coords, labels, mask_logits):
+        low_res, iou = real_decode(self, embeddings, coords, labels, mask_logits)
         seen.append({"n": labels.shape[1], "prompt": mask_logits, "out": low_res})
         return low_res, iou
 
-    monkeypatch.setattr(predictor_module, "decode_clicks", recording)
+    monkeypatch.setattr(predictor_module.SamPredictor3D, "_run_decoder", recording)
     predictor = SamPredictor3D(tiny_model())
     predictor.set_image(volume())
     a, b, c = (20, 30, 22), (24, 36, 20), (16, 26, 25)
@@ -173,3 +175,91 @@ def test_invalid_calls_are_refused():
         predictor.set_image(np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="patch_size = 64"):
         SamPredictor3D(echo_model(), patch_size=64)
+
+
+def unoptimised_session(model, image, spacing, clicks, labels, pad_value=0.0):
+    """The plain path the predictor's shortcuts must reproduce bit for bit: per click, ``decode_clicks``
+    (dense positional encoding recomputed), the full-size mask and its volume counted over the whole volume."""
+    predictor = SamPredictor3D(model)  # for the crop placement only
+    predictor.set_image(image, spacing, pad_value=pad_value)
+    start = predictor.crop_start(clicks[0])
+    crop = crop_or_pad(image, start, P, pad_value=pad_value)
+    results, previous = [], None
+    with torch.inference_mode():
+        embedding = encode_images(model, torch.from_numpy(crop)[None, None])
+        for n in range(1, len(clicks) + 1):
+            coords = torch.tensor(
+                [[[float(v - s) for v, s in zip(c, start, strict=True)] for c in clicks[:n]]]
+            )
+            low_res, iou = decode_clicks(model, embedding, coords, torch.tensor([labels[:n]]), previous)
+            previous = low_res
+            crop_mask = (upsample_logits(low_res, P)[0, 0] > 0).numpy()
+            mask = np.zeros(image.shape, dtype=bool)
+            region = tuple(slice(max(s, 0), min(s + P, n_)) for s, n_ in zip(start, image.shape, strict=True))
+            part = tuple(slice(r.start - s, r.stop - s) for r, s in zip(region, start, strict=True))
+            mask[region] = crop_mask[part]
+            results.append((mask, float(iou.reshape(-1)[0]), low_res, lesion_volume_cm3(mask, spacing)))
+    return results
+
+
+@pytest.mark.parametrize(
+    "clicks",
+    [
+        [(20, 30, 22), (24, 36, 20), (16, 26, 25), (21, 31, 23)],
+        [(38, 3, 44), (30, 10, 40), (35, 2, 30)],  # crop clamped at the volume's far edges
+    ],
+)
+def test_the_click_path_is_bitwise_the_unoptimised_one(clicks):
+    model = tiny_model()
+    labels = [1, 0, 1, 1][: len(clicks)]
+    spacing = (0.5, 0.4, 0.6)
+    expected = unoptimised_session(model, volume(), spacing, clicks, labels)
+    predictor = SamPredictor3D(model)
+    predictor.set_image(volume(), spacing)
+    for n, (mask, iou, low_res, cm3) in enumerate(expected, start=1):
+        result = predictor.predict(clicks[:n], labels[:n])
+        assert torch.equal(result.low_res_logits, low_res)
+        assert np.array_equal(result.mask, mask) and result.iou == iou and result.volume_cm3 == cm3
+    at_once = SamPredictor3D(model)
+    at_once.set_image(volume(), spacing)
+    last = at_once.predict_sequential(clicks, labels)
+    assert torch.equal(last.low_res_logits, expected[-1][2]) and np.array_equal(last.mask, expected[-1][0])
+
+
+def test_a_smaller_volume_than_the_crop_matches_the_unoptimised_path():
+    model = tiny_model()
+    image = volume((20, 70, 10))
+    clicks, labels = [(3, 60, 9), (10, 50, 2)], [1, 1]
+    expected = unoptimised_session(model, image, (1.0, 1.0, 1.0), clicks, labels, pad_value=-1.0)
+    predictor = SamPredictor3D(model)
+    predictor.set_image(image, (1.0, 1.0, 1.0), pad_value=-1.0)
+    result = predictor.predict_sequential(clicks, labels)
+    assert np.array_equal(result.mask, expected[-1][0]) and result.volume_cm3 == expected[-1][3]
+    assert torch.equal(result.low_res_logits, expected[-1][2])
+
+
+def test_the_positional_encoding_is_computed_once_per_image():
+    model = tiny_model()
+    calls = []
+    prompt_encoder = sam_parts(model).prompt_encoder
+    real = prompt_encoder.get_dense_pe
+    prompt_encoder.get_dense_pe = lambda: calls.append(1) or real()
+    predictor = SamPredictor3D(model)
+    predictor.set_image(volume())
+    predictor.predict_sequential([(20, 30, 22), (24, 36, 20), (16, 26, 25)], [1, 1, 0])
+    assert len(calls) == 1
+    predictor.set_image(volume())  # a new image: computed again, so a changed model is seen
+    predictor.predict([(20, 30, 22)], [1])
+    assert len(calls) == 2
+
+
+def test_predict_sequential_builds_one_full_size_mask_and_warns_once(monkeypatch):
+    built = []
+    real = SamPredictor3D._prediction
+    monkeypatch.setattr(SamPredictor3D, "_prediction", lambda self, *a: built.append(1) or real(self, *a))
+    predictor = SamPredictor3D(echo_model())
+    predictor.set_image(volume())
+    with pytest.warns(UserWarning, match="outside") as record:
+        result = predictor.predict_sequential([(20, 30, 22), (20, 69, 22), (21, 31, 23)], [1, 0, 1])
+    assert len(built) == 1 and len(record) == 1
+    assert result.ignored_clicks == ((20, 69, 22),) and result.clicks_used == 2
