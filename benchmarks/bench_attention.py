@@ -180,7 +180,9 @@ def _measure(args: argparse.Namespace, impl: str, mode: str) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--mode", mode]
     command += ["--config", args.config, "--threads", str(args.threads), "--warmup", str(args.warmup)]
     command += ["--seed", str(args.seed)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO
+    )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker {impl}/{mode} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

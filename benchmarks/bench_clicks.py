@@ -205,7 +205,9 @@ def _measure(args: argparse.Namespace, variant: str, mode: str) -> dict[str, Any
     command += ["--mode", mode, "--config", args.config, "--threads", str(args.threads)]
     command += ["--clicks", str(args.clicks), "--seed", str(args.seed)]
     command += ["--abus-shape", *(str(n) for n in args.abus_shape)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO
+    )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker {variant}/{mode} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

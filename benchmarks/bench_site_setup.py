@@ -120,7 +120,9 @@ def _run_worker(base: Path, site: Path, state: Path, adapter: Path, *, mode: str
     ]  # fmt: skip
     command += ["--query"] if query else []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT, env=env
+    )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -110,6 +110,8 @@ def code_version(code_dir: str | Path | None = None) -> dict[str, str]:
                 ["git", "--no-optional-locks", "-C", str(folder), *args],
                 capture_output=True,
                 text=True,
+                encoding="utf-8",
+                errors="replace",
                 timeout=10,
                 check=True,
             )

@@ -188,6 +188,7 @@ def _run_logged(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            encoding="utf-8",
             errors="replace",
         ) as process:
             assert process.stdout is not None

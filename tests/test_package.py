@@ -203,7 +203,13 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_console_script_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-m", "shared.cli", "--help"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        cwd=ROOT,
+        check=True,
     )
     assert "fedabus" in out.stdout
 

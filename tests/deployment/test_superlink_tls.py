@@ -116,7 +116,11 @@ def test_fleet_proxy_exposes_only_the_fleet_api(deployment: Deployment, register
     conf.write_text(_proxy_config(deployment, listen, health))
     nginx = shutil.which("nginx")
     checked = subprocess.run(
-        [nginx, "-t", "-c", str(conf), "-e", str(conf.parent / "error.log")], capture_output=True, text=True
+        [nginx, "-t", "-c", str(conf), "-e", str(conf.parent / "error.log")],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     assert checked.returncode == 0, checked.stderr
     proxy, log = deployment.start([nginx, "-c", str(conf), "-e", str(conf.parent / "error.log")], "nginx.log")

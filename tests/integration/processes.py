@@ -226,6 +226,8 @@ class Deployment:
             env=self.env,
             capture_output=True,
             text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=90,
         )
         if result.returncode != 0:
@@ -254,7 +256,13 @@ class Deployment:
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """Run a ``flwr`` command to completion (output captured)."""
         return subprocess.run(
-            [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=timeout,
         )
 
     def stop_all(self) -> None:

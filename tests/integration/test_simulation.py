@@ -39,7 +39,9 @@ def test_demo_simulation_end_to_end(tmp_path):
         "--set",
         "train.seg-click-iterations=1",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Dice@1" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
 
@@ -104,7 +106,9 @@ def test_sample_level_dp_sites_stop_at_their_budget_and_the_run_goes_on(tmp_path
     command += ["--local-epochs", "1", "--out", str(out), "--base", str(base_path)]
     for key, value in {**sets, "privacy.epsilon-budget": repr(budget)}.items():
         command += ["--set", f"{key}={value}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "stops training at its privacy budget" in output, output[-4000:]
@@ -142,7 +146,9 @@ def test_client_level_dp_runs_end_to_end_and_logs_the_run_epsilon(tmp_path):
     }
     for key, value in sets.items():
         command += ["--set", f"{key}={value}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "client-level DP: ε" in result.stdout

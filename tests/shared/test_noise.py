@@ -42,6 +42,8 @@ def test_child_processes_get_the_filters_and_the_users_own_settings_win():
         env={"PYTHONWARNINGS": pythonwarnings("default::DeprecationWarning:fedabus_probe")},
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=60,
     )
     assert result.returncode == 0, result.stderr

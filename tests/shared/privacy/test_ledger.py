@@ -110,7 +110,15 @@ def test_ledger_survives_a_process_restart(tmp_path) -> None:
         """
     )
     subprocess.run([sys.executable, "-c", write], check=True, timeout=60)
-    out = subprocess.run([sys.executable, "-c", read], check=True, timeout=60, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", read],
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
     epsilon, round_ = out.stdout.split()
     assert float(epsilon) == stepped(RDPAccountant(), 1.1, 0.2, 7) and round_ == "1"
 

@@ -290,7 +290,7 @@ def test_a_headless_browser_renders_the_page_with_its_images(page: tuple[Path, s
     shot = tmp_path / "shot.png"
     run = lambda *args, profile: subprocess.run(
         [*base, f"--user-data-dir={tmp_path / profile}", *args, f"file://{out}"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, check=False,
     )  # fmt: skip
     screenshot = run(f"--screenshot={shot}", "--window-size=1280,2000", profile="profile-shot")
     assert shot.is_file(), screenshot.stderr[-2000:]
