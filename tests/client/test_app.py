@@ -94,7 +94,7 @@ def test_train_reply_holds_only_the_adapter_and_aggregate_metrics(federation):
     assert changed, "training changed no adapter tensor"
     assert set(content[METRICS].keys()) == {"num-examples", "train/seg_loss", "train/cls_loss"}
     assert content[METRICS]["num-examples"] > 0
-    assert dict(content[SITE]) == {"site-id": federation["site_dir"].name}
+    assert dict(content[SITE]) == {"site-id": federation["site_dir"].name, "server-round": 1}
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
