@@ -7,7 +7,7 @@ What ends up where (experiment ``fedabus`` by default)::
                  code.fedabus-version, code.git-commit, code.git-dirty (values longer than MLflow's limit are
                  truncated; config/run_config.json holds them in full)
       metrics    global/val/<metric>_mean (example-weighted), global/val/<metric>_worst (worst site),
-                  global/<count>_total, the caller's extra round metrics (federation/refused_updates, ...),
+                 global/<count>_total, the caller's extra round metrics (federation/refused_updates, ...),
                  federation/round; step = round; after the last round global/test/<metric>_mean at the step
                  of each tested adapter
       tags       fedabus.refused_updates.round-<r>: "site: reason; ..." in a round where admission refused

@@ -77,7 +77,13 @@ def direction(seed: int, norm: float) -> dict[str, np.ndarray]:
 
 
 def reply(
-    node: int, site: str, update: ArrayRecord | None, *, examples: int = 1, norm_bit=None, server_round: int = 1
+    node: int,
+    site: str,
+    update: ArrayRecord | None,
+    *,
+    examples: int = 1,
+    norm_bit=None,
+    server_round: int = 1,
 ) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     metrics = {NUM_EXAMPLES: examples, "train/seg_loss": 0.25}
