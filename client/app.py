@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.egress import outgoing_site_record
 from client.privacy import client_dp_clipping_mod
 from client.task import (
     BaseMismatch,
@@ -51,11 +52,11 @@ def _reply(
     metrics: dict[str, float],
     site: str,
     arrays: ArrayRecord | None = None,
-    extra: dict[str, str] | None = None,
+    extra: dict[str, str | int] | None = None,
 ) -> Message:
     """The reply to ``msg``: ``metrics``, the ``site`` record (``site-id`` and the ``extra`` keys) and the
     update ``arrays`` when there is one."""
-    site_record = ConfigRecord({SITE_ID: site, **(extra or {})})
+    site_record = ConfigRecord(outgoing_site_record({SITE_ID: site, **(extra or {})}))
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: site_record})
     if arrays is not None:
         content[ARRAYS] = arrays
@@ -81,22 +82,25 @@ def train(msg: Message, context: Context) -> Message:
     config = _config(context)
     round_config = msg.content[CONFIG]
     settings = site_settings(dict(context.node_config), config)
+    server_round = int(round_config.get(SERVER_ROUND, 0))  # every train reply says which round it answers
     try:
         update, metrics, site = run_train(
             settings,
             config,
             msg.content[ARRAYS],
             fingerprint=str(round_config.get(BASE_FINGERPRINT, "")),
-            server_round=int(round_config.get(SERVER_ROUND, 0)),
+            server_round=server_round,
             num_rounds=int(context.run_config.get("num-server-rounds", 1)),
             run=str(context.run_id),
         )
     except BaseMismatch as exc:
         site_name = settings.site_id or settings.site_dir.name
-        return _reply(msg, {NUM_EXAMPLES: 0.0}, site_name, extra={DECLINED: str(exc)})
+        return _reply(
+            msg, {NUM_EXAMPLES: 0.0}, site_name, extra={DECLINED: str(exc), SERVER_ROUND: server_round}
+        )
     except BudgetSpent as exc:
-        return _reply(msg, exc.metrics, exc.site, extra={DECLINED: str(exc)})
-    return _reply(msg, metrics, site, arrays=adapter_to_record(update))
+        return _reply(msg, exc.metrics, exc.site, extra={DECLINED: str(exc), SERVER_ROUND: server_round})
+    return _reply(msg, metrics, site, arrays=adapter_to_record(update), extra={SERVER_ROUND: server_round})
 
 
 @app.evaluate()

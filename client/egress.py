@@ -1,7 +1,8 @@
 """What may leave a site, enforced: adapter tensors of the agreed names and shapes, and aggregate metrics.
 
-Every outgoing reply of the ClientApp passes through :func:`outgoing_adapter` and :func:`outgoing_metrics`.
-Anything else — an extra tensor, a tensor of another shape or dtype, a non-finite value, a metric that is not
+Every outgoing reply of the ClientApp passes through :func:`outgoing_adapter`, :func:`outgoing_metrics` and
+:func:`outgoing_site_record` (the ``site`` record: the site's name, the round a train reply answers, why it
+declined, and in the handshake its base fingerprint and fedabus version). Anything else — an extra tensor, a tensor of another shape or dtype, a non-finite value, a metric that is not
 a number or whose name is not on the allow-list (case ids, paths, free text) — raises :class:`EgressRefused`
 and nothing is sent.
 """
@@ -44,15 +45,18 @@ from shared.metric_names import (
     dice_click_name,
     metric_key,
 )
+from shared.protocol import BASE_FINGERPRINT, DECLINED, FEDABUS_VERSION, SERVER_ROUND, SITE_ID
 
 __all__ = [
     "EVAL_METRIC_NAMES",
     "PRIVACY_METRIC_KEYS",
+    "SITE_RECORD_KEYS",
     "TRAIN_METRIC_KEYS",
     "EgressRefused",
     "eval_metric_keys",
     "outgoing_adapter",
     "outgoing_metrics",
+    "outgoing_site_record",
     "train_metric_keys",
 ]
 
@@ -84,6 +88,8 @@ EVAL_METRIC_NAMES = (
     ACCURACY,
     F1,
 )
+#: Keys a reply's ``site`` record may hold (the server admits a train update only for the round it answers).
+SITE_RECORD_KEYS = (SITE_ID, SERVER_ROUND, DECLINED, BASE_FINGERPRINT, FEDABUS_VERSION)
 _NAME = re.compile(rf"^({re.escape(NUM_EXAMPLES)}|({'|'.join(NAMESPACES)})/[a-z0-9_.]+)$")
 
 
@@ -134,4 +140,17 @@ def outgoing_metrics(metrics: Mapping[str, object], allowed: tuple[str, ...]) ->
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise EgressRefused(f"metric {key!r} is not a number ({type(value).__name__}); nothing sent")
         out[key] = float(value)
+    return out
+
+
+def outgoing_site_record(values: Mapping[str, object]) -> dict[str, str | int]:
+    """The ``site`` record of a reply: only :data:`SITE_RECORD_KEYS`, text values and the integer round."""
+    out: dict[str, str | int] = {}
+    for key, value in values.items():
+        if key not in SITE_RECORD_KEYS:
+            raise EgressRefused(f"site record key {key!r} is not on the allow-list {SITE_RECORD_KEYS}")
+        allowed = int if key == SERVER_ROUND else str
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise EgressRefused(f"site record {key!r} must be {allowed.__name__}, not {type(value).__name__}")
+        out[key] = value
     return out

@@ -32,6 +32,9 @@ Decisions fedabus takes where Flower leaves them open:
 * **Adaptive clipping.** Flower 1.41 updates the clip norm before adding the round's noise; fedabus adds noise
   for the norm the updates were clipped with. The clipped-count noise is ``max(m / 20, σ)`` (Flower's default
   ``m / 20`` would refuse any ``σ ≥ 0.3`` with three sites).
+* **Admission first.** Every update passes the wrapped strategy's admission (:mod:`server.admission`) before it
+  is clipped; a refused update is dropped and, like a failed site, counts as a zero update (the denominator
+  stays the number of sampled sites).
 * **Client-side clipping is checked.** In ``client-*`` modes the server measures every update and clips again any
   that exceeds ``C`` (a site without the clipping mod), with a warning.
 
@@ -62,7 +65,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_NORM_BIT, compute_stdv
 
-from server.replies import metrics_by_site, site_of, updates_of
+from server.replies import site_of, updates_of
 from shared.config import ConfigError, PrivacyConfig
 from shared.metric_names import (
     CLIENT_CLIP_NORM,
@@ -386,6 +389,7 @@ class ClientDPHooks:
     last_eval_metrics = _forwarded("last_eval_metrics")
     last_sample_population = _forwarded("last_sample_population")
     recipients = _forwarded("recipients")
+    last_refusals = _forwarded("last_refusals")
 
     @property
     def client_side(self) -> bool:
@@ -410,16 +414,15 @@ class ClientDPHooks:
             raise RuntimeError("aggregate_train before configure_train: no global adapter to clip against")
         replies = list(replies)
         logged_round = self.rounds.federation(server_round)
+        recipients = self.strategy.recipients
+        with_update = updates_of(logged_round, replies, recipients)
+        # Admission before clipping; a refused update is a zero update (the denominator stays the sampled sites).
+        admitted = self.strategy.admit_updates(logged_round, with_update)
         site_metrics = {
             site: {k: v for k, v in values.items() if k != KEY_NORM_BIT}  # per-site clip bits stay private
-            for site, values in metrics_by_site(replies, self.strategy.recipients).items()
+            for site, values in self.strategy.train_metrics_of(replies).items()
         }
-        recipients = self.strategy.recipients
-        usable = [
-            msg
-            for msg in updates_of(logged_round, replies, recipients)
-            if self._usable(logged_round, msg, plan)
-        ]
+        usable = [msg for msg in admitted if self._usable(logged_round, msg, plan)]
         try:
             if not usable:
                 log(WARNING, "Round %d: no usable update; global adapter unchanged, no ε spent", logged_round)
@@ -431,7 +434,8 @@ class ClientDPHooks:
                 len(usable),
                 self.num_sampled_clients,
             )
-            return super().aggregate_train(server_round, usable)
+            with self.strategy.admitted_upstream():
+                return super().aggregate_train(server_round, usable)
         finally:
             self.strategy.last_train_metrics = site_metrics
             self._plan = None

@@ -13,9 +13,10 @@ from logging import WARNING
 from flwr.app import Message
 from flwr.common.logger import log
 
-from shared.protocol import ARRAYS, DECLINED, METRICS, SITE, SITE_ID
+from server.admission import Candidate
+from shared.protocol import ARRAYS, DECLINED, METRICS, SERVER_ROUND, SITE, SITE_ID
 
-__all__ = ["Recipients", "metrics_by_site", "site_of", "updates_of"]
+__all__ = ["Recipients", "candidate_of", "metrics_by_site", "site_of", "updates_of"]
 
 
 class Recipients:
@@ -90,3 +91,20 @@ def updates_of(
                 reason,
             )
     return with_update
+
+
+def candidate_of(message: Message, recipients: Recipients | None = None) -> Candidate:
+    """A reply that carries an update (see :func:`updates_of`), as :func:`server.admission.admit` checks it: the
+    site, the round it says it answers (``server-round`` in its ``site`` record), its arrays and metrics."""
+    content = message.content
+    site_record = content.config_records.get(SITE, {})
+    raw_round = site_record.get(SERVER_ROUND)
+    answered = raw_round if isinstance(raw_round, int) and not isinstance(raw_round, bool) else None
+    metrics = content.metric_records.get(METRICS, {})
+    return Candidate(
+        site=site_of(message, recipients),
+        server_round=answered,
+        arrays={name: array.numpy() for name, array in content.array_records[ARRAYS].items()},
+        metrics=dict(metrics.items()),
+        records=(tuple(content.array_records), tuple(content.metric_records)),
+    )

@@ -146,8 +146,9 @@ class RoundReport:
     ``evaluation_weights`` (the cases evaluated).
     ``training``: ``{site: {metric: value}}`` with keys starting ``train/`` (or ``privacy/``: the ε a site spent
     under sample-level DP), weighted by ``training_weights``.
-    ``global_metrics``: extra parent-run metrics of the round (e.g. ``federation/replies``); their names may
-    not start with ``global/`` (reserved for the aggregates).
+    ``global_metrics``: extra parent-run metrics of the round (e.g. ``federation/refused_updates``); their names
+    may not start with ``global/`` (reserved for the aggregates).
+    ``refused``: ``{site: reason}`` of the updates admission refused this round (:mod:`server.admission`).
     """
 
     server_round: int
@@ -156,6 +157,7 @@ class RoundReport:
     training: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     training_weights: Mapping[str, int] = field(default_factory=dict)
     global_metrics: Mapping[str, float] = field(default_factory=dict)
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (
@@ -202,6 +204,7 @@ class RoundReport:
         training: Mapping[str, Mapping[str, float]] | None = None,
         weight_key: str = NUM_EXAMPLES,
         global_metrics: Mapping[str, float] | None = None,
+        refused: Mapping[str, str] | None = None,
     ) -> RoundReport:
         """Build a report from the metric dicts sites send (``{site: MetricRecord as dict}``).
 
@@ -226,7 +229,8 @@ class RoundReport:
 
         ev, ev_w = split(evaluation or {}, "evaluation")
         tr, tr_w = split(training or {}, "training", TRAIN_PREFIX)
-        return cls(server_round, ev, ev_w, tr, tr_w, _float_dict(global_metrics or {}))
+        refused_text = {str(site): str(reason) for site, reason in (refused or {}).items()}
+        return cls(server_round, ev, ev_w, tr, tr_w, _float_dict(global_metrics or {}), refused_text)
 
     @property
     def sites(self) -> list[str]:
@@ -283,6 +287,7 @@ class RoundReport:
                 "training": self.training,
                 "training_weights": self.training_weights,
                 "global_metrics": self.global_metrics,
+                "refused": self.refused,
             }
         )
 
@@ -302,6 +307,7 @@ class RoundReport:
             metrics(data.get("training", {})),
             {s: int(w) for s, w in data.get("training_weights", {}).items()},
             {k: math.nan if v is None else float(v) for k, v in data.get("global_metrics", {}).items()},
+            {str(s): str(r) for s, r in data.get("refused", {}).items()},
         )
 
 
@@ -333,6 +339,7 @@ def round_summary(report: RoundReport) -> dict[str, Any]:
                 for key, a in report.aggregates().items()
             },
             "global": dict(report.global_metrics),
+            "refused": dict(report.refused),
         }
     )
 

@@ -25,7 +25,7 @@ from server.checkpoint import ServerCheckpoint
 from server.reports import BestAdapter, RoundReport, update_best
 from server.tracking import FederationTracker
 from shared.adapters import Adapter
-from shared.metric_names import VAL, aggregate_key, metric_key
+from shared.metric_names import REFUSED_UPDATES_METRIC, VAL, aggregate_key, metric_key
 from shared.protocol import layout_of, record_to_adapter
 
 __all__ = ["RoundEnd", "selection_key", "write_json"]
@@ -85,7 +85,11 @@ class RoundEnd:
             actual,
             evaluation=self.strategy.last_eval_metrics,
             training=self.strategy.last_train_metrics,
-            global_metrics=self.strategy.privacy_metrics(),  # privacy/client_epsilon etc.; {} without client DP
+            global_metrics={
+                **self.strategy.privacy_metrics(),  # privacy/client_epsilon etc.; {} without client DP
+                REFUSED_UPDATES_METRIC: float(len(self.strategy.last_refusals)),
+            },
+            refused=self.strategy.last_refusals,
         )
         self.tracker.log_round(report)
         self._select(report, self.global_adapter, actual)
@@ -138,6 +142,8 @@ class RoundEnd:
         self.summary.setdefault("train", {}).update(
             {site: dict(m) for site, m in self.strategy.last_train_metrics.items()}
         )
+        if report.refused:
+            self.summary.setdefault("refused_updates", {})[str(actual)] = dict(report.refused)
         if self.strategy.privacy_metrics():
             self.summary["client_privacy"] = self.strategy.privacy_metrics()
         if self.best is not None:

@@ -10,6 +10,10 @@
   every message and log line, so a resumed run continues its numbering;
 * skip client evaluation on rounds off the evaluation interval;
 * drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
+* admit every update before the strategy (or client-level DP's clipping) sees it (:mod:`server.admission`:
+  layout, finite values, the round it answers, metric ranges, norm bounds); a refused one is logged with its
+  site and reason, kept in ``last_refusals`` for tracking and never aggregated, and a round left with fewer than
+  ``min-sites`` admitted updates keeps the global adapter unchanged;
 * remember, per round, which site sent which metrics (``last_train_metrics`` / ``last_eval_metrics``), for tracking,
   and where each message went (``recipients``, per instance), to name a site whose reply is an error.
 
@@ -28,7 +32,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -40,7 +45,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
 from server import privacy as client_dp
-from server.replies import Recipients, metrics_by_site, site_of, updates_of
+from server.admission import AdmissionLimits, admit
+from server.replies import Recipients, candidate_of, metrics_by_site, site_of, updates_of
 from server.round_numbering import RoundNumbering
 from shared.config import FederationConfig, PrivacyConfig
 from shared.protocol import NUM_EXAMPLES
@@ -109,6 +115,14 @@ class FedabusHooks:
     last_sample_population: int | None = None
     #: Where this strategy's messages went (names failed sites); set per instance by :func:`build_strategy`.
     recipients: Recipients
+    #: Update admission: the norm bounds, the global adapter sent this round (what updates are measured
+    #: against), the last round's refusals ``{site: reason}`` and the sites admitted in the current round.
+    admission_limits: AdmissionLimits = AdmissionLimits()
+    admission_reference: ArrayRecord | None = None
+    last_refusals: dict[str, str] = {}
+    _admitted: tuple[int, frozenset[str]] = (-1, frozenset())
+    _refused_replies: list[Message] = []
+    _admitted_upstream: bool = False
 
     def _eligible(self, online: list[int]) -> tuple[list[int], list[int]]:
         """``(admitted, connecting)`` among the ``online`` nodes: admitted sites that may be sampled, and
@@ -172,6 +186,7 @@ class FedabusHooks:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         # Flower's configure_train (and FedProx's mu, FedOpt's current arrays) samples from the admitted view.
         view = self._admitted_view(grid, self.fraction_train)
+        self.admission_reference = arrays
         return self._remember(
             list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
         )
@@ -183,15 +198,74 @@ class FedabusHooks:
         view = self._admitted_view(grid, self.fraction_evaluate)
         return self._remember(list(super().configure_evaluate(server_round, arrays, config, view)))
 
+    def admit_updates(self, server_round: int, with_update: list[Message]) -> list[Message]:
+        """The updates of federation round ``server_round`` that pass :func:`server.admission.admit`; [] when
+        admission leaves fewer than ``min_train_nodes`` (``federation.min-sites``). Logs every refusal."""
+        self.last_refusals, self._refused_replies = {}, []
+        if not with_update:
+            return []
+        if self.admission_reference is None:
+            raise RuntimeError(
+                "aggregate_train before configure_train: no global adapter to admit updates against"
+            )
+        if self._admitted[0] != server_round:
+            self._admitted = (server_round, frozenset())
+        candidates = [candidate_of(msg, self.recipients) for msg in with_update]
+        reference = {name: array.numpy() for name, array in self.admission_reference.items()}
+        decision = admit(
+            candidates,
+            reference=reference,
+            server_round=server_round,
+            limits=self.admission_limits,
+            seen=self._admitted[1],
+        )
+        for index, site, reason in decision.refused:
+            log(WARNING, "Round %d: update of site %s refused: %s", server_round, site, reason)
+            self.last_refusals[site if site not in self.last_refusals else f"{site}#{index}"] = reason
+        self._refused_replies = [with_update[index] for index, _, _ in decision.refused]
+        admitted = [with_update[i] for i in decision.admitted]
+        self._admitted = (server_round, self._admitted[1] | {candidates[i].site for i in decision.admitted})
+        if decision.refused and len(admitted) < self.min_train_nodes:
+            log(
+                WARNING,
+                "Round %d: only %d update(s) admitted, %d refused; federation.min-sites = %d: nothing is "
+                "aggregated this round and the global adapter is unchanged",
+                server_round,
+                len(admitted),
+                len(decision.refused),
+                self.min_train_nodes,
+            )
+            return []
+        return admitted
+
+    def train_metrics_of(self, replies: list[Message]) -> dict[str, dict[str, float]]:
+        """Per-site training metrics of ``replies``, leaving out those of refused updates (not trusted)."""
+        refused = {id(msg) for msg in self._refused_replies}
+        return metrics_by_site([msg for msg in replies if id(msg) not in refused], self.recipients)
+
+    @contextmanager
+    def admitted_upstream(self) -> Iterator[None]:
+        """While open, :meth:`aggregate_train` aggregates its replies as they are: a client-level DP wrapper
+        admitted them before clipping (:class:`server.privacy.ClientDPHooks`)."""
+        self._admitted_upstream = True
+        try:
+            yield
+        finally:
+            self._admitted_upstream = False
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = self.rounds.federation(server_round)
         replies = list(replies)
-        self.last_train_metrics = metrics_by_site(replies, self.recipients)
+        if self._admitted_upstream:
+            return super().aggregate_train(server_round, replies)
         with_update = updates_of(server_round, replies, self.recipients)
+        admitted = self.admit_updates(server_round, with_update)
+        self.last_train_metrics = self.train_metrics_of(replies)
         if not with_update:
             log(WARNING, "Round %d: no site sent an update; the global adapter is unchanged", server_round)
+        if not admitted:
             return None, None
-        return super().aggregate_train(server_round, with_update)
+        return super().aggregate_train(server_round, admitted)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round = self.rounds.federation(server_round)
@@ -336,6 +410,8 @@ def build_strategy(
     strategy.connect_timeout = float(federation.round_timeout)
     strategy.last_train_metrics = {}
     strategy.last_eval_metrics = {}
+    strategy.admission_limits = AdmissionLimits.from_config(federation)
+    strategy.last_refusals = {}
     if dp_mode == "off" or privacy is None:
         return strategy
     return client_dp.wrap_with_client_dp(strategy, privacy, num_sampled_sites=min_sites)

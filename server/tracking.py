@@ -7,8 +7,11 @@ What ends up where (experiment ``fedabus`` by default)::
                  code.fedabus-version, code.git-commit, code.git-dirty (values longer than MLflow's limit are
                  truncated; config/run_config.json holds them in full)
       metrics    global/val/<metric>_mean (example-weighted), global/val/<metric>_worst (worst site),
-                 global/<count>_total, the caller's extra round metrics, federation/round; step = round;
-                 after the last round global/test/<metric>_mean at the step of each tested adapter
+                 global/<count>_total, the caller's extra round metrics (federation/refused_updates, ...),
+                 federation/round; step = round; after the last round global/test/<metric>_mean at the step
+                 of each tested adapter
+      tags       fedabus.refused_updates.round-<r>: "site: reason; ..." in a round where admission refused
+                 updates (also under "refused" in summary/rounds.json)
       artifacts  config/run_config.json, summary/rounds.json (updated every round), plots/dice.png,
                  plots/auc.png, adapters/final.{safetensors,json}, adapters/best.{safetensors,json}
     nested run per site (tags fedabus.site=<site>, mlflow.parentRunId=<parent>), created when the site
@@ -88,6 +91,8 @@ TAG_SITES = "fedabus.sites"
 TAG_PARENT = "mlflow.parentRunId"
 #: The rounds whose adapter has its final-test metrics logged (parent run).
 TAG_TESTED = "fedabus.tested_rounds"
+#: Parent-run tag ``fedabus.refused_updates.round-<r>``: the sites whose update admission refused, with reasons.
+TAG_REFUSED = "fedabus.refused_updates"
 ROLE_FEDERATION = "federation"
 ROLE_SITE = "site"
 
@@ -96,6 +101,8 @@ ROLE_SITE = "site"
 #: calls of at most 100 params or tags and 1000 entities itself (mlflow/tracking/_tracking_service/client.py),
 #: for every store (SQLite, REST).
 MAX_PARAM_VALUE = 6000
+#: Kept well below MLflow's limit on a tag value's length.
+MAX_TAG_VALUE = 5000
 
 
 # ------------------------------------------------------------------------------------------ params
@@ -392,8 +399,11 @@ class FederationTracker:
         for site in report.sites:
             if site not in done:
                 self._log_round_batch(self._site_run(site), r, report.site_metrics(site))
-        sites_tag = ",".join(sorted(self.site_runs))
-        self._log_round_batch(self.run_id, r, merged.parent_metrics(), tags=[(TAG_SITES, sites_tag)])
+        tags = [(TAG_SITES, ",".join(sorted(self.site_runs)))]
+        if report.refused:  # who was refused and why, readable in the run's tags
+            text = "; ".join(f"{site}: {reason}" for site, reason in sorted(report.refused.items()))
+            tags.append((f"{TAG_REFUSED}.round-{r}", text[:MAX_TAG_VALUE]))
+        self._log_round_batch(self.run_id, r, merged.parent_metrics(), tags=tags)
         self._last_logged_round = r
         self._history[r] = merged
         if self.upload_summary_every_round:

@@ -230,6 +230,10 @@ class FederationConfig:
     server_lr: float = 0.1
     trim_beta: float = 0.2
     num_malicious: int = 0
+    #: Update admission (server/admission.py): refuse an update whose L2 distance to the global adapter exceeds
+    #: this bound (0 = off), or this ratio times the round's median update norm (0 = off).
+    max_update_norm: float = 0.0
+    max_update_norm_ratio: float = 10.0
     #: Simulation only: a folder with one sub-folder per site; simulated node ``partition-id`` takes the
     #: partition-id-th site in name order. Deployed sites pass ``data-path`` in their node config instead.
     sites_dir: str = ""

@@ -52,6 +52,7 @@ __all__ = [
     "N_CASES_SEG",
     "PPV",
     "PRIVACY",
+    "REFUSED_UPDATES_METRIC",
     "ROUND_METRIC",
     "SENSITIVITY",
     "SEG_EPSILON",
@@ -93,6 +94,8 @@ EVAL_WEIGHT_METRIC = "federation/eval_examples"
 TRAIN_WEIGHT_METRIC = "federation/train_examples"
 TEST_WEIGHT_METRIC = "federation/test_examples"
 ROUND_METRIC = "federation/round"
+#: Parent-run metric per round: the updates refused by admission (server/admission.py).
+REFUSED_UPDATES_METRIC = "federation/refused_updates"
 
 # ----------------------------------------------------------------------------------------------- metric names
 #: Mean Dice after the last click round.

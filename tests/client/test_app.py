@@ -9,7 +9,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client.app as client_app
-from client.egress import EgressRefused, eval_metric_keys, outgoing_adapter, outgoing_metrics
+from client.egress import (
+    EgressRefused,
+    eval_metric_keys,
+    outgoing_adapter,
+    outgoing_metrics,
+    outgoing_site_record,
+)
 from client.site_setup import SITE_SETUP
 from shared.adapters import extract_adapter, lora_specs_from_config
 from shared.base import build_random_base, save_base, wrap_for_training
@@ -94,7 +100,7 @@ def test_train_reply_holds_only_the_adapter_and_aggregate_metrics(federation):
     assert changed, "training changed no adapter tensor"
     assert set(content[METRICS].keys()) == {"num-examples", "train/seg_loss", "train/cls_loss"}
     assert content[METRICS]["num-examples"] > 0
-    assert dict(content[SITE]) == {"site-id": federation["site_dir"].name}
+    assert dict(content[SITE]) == {"site-id": federation["site_dir"].name, "server-round": 1}
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
@@ -161,6 +167,11 @@ def test_egress_refuses_anything_else():
     with pytest.raises(EgressRefused, match="not an aggregate metric name"):
         outgoing_metrics({"case/site_a_003": 1.0}, ("case/site_a_003",))
     assert math.isnan(outgoing_metrics({}, ("test/auc",))["test/auc"])
+    assert outgoing_site_record({"site-id": "a", "server-round": 3}) == {"site-id": "a", "server-round": 3}
+    with pytest.raises(EgressRefused, match="not on the allow-list"):
+        outgoing_site_record({"site-id": "a", "case": "site_a_003"})
+    with pytest.raises(EgressRefused, match="must be int"):
+        outgoing_site_record({"site-id": "a", "server-round": "3"})
 
 
 #: Sample-level DP with a target ε over 2 rounds; small noise so two rounds fit the default budget exactly.

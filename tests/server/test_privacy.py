@@ -76,13 +76,22 @@ def direction(seed: int, norm: float) -> dict[str, np.ndarray]:
     return {"cls": flat[: SIZES["cls"]], "seg": flat[SIZES["cls"] :]}
 
 
-def reply(node: int, site: str, update: ArrayRecord | None, *, examples: int = 1, norm_bit=None) -> Message:
+def reply(
+    node: int,
+    site: str,
+    update: ArrayRecord | None,
+    *,
+    examples: int = 1,
+    norm_bit=None,
+    server_round: int = 1,
+) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     metrics = {NUM_EXAMPLES: examples, "train/seg_loss": 0.25}
     if norm_bit is not None:
         metrics[KEY_NORM_BIT] = norm_bit
     content = RecordDict({METRICS: MetricRecord(metrics)})
-    content[SITE] = ConfigRecord({"site-id": site} if update else {"site-id": site, "declined": "budget"})
+    site_record = {"site-id": site, "server-round": server_round}
+    content[SITE] = ConfigRecord(site_record if update else {**site_record, "declined": "budget"})
     if update is not None:
         content[ARRAYS] = update
     return Message(content, reply_to=request)
@@ -153,8 +162,8 @@ def test_wrapper_keeps_round_numbering_vetting_eval_interval_and_site_metrics(mo
     )  # round 5
     assert len(list(strategy.configure_evaluate(2, packed(0.0), ConfigRecord(), FakeGrid([1, 2])))) == 2
     bit = 0 if mode == "client-adaptive" else None
-    replies = [reply(1, "a", packed(direction(0, 0.5)), norm_bit=bit), reply(2, "b", None)]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    replies = [reply(1, "a", packed(direction(0, 0.5)), norm_bit=bit, server_round=5), reply(2, "b", None)]
+    arrays, _ = strategy.aggregate_train(1, replies)  # Flower's round 1 is the federation's round 5
     assert arrays is not None
     assert set(strategy.last_train_metrics) == {"a", "b"}
     assert KEY_NORM_BIT not in strategy.last_train_metrics["a"]  # a site's clip bit is not tracked
@@ -173,7 +182,10 @@ def test_state_round_trips_clip_norm_and_ledger():
     np.random.seed(0)  # Flower's clipped-count noise uses numpy's global generator
     for server_round in (1, 2):
         configure(strategy, [1, 2])
-        replies = [reply(1, "a", packed(direction(1, 3.0))), reply(2, "b", packed(direction(2, 4.0)))]
+        replies = [
+            reply(1, "a", packed(direction(1, 3.0)), server_round=server_round),
+            reply(2, "b", packed(direction(2, 4.0)), server_round=server_round),
+        ]
         strategy.aggregate_train(server_round, replies)
     state = strategy.get_state()
     fresh = dp_strategy("server-adaptive", sigma=1.0, clip=1.0)
@@ -352,9 +364,9 @@ def test_federation_loop_reports_epsilon_after_every_round():
         assert msg.content[CONFIG][KEY_CLIPPING_NORM] == pytest.approx(0.5)
         sent = msg.content[ARRAYS]
         update = {k: sent[k].numpy() + direction(node, 0.5)[k] for k in SIZES}
-        return Message(
-            RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: node}), ARRAYS: packed(update)}), reply_to=msg
-        )
+        site = ConfigRecord({"site-id": f"s{node}", "server-round": msg.content[CONFIG]["server-round"]})
+        content = {METRICS: MetricRecord({NUM_EXAMPLES: node}), ARRAYS: packed(update), SITE: site}
+        return Message(RecordDict(content), reply_to=msg)
 
     epsilons = []
 

@@ -30,11 +30,15 @@ def arrays(value: float) -> ArrayRecord:
     return ArrayRecord({"seg.w": Array(np.full((2, 3), value, dtype=np.float32))})
 
 
-def reply(node: int, site: str, *, value: float | None, examples: int, dice: float = 0.5) -> Message:
+def reply(
+    node: int, site: str, *, value: float | None, examples: int, dice: float = 0.5, server_round: int = 1
+) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: examples, "train/loss": dice})})
     content[SITE] = ConfigRecord(
-        {"site-id": site} if value is not None else {"site-id": site, "declined": "budget"}
+        {"site-id": site, "server-round": server_round}
+        if value is not None
+        else {"site-id": site, "declined": "budget", "server-round": server_round}
     )
     if value is not None:
         content[ARRAYS] = arrays(value)
@@ -43,6 +47,7 @@ def reply(node: int, site: str, *, value: float | None, examples: int, dice: flo
 
 def test_fedavg_weights_by_training_examples_and_remembers_sites():
     strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2))
+    list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2])))
     replies = [reply(1, "a", value=1.0, examples=1), reply(2, "b", value=5.0, examples=3)]
     agg, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(agg["seg.w"].numpy(), np.full((2, 3), (1 * 1 + 3 * 5) / 4))
@@ -52,6 +57,7 @@ def test_fedavg_weights_by_training_examples_and_remembers_sites():
 
 def test_sites_without_update_or_with_errors_are_dropped():
     strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=1))
+    list(strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1, 2, 3])))
     request = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
     failed = Message(Error(code=1, reason="site crashed"), reply_to=request)
     replies = [reply(1, "a", value=2.0, examples=2), reply(2, "b", value=None, examples=0), failed]

@@ -587,3 +587,19 @@ def test_final_test_metrics_are_logged_once_at_the_tested_rounds_without_a_round
     resumed = FederationTracker.resume(tracker.run_id)
     assert [r.server_round for r in resumed.history] == [1, 2]
     assert all(not k.startswith("test/") for r in resumed.history for m in r.evaluation.values() for k in m)
+
+
+def test_refused_updates_are_a_parent_metric_and_a_tag_with_site_and_reason(experiment: str):
+    tracker = start(experiment, upload_summary_every_round=False)
+    refused = {"site-b": "array 'seg' holds NaN or Inf"}
+    tracker.log_round(
+        RoundReport.from_site_metrics(
+            1,
+            training={"site-a": {"num-examples": 4, "train/seg_loss": 0.3}},
+            global_metrics={"federation/refused_updates": 1.0},
+            refused=refused,
+        )
+    )
+    parent = tracker.client.get_run(tracker.run_id)
+    assert parent.data.metrics["federation/refused_updates"] == 1.0
+    assert parent.data.tags["fedabus.refused_updates.round-1"] == "site-b: array 'seg' holds NaN or Inf"

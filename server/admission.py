@@ -1,0 +1,200 @@
+"""Admission of site updates before any strategy sees them: what a train reply must be to be aggregated.
+
+Every reply that carries an update is checked here, once, before FedAvg, FedMedian, Krum or the client-level DP
+wrappers (clipping, noise) see it (:meth:`server.strategies.FedabusHooks.admit_updates` applies it). An update is
+refused, with a reason that names what is wrong, when
+
+* **layout**: its arrays are not exactly the global adapter's (names, lengths) or not float32, or the reply
+  holds other array or metric records than the one of each that Flower aggregates;
+* **values**: an array holds NaN or Inf;
+* **round**: it does not say which round it answers, or answers another round (stale or replayed), or the
+  site already sent an update this round (a second reply from one site: replayed or impersonated);
+* **metrics**: ``num-examples`` is missing, negative or not finite; a Dice, AUC or other proportion lies
+  outside [0, 1]; a loss is negative or infinite (NaN means "not measured" and passes, except for
+  ``num-examples``);
+* **norm**: ``‖update − global‖`` (L2 over all arrays) exceeds ``federation.max-update-norm`` (0 = off), or
+  ``federation.max-update-norm-ratio`` (0 = off) times the median norm of the round's updates that passed the
+  other checks. The relative bound needs three updates or more to bite (with two, neither is ten times their
+  median), and is skipped when that median is 0.
+
+This module is plain data and numpy (no Flower): a reply becomes a :class:`Candidate`
+(:func:`server.replies.candidate_of`) and :func:`admit` decides for a whole round at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.config import ConfigError, FederationConfig
+from shared.metric_names import NUM_EXAMPLES
+
+__all__ = ["AdmissionLimits", "Candidate", "Decision", "admit", "check_metrics", "update_norms"]
+
+#: Metric name stems (after ``split/``) that are proportions in [0, 1] (CI bounds and ``_gt_planes`` included).
+_PROPORTIONS = ("dice", "auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1")
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The norm bounds of :func:`admit` (``federation.max-update-norm``, ``federation.max-update-norm-ratio``);
+    0 turns a bound off."""
+
+    max_norm: float = 0.0
+    max_norm_ratio: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key, value in (
+            ("federation.max-update-norm", self.max_norm),
+            ("federation.max-update-norm-ratio", self.max_norm_ratio),
+        ):
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{key} = {value!r} must be a finite number >= 0 (0 turns the bound off)")
+
+    @classmethod
+    def from_config(cls, federation: FederationConfig) -> AdmissionLimits:
+        return cls(float(federation.max_update_norm), float(federation.max_update_norm_ratio))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One train reply that carries an update, as admission sees it.
+
+    ``arrays``: the update's arrays by name (the packed adapter, one flat array per model); ``metrics``: its
+    metric record; ``server_round``: the round the reply says it answers (None: it says none); ``records``:
+    the names of the reply's array and metric records (Flower aggregates exactly one of each)."""
+
+    site: str
+    server_round: int | None
+    arrays: Mapping[str, np.ndarray]
+    metrics: Mapping[str, float]
+    records: tuple[tuple[str, ...], tuple[str, ...]] = (("arrays",), ("metrics",))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """:func:`admit`'s answer: the indices of the admitted candidates, and ``(index, site, reason)`` of every
+    refused one, both in the candidates' order; ``norms`` by index (NaN where not measured)."""
+
+    admitted: list[int] = field(default_factory=list)
+    refused: list[tuple[int, str, str]] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+
+
+def _proportion(key: str) -> bool:
+    stem = key.rsplit("/", 1)[-1]
+    return stem.startswith(_PROPORTIONS)
+
+
+def check_metrics(metrics: Mapping[str, float]) -> str | None:
+    """Why ``metrics`` are out of range, or None when they are fine (see the module docstring)."""
+    if NUM_EXAMPLES not in metrics:
+        return f"no {NUM_EXAMPLES!r} metric"
+    for key, raw in sorted(metrics.items()):
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            return f"metric {key!r} is not a number"
+        value = float(raw)
+        if key == NUM_EXAMPLES:
+            if not math.isfinite(value) or value < 0:
+                return f"{key} = {value!r} (must be finite and >= 0)"
+        elif math.isnan(value):
+            continue
+        elif _proportion(key) and not 0.0 <= value <= 1.0:
+            return f"{key} = {value!r} outside [0, 1]"
+        elif key.endswith("loss") and (not math.isfinite(value) or value < 0):
+            return f"{key} = {value!r} (a loss must be finite and >= 0)"
+    return None
+
+
+def _layout_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    if missing or extra:
+        return f"arrays {sorted(arrays)} are not the global adapter's {sorted(reference)}"
+    for name, expected in reference.items():
+        found = arrays[name]
+        if found.shape != expected.shape:
+            return f"array {name!r} has shape {found.shape}, the global adapter's is {expected.shape}"
+        if found.dtype != np.float32:
+            return f"array {name!r} has dtype {found.dtype}, expected float32"
+    for name, found in arrays.items():
+        if not np.isfinite(found).all():
+            return f"array {name!r} holds NaN or Inf"
+    return None
+
+
+def update_norms(
+    candidates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
+) -> list[float]:
+    """``‖arrays − reference‖`` (L2 over all arrays, float64) of each candidate's arrays."""
+    norms = []
+    for arrays in candidates:
+        total = 0.0
+        for name, base in reference.items():
+            diff = (
+                np.asarray(arrays[name], dtype=np.float64).ravel()
+                - np.asarray(base, dtype=np.float64).ravel()
+            )
+            total += float(np.dot(diff, diff))
+        norms.append(math.sqrt(total))
+    return norms
+
+
+def _first_problem(
+    candidate: Candidate, reference: Mapping[str, np.ndarray], server_round: int, seen: set[str]
+) -> str | None:
+    arrays_records, metric_records = candidate.records
+    if len(arrays_records) != 1 or len(metric_records) != 1:
+        return f"reply holds array records {list(arrays_records)} and metric records {list(metric_records)}"
+    if candidate.server_round is None:
+        return "the reply does not say which round it answers"
+    if candidate.server_round != server_round:
+        return f"the reply answers round {candidate.server_round}, not this round (stale or replayed)"
+    if candidate.site in seen:
+        return f"a second update from this site in round {server_round} (replayed?)"
+    return _layout_problem(candidate.arrays, reference) or check_metrics(candidate.metrics)
+
+
+def admit(
+    candidates: Iterable[Candidate],
+    *,
+    reference: Mapping[str, np.ndarray],
+    server_round: int,
+    limits: AdmissionLimits,
+    seen: Iterable[str] = (),
+) -> Decision:
+    """Decide which of one round's updates may be aggregated.
+
+    ``reference``: the global adapter sent this round (arrays by name); ``server_round``: the round the replies
+    must answer; ``seen``: sites whose update this round was already admitted (a later one is a replay). The
+    first update of a site wins over later ones. Norm bounds apply to the updates that pass every other check.
+    """
+    candidates = list(candidates)
+    seen_sites = set(seen)
+    problems: dict[int, str] = {}
+    for index, candidate in enumerate(candidates):
+        problem = _first_problem(candidate, reference, server_round, seen_sites)
+        if problem is not None:
+            problems[index] = problem
+        else:
+            seen_sites.add(candidate.site)
+    sound = [i for i in range(len(candidates)) if i not in problems]
+    measured = update_norms([candidates[i].arrays for i in sound], reference)
+    norms = [math.nan] * len(candidates)
+    for index, norm in zip(sound, measured, strict=True):
+        norms[index] = norm
+    median = float(np.median(measured)) if measured else math.nan
+    for index in sound:
+        norm = norms[index]
+        if limits.max_norm > 0 and norm > limits.max_norm:
+            problems[index] = f"update norm {norm:.4g} > federation.max-update-norm {limits.max_norm:.4g}"
+        elif limits.max_norm_ratio > 0 and median > 0 and norm > limits.max_norm_ratio * median:
+            problems[index] = (
+                f"update norm {norm:.4g} > {limits.max_norm_ratio:g} x the round's median update norm "
+                f"{median:.4g} (federation.max-update-norm-ratio)"
+            )
+    refused = [(i, candidates[i].site, problems[i]) for i in sorted(problems)]
+    admitted = [i for i in range(len(candidates)) if i not in problems]
+    return Decision(admitted, refused, norms)
