@@ -96,7 +96,9 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, {NUM_EXAMPLES: 0.0}, site_name, extra={DECLINED: str(exc)})
     except BudgetSpent as exc:
         return _reply(msg, exc.metrics, exc.site, extra={DECLINED: str(exc)})
-    return _reply(msg, metrics, site, arrays=adapter_to_record(update))
+    return _reply(
+        msg, metrics, site, arrays=adapter_to_record(update, mode=config.federation.lora_aggregation)
+    )
 
 
 @app.evaluate()
