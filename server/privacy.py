@@ -401,6 +401,8 @@ class ClientDPHooks:
     last_eval_metrics = _forwarded("last_eval_metrics")
     last_sample_population = _forwarded("last_sample_population")
     recipients = _forwarded("recipients")
+    adapter_layout = _forwarded("adapter_layout")
+    lora_scaling = _forwarded("lora_scaling")
 
     @property
     def client_side(self) -> bool:
