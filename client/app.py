@@ -100,7 +100,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     except BudgetSpent as exc:
         return _reply(msg, exc.metrics, exc.site, extra={DECLINED: str(exc), SERVER_ROUND: server_round})
-    return _reply(msg, metrics, site, arrays=adapter_to_record(update), extra={SERVER_ROUND: server_round})
+    record = adapter_to_record(update, mode=config.federation.lora_aggregation)
+    return _reply(msg, metrics, site, arrays=record, extra={SERVER_ROUND: server_round})
 
 
 @app.evaluate()

@@ -1,7 +1,10 @@
 """The site's side of a round, without Flower's app API: which site this is, its base, and the work per message.
 
 The global adapter arrives packed (:mod:`shared.protocol`); it is unpacked with the layout of this site's own
-adapter, so a record built from another base or other adapter settings is refused before training."""
+adapter, so a record built from another base or other adapter settings is refused before training. Under
+``federation.lora-aggregation = ffa`` the site sets every LoRA A to the shared frozen value
+(:func:`shared.adapters.ffa_lora_a`, from ``train.seed`` and the base fingerprint) and freezes it: the record
+holds no A, and the update sends none."""
 
 from __future__ import annotations
 
@@ -15,14 +18,14 @@ from flwr.app import ArrayRecord
 
 from client.egress import eval_metric_keys, outgoing_adapter, outgoing_metrics, train_metric_keys
 from client.site_setup import SITE_SETUP
-from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config
+from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config, set_ffa_lora_a
 from shared.base import BaseModels, working_copy, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
 from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.planning import RoundPlan, plan_private_round
-from shared.protocol import Layout, layout_of, record_to_adapter
+from shared.protocol import Layout, layout_of, record_to_adapter, travelling_layout
 from shared.training.site import SiteData, evaluate_site, train_site
 
 __all__ = [
@@ -162,14 +165,18 @@ def open_site_of(settings: SiteSettings, config: FedabusConfig, *, run: str = ""
 
 
 def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord) -> tuple[dict, Layout]:
-    """The site's models with the global adapter applied, and the adapter layout (name -> shape)."""
+    """The site's models with the global adapter applied, and the layout (name -> shape) of what travels under
+    ``federation.lora-aggregation`` (the trainable adapter tensors)."""
     specs = lora_specs_from_config(config.adapter)
     models = wrap_for_training(working_copy(base, specs), specs)
+    mode = config.federation.lora_aggregation
     layout = layout_of(extract_adapter(models, base_fingerprints=base.fingerprints).tensors)
-    tensors = record_to_adapter(global_record, layout)
+    if mode == "ffa":
+        set_ffa_lora_a(models, seed=config.train.seed, base_fingerprints=base.fingerprints, freeze=True)
+    tensors = record_to_adapter(global_record, layout, mode=mode)
     adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
     apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
-    return models, layout
+    return models, travelling_layout(layout, mode)
 
 
 def run_train(

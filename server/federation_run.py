@@ -31,11 +31,11 @@ from server.round_end import RoundEnd, write_json
 from server.round_numbering import RoundNumbering
 from server.strategies import FederationStrategy, build_strategy
 from server.tracking import FederationTracker
-from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter
+from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter, set_ffa_lora_a
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, to_flat_dict
 from shared.metric_names import VAL
-from shared.protocol import BASE_FINGERPRINT, SPLIT, adapter_to_record
+from shared.protocol import BASE_FINGERPRINT, SPLIT, adapter_to_record, layout_of
 
 __all__ = ["CLIENT_PRIVACY_JOURNAL", "RESUMABLE_KEYS", "FederationRun", "work_dir_of"]
 
@@ -58,7 +58,9 @@ def work_dir_of(config: FedabusConfig) -> Path:
 
 
 def _initial_adapter(config: FedabusConfig) -> tuple[Adapter, str]:
-    """The starting adapter of a fresh run (seeded by ``train.seed``) and the base's fingerprint."""
+    """The starting adapter of a fresh run (seeded by ``train.seed``) and the base's fingerprint. Under
+    ``federation.lora-aggregation = ffa`` its LoRA A are the shared frozen ones every site derives itself
+    (:func:`shared.adapters.ffa_lora_a` of ``train.seed`` and the base fingerprint)."""
     if not config.model.base_path:
         raise ValueError(
             "model.base-path is empty: the server needs the federation's base (fedabus make-base)"
@@ -66,6 +68,8 @@ def _initial_adapter(config: FedabusConfig) -> tuple[Adapter, str]:
     base = load_base(config.model.base_path, attention_impl=config.model.attention_impl)
     torch.manual_seed(config.train.seed)  # every fresh run starts from the same adapter
     models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    if config.federation.lora_aggregation == "ffa":
+        set_ffa_lora_a(models, seed=config.train.seed, base_fingerprints=base.fingerprints, freeze=False)
     return extract_adapter(models, base_fingerprints=base.fingerprints), base.fingerprint
 
 
@@ -125,8 +129,11 @@ class FederationRun:
         flat = {**to_flat_dict(config), "num-server-rounds": num_rounds}
         work = work_dir_of(config)
         work.mkdir(parents=True, exist_ok=True)
-        initial, fingerprint = _initial_adapter(config)
+        # The strategy first: an unsupported combination of settings fails before the base is loaded.
         strategy = build_strategy(fed, proximal_mu=config.train.proximal_mu, privacy=config.privacy)
+        initial, fingerprint = _initial_adapter(config)
+        strategy.adapter_layout = layout_of(initial.tensors)
+        strategy.lora_scaling = {p: s.scaling for p, s in lora_specs_from_config(config.adapter).items()}
         strategy.keep_privacy_journal(work / CLIENT_PRIVACY_JOURNAL)
         vetting = SiteVetting(grid, fingerprint)
         strategy.node_vetting = vetting
@@ -155,6 +162,7 @@ class FederationRun:
             evaluate_config=ConfigRecord({**dict(round_config), SPLIT: VAL}),
             summary_path=summary_path,
             summary=_read_json(summary_path) if state is not None else {},
+            lora_aggregation=fed.lora_aggregation,
         )
         return cls(grid, config, num_rounds, work, strategy, vetting, tracker, round_end, round_config)
 
@@ -165,7 +173,9 @@ class FederationRun:
         if remaining > 0:
             self.strategy.start(
                 grid=self.grid,
-                initial_arrays=adapter_to_record(self.round_end.global_adapter.tensors),
+                initial_arrays=adapter_to_record(
+                    self.round_end.global_adapter.tensors, mode=self.config.federation.lora_aggregation
+                ),
                 num_rounds=remaining,
                 timeout=self.config.federation.round_timeout,
                 train_config=self.round_config,
@@ -205,6 +215,7 @@ class FederationRun:
             config=self.round_config,
             timeout=self.config.federation.round_timeout,
             tracker=self.tracker,
+            lora_aggregation=self.config.federation.lora_aggregation,
         )
         end.summary.update(results)
         end.summary["after_round"] = adapters[0].server_round

@@ -36,10 +36,11 @@ class TestedAdapter:
 
 
 def _ask(
-    grid: Grid, sites: dict[int, str], adapter: Adapter, config: ConfigRecord, timeout: float
+    grid: Grid, sites: dict[int, str], adapter: Adapter, config: ConfigRecord, timeout: float, mode: str
 ) -> list[Message]:
-    """Every site in ``sites`` (node -> name) evaluates ``adapter`` on its test split."""
-    record = adapter_to_record(adapter.tensors)
+    """Every site in ``sites`` (node -> name) evaluates ``adapter`` (packed for ``federation.lora-aggregation =
+    mode``) on its test split."""
+    record = adapter_to_record(adapter.tensors, mode=mode)
     content = {**dict(config), SPLIT: TEST}
     messages = [
         Message(
@@ -66,6 +67,7 @@ def run_final_test(
     config: ConfigRecord,
     timeout: float,
     tracker: FederationTracker,
+    lora_aggregation: str = "naive",
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Test each distinct adapter (by round) once at every site in ``sites`` (node -> name); log the metrics to MLflow at
     the adapter's round and return ``{role: {site: metrics}}`` (roles sharing a round share the result)."""
@@ -79,7 +81,7 @@ def run_final_test(
             tested.role,
             tested.server_round,
         )
-        metrics = metrics_by_site(_ask(grid, sites, tested.adapter, config, timeout))
+        metrics = metrics_by_site(_ask(grid, sites, tested.adapter, config, timeout, lora_aggregation))
         results[tested.server_round] = metrics
         if metrics:
             tracker.log_test(RoundReport.from_site_metrics(tested.server_round, evaluation=metrics))

@@ -85,6 +85,7 @@ __all__ = [
     "ClientDPHooks",
     "ClientPrivacyAccountant",
     "FixedDenominatorMean",
+    "DP_LORA_AGGREGATION",
     "check_client_dp",
     "clipped_count_stddev",
     "fixed_denominator_mean",
@@ -115,11 +116,18 @@ _STATE_LEDGER = "client-dp/ledger"
 
 
 # ------------------------------------------------------------------------------------------ settings
-def check_client_dp(privacy: PrivacyConfig, strategy: str) -> str:
-    """Validate the client-level DP settings against the aggregation strategy; returns the mode (or ``off``).
+#: ``federation.lora-aggregation`` modes client-level DP supports: the sensitivity bound (clip norm / sampled
+#: sites) holds for the element-wise mean of the packed updates, not for ``product``'s SVD of their ΔW sum.
+DP_LORA_AGGREGATION = ("naive", "ffa")
+
+
+def check_client_dp(privacy: PrivacyConfig, strategy: str, lora_aggregation: str = "naive") -> str:
+    """Validate the client-level DP settings against the aggregation strategy and ``federation.lora-aggregation``;
+    returns the mode (or ``off``).
 
     Raises :class:`~shared.config.ConfigError` naming the setting: an unknown mode, a noise multiplier below 0,
-    a clip norm not above 0, a δ outside (0, 1), or a strategy whose aggregate the noise cannot protect.
+    a clip norm not above 0, a δ outside (0, 1), a strategy whose aggregate the noise cannot protect, or a LoRA
+    aggregation outside :data:`DP_LORA_AGGREGATION`.
     """
     mode = privacy.client_dp.strip().lower()
     if mode == "off":
@@ -145,6 +153,13 @@ def check_client_dp(privacy: PrivacyConfig, strategy: str) -> str:
         raise ConfigError(
             f"federation.strategy = {strategy!r} cannot be combined with privacy.client-dp = {mode!r}: "
             f"{_why_not(strategy)} Use one of {', '.join(DP_STRATEGIES)}, or set privacy.client-dp = 'off'."
+        )
+    if lora_aggregation not in DP_LORA_AGGREGATION:
+        raise ConfigError(
+            f"federation.lora-aggregation = {lora_aggregation!r} cannot be combined with privacy.client-dp = "
+            f"{mode!r}: the SVD re-factorisation is a non-linear map of the clipped updates, so the noise would not "
+            f"give the reported ε. Use federation.lora-aggregation = {' or '.join(map(repr, DP_LORA_AGGREGATION))} "
+            "with client-level DP, or set privacy.client-dp = 'off'."
         )
     if z == 0:
         log(
@@ -390,6 +405,8 @@ class ClientDPHooks:
     last_sample_population = _forwarded("last_sample_population")
     recipients = _forwarded("recipients")
     last_refusals = _forwarded("last_refusals")
+    adapter_layout = _forwarded("adapter_layout")
+    lora_scaling = _forwarded("lora_scaling")
 
     @property
     def client_side(self) -> bool:
@@ -520,6 +537,10 @@ class ClientDPHooks:
             out[metric_key(CLIENT_CLIP_NORM, split=PRIVACY)] = self.last_clipping_norm
             out[metric_key(CLIENT_NOISE_STD, split=PRIVACY)] = self.last_noise_std
         return out
+
+    def aggregation_metrics(self) -> dict[str, float]:
+        """The wrapped strategy's aggregation metrics (:meth:`server.strategies.FedabusHooks.aggregation_metrics`)."""
+        return self.strategy.aggregation_metrics()
 
     def keep_privacy_journal(self, path: Path) -> None:
         """Persist the accountant at every release (:meth:`ClientPrivacyAccountant.keep_journal`)."""

@@ -67,6 +67,9 @@ class RoundEnd:
     evaluate_config: ConfigRecord
     summary_path: Path
     summary: dict[str, Any] = field(default_factory=dict)
+    #: ``federation.lora-aggregation``: what the strategy's arrays hold (under ``ffa`` no LoRA A: those stay the
+    #: starting adapter's, :func:`shared.adapters.ffa_lora_a`).
+    lora_aggregation: str = "naive"
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -79,14 +82,17 @@ class RoundEnd:
                 self._evaluate_start(arrays)
             return None
         actual = self.strategy.rounds.federation(flower_round)
-        tensors = record_to_adapter(arrays, layout_of(self.initial.tensors))
+        sent = record_to_adapter(arrays, layout_of(self.initial.tensors), mode=self.lora_aggregation)
+        tensors = {name: sent.get(name, frozen) for name, frozen in self.initial.tensors.items()}
         self.global_adapter = Adapter(tensors, {**self.initial.manifest, "metadata": {"round": actual}})
         report = RoundReport.from_site_metrics(
             actual,
             evaluation=self.strategy.last_eval_metrics,
             training=self.strategy.last_train_metrics,
+            # privacy/client_epsilon etc. ({} without client DP); federation/lora_discarded_energy under product
             global_metrics={
-                **self.strategy.privacy_metrics(),  # privacy/client_epsilon etc.; {} without client DP
+                **self.strategy.privacy_metrics(),
+                **self.strategy.aggregation_metrics(),
                 REFUSED_UPDATES_METRIC: float(len(self.strategy.last_refusals)),
             },
             refused=self.strategy.last_refusals,

@@ -20,6 +20,11 @@
 Each strategy is a plain subclass (``FedabusFedAvg(FedabusHooks, FedAvg)``, ...) of the Flower strategy that
 :data:`STRATEGIES` names.
 
+With ``federation.lora-aggregation = product`` (``fedavg`` and ``fedprox`` only) :class:`ProductLoraMixin` sits
+between the hooks and Flower's strategy: it keeps Flower's metric aggregation and replaces the arrays with the
+ΔW-space aggregate of :mod:`server.lora_aggregation`. Which strategy supports which mode is
+:data:`LORA_AGGREGATION_SUPPORT`, checked by :func:`check_lora_aggregation` when the strategy is built.
+
 Strategy state that must survive a restart (FedAdam/Yogi/Adagrad moments) is exposed through
 :meth:`FedabusHooks.get_state` / :meth:`FedabusHooks.set_state`.
 
@@ -46,17 +51,23 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from server import privacy as client_dp
 from server.admission import AdmissionLimits, admit
+from server.lora_aggregation import product_aggregate
 from server.replies import Recipients, candidate_of, metrics_by_site, site_of, updates_of
 from server.round_numbering import RoundNumbering
-from shared.config import FederationConfig, PrivacyConfig
-from shared.protocol import NUM_EXAMPLES
+from shared.adapters import AdapterMismatchError
+from shared.config import LORA_AGGREGATION_MODES, ConfigError, FederationConfig, PrivacyConfig
+from shared.metric_names import LORA_DISCARDED_ENERGY
+from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, adapter_to_record, record_to_adapter
 
 __all__ = [
+    "LORA_AGGREGATION_SUPPORT",
     "STRATEGIES",
     "FederationStalled",
     "FederationStrategy",
     "FedabusHooks",
+    "ProductLoraMixin",
     "build_strategy",
+    "check_lora_aggregation",
     "metrics_by_site",
     "site_of",
     "updates_of",
@@ -70,6 +81,13 @@ STRATEGIES: dict[str, type] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
     "multikrum": MultiKrum,
+}
+#: ``federation.lora-aggregation`` modes each strategy supports. ``product`` is a non-linear map of the sites'
+#: updates (an SVD of their weighted ΔW sum): only the weighted means of FedAvg/FedProx have it as their ΔW-space
+#: counterpart; a robust aggregator's selection, FedAdam's optimiser step and client-level DP's sensitivity bound
+#: (:func:`server.privacy.check_client_dp`) hold for element-wise averaging only.
+LORA_AGGREGATION_SUPPORT: dict[str, tuple[str, ...]] = {
+    name: LORA_AGGREGATION_MODES if name in ("fedavg", "fedprox") else ("naive", "ffa") for name in STRATEGIES
 }
 #: Strategy attributes holding state that must be checkpointed (dicts of name -> ndarray).
 _STATE_ATTRIBUTES = ("m_t", "v_t")
@@ -123,6 +141,12 @@ class FedabusHooks:
     _admitted: tuple[int, frozenset[str]] = (-1, frozenset())
     _refused_replies: list[Message] = []
     _admitted_upstream: bool = False
+    #: The global adapter's layout (name -> shape) and LoRA scaling (alpha / rank) per model prefix; set by
+    #: :class:`server.federation_run.FederationRun` and needed under ``federation.lora-aggregation = product``.
+    adapter_layout: dict[str, tuple[int, ...]] | None = None
+    lora_scaling: dict[str, float] | None = None
+    #: Parent-run metrics of the last aggregation (``federation/lora_discarded_energy``); set per round.
+    last_aggregation_metrics: dict[str, float] | None = None
 
     def _eligible(self, online: list[int]) -> tuple[list[int], list[int]]:
         """``(admitted, connecting)`` among the ``online`` nodes: admitted sites that may be sampled, and
@@ -307,6 +331,55 @@ class FedabusHooks:
         """Parent-run metrics of client-level DP for the round just done (none without client-level DP)."""
         return {}
 
+    def aggregation_metrics(self) -> dict[str, float]:
+        """Parent-run metrics of the last aggregation (``federation/lora_discarded_energy`` under ``product``)."""
+        return dict(self.last_aggregation_metrics or {})
+
+
+class ProductLoraMixin:
+    """``federation.lora-aggregation = product``: placed between :class:`FedabusHooks` and FedAvg/FedProx.
+
+    Flower's ``aggregate_train`` still aggregates the metrics; the arrays are replaced by
+    :func:`server.lora_aggregation.product_aggregate` of the sites' unpacked adapters, weighted by ``num-examples``.
+    A reply whose record does not fit the global layout is left out with a warning naming the site."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        if self.adapter_layout is None or self.lora_scaling is None:
+            raise RuntimeError(
+                "federation.lora-aggregation = 'product' needs the global adapter layout and LoRA scaling on the "
+                "strategy (adapter_layout, lora_scaling); FederationRun.prepare sets them"
+            )
+        updates, weights = [], []
+        for msg in replies:
+            try:
+                updates.append(record_to_adapter(msg.content[ARRAYS], self.adapter_layout, mode="product"))
+            except AdapterMismatchError as exc:
+                log(
+                    WARNING,
+                    "Round %d: update of %s left out: %s",
+                    server_round,
+                    site_of(msg, self.recipients),
+                    exc,
+                )
+                continue
+            weights.append(float(msg.content[METRICS][NUM_EXAMPLES]))
+        if not updates:
+            return None, metrics
+        result = product_aggregate(updates, weights, layout=self.adapter_layout, scaling=self.lora_scaling)
+        self.last_aggregation_metrics = {LORA_DISCARDED_ENERGY: result.discarded_energy}
+        log(
+            INFO,
+            "Round %d: LoRA product aggregation of %d site(s), discarded energy %.3g",
+            server_round,
+            len(updates),
+            result.discarded_energy,
+        )
+        return adapter_to_record(result.tensors, mode="product"), metrics
+
 
 # Each Flower strategy with the hooks; under client-level DP (FedAvg, FedProx only) the fixed-denominator mean too.
 class FedabusFedAvg(FedabusHooks, FedAvg):
@@ -356,6 +429,37 @@ _HOOKED: dict[type, type] = {
 }
 _HOOKED_DP: dict[type, type] = {FedAvg: FedabusDPFedAvg, FedProx: FedabusDPFedProx}
 
+
+class FedabusProductFedAvg(FedabusHooks, ProductLoraMixin, FedAvg):
+    pass
+
+
+class FedabusProductFedProx(FedabusHooks, ProductLoraMixin, FedProx):
+    pass
+
+
+_HOOKED_PRODUCT: dict[type, type] = {FedAvg: FedabusProductFedAvg, FedProx: FedabusProductFedProx}
+
+
+def check_lora_aggregation(federation: FederationConfig) -> str:
+    """``federation.lora-aggregation``, checked against ``federation.strategy`` (:data:`LORA_AGGREGATION_SUPPORT`);
+    raises :class:`~shared.config.ConfigError` naming both keys and the supported combinations."""
+    mode, name = federation.lora_aggregation, federation.strategy.lower()
+    if mode not in LORA_AGGREGATION_MODES:
+        raise ConfigError(
+            f"federation.lora-aggregation = {mode!r}; allowed: {', '.join(LORA_AGGREGATION_MODES)}"
+        )
+    supported = LORA_AGGREGATION_SUPPORT.get(name, ("naive",))
+    if mode not in supported:
+        combos = "; ".join(f"{s}: {', '.join(m)}" for s, m in LORA_AGGREGATION_SUPPORT.items())
+        raise ConfigError(
+            f"federation.lora-aggregation = {mode!r} cannot be combined with federation.strategy = {name!r}: "
+            "product aggregation is a non-linear map of the updates (an SVD of their weighted ΔW sum), which only "
+            f"FedAvg's and FedProx's weighted mean match. Supported (strategy: modes): {combos}"
+        )
+    return mode
+
+
 #: What :func:`build_strategy` returns: the hooked strategy, or Flower's DP wrapper around it.
 FederationStrategy: TypeAlias = "FedabusHooks | client_dp.ClientDPHooks"
 
@@ -385,7 +489,8 @@ def build_strategy(
         raise ValueError(
             f"unknown strategy {federation.strategy!r}; expected one of {sorted(STRATEGIES)}"
         ) from None
-    dp_mode = client_dp.check_client_dp(privacy, name) if privacy is not None else "off"
+    lora_mode = check_lora_aggregation(federation)
+    dp_mode = client_dp.check_client_dp(privacy, name, lora_mode) if privacy is not None else "off"
     min_sites = federation.min_sites
     common: dict[str, Any] = {
         "fraction_train": federation.fraction_train,
@@ -403,7 +508,8 @@ def build_strategy(
         Krum: {"num_malicious_nodes": federation.num_malicious},
         MultiKrum: {"num_malicious_nodes": federation.num_malicious},
     }.get(base, {})
-    strategy = (_HOOKED if dp_mode == "off" else _HOOKED_DP)[base](**common, **extra)
+    hooked = _HOOKED_PRODUCT if lora_mode == "product" else _HOOKED if dp_mode == "off" else _HOOKED_DP
+    strategy = hooked[base](**common, **extra)
     strategy.recipients = Recipients()
     strategy.eval_interval = max(1, int(federation.eval_interval))
     strategy.sample_timeout = float(federation.sample_timeout)
@@ -412,6 +518,7 @@ def build_strategy(
     strategy.last_eval_metrics = {}
     strategy.admission_limits = AdmissionLimits.from_config(federation)
     strategy.last_refusals = {}
+    strategy.last_aggregation_metrics = {}
     if dp_mode == "off" or privacy is None:
         return strategy
     return client_dp.wrap_with_client_dp(strategy, privacy, num_sampled_sites=min_sites)

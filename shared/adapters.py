@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,10 +43,13 @@ __all__ = [
     "attach_lora",
     "check_names_and_shapes",
     "extract_adapter",
+    "ffa_lora_a",
     "fingerprint_state_dict",
+    "is_lora_a",
     "load_adapter",
     "lora_specs_from_config",
     "save_adapter",
+    "set_ffa_lora_a",
 ]
 
 ADAPTER_FORMAT = "fedabus-adapter"
@@ -79,6 +83,11 @@ class LoraSpec:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         re.compile(self.targets)
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's LoRA scaling ``alpha / rank``: the module computes ``W x + scaling · B A x``."""
+        return self.alpha / self.rank
 
 
 def lora_specs_from_config(config: AdapterConfig) -> dict[str, LoraSpec]:
@@ -130,6 +139,44 @@ def adapter_parameters(peft_model: PeftModel) -> dict[str, nn.Parameter]:
     return {
         _canonical_name(name): param for name, param in peft_model.named_parameters() if param.requires_grad
     }
+
+
+def is_lora_a(name: str) -> bool:
+    """Whether an adapter tensor is a LoRA ``A`` matrix (``...lora_A.weight``)."""
+    return ".lora_A." in name
+
+
+def ffa_lora_a(name: str, shape: tuple[int, ...], *, seed: int, base_fingerprint: str) -> torch.Tensor:
+    """The frozen LoRA ``A`` of ``federation.lora-aggregation = ffa`` for adapter tensor ``name`` (full name, with
+    model prefix): a pure function of the name, the shape, ``train.seed`` and the model's base fingerprint, so the
+    server and every site hold the same ``A`` without sending it.
+
+    Drawn like PEFT's own initialisation (Kaiming-uniform with ``a = sqrt(5)``: uniform in ±1/sqrt(fan_in), fan_in
+    the product of ``shape[1:]``) from a CPU generator seeded with sha256 of the four inputs; float32, CPU.
+    """
+    key = f"{base_fingerprint}|{seed}|{name}|{tuple(shape)}".encode()
+    generator = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+    bound = 1.0 / max(1, math.prod(shape[1:])) ** 0.5
+    return (torch.rand(tuple(shape), generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+def set_ffa_lora_a(
+    models: Mapping[str, PeftModel], *, seed: int, base_fingerprints: Mapping[str, str], freeze: bool
+) -> None:
+    """Set every LoRA ``A`` of wrapped models to :func:`ffa_lora_a`; with ``freeze`` it no longer trains
+    (``requires_grad`` False), so :func:`extract_adapter` and :func:`apply_adapter` leave it out."""
+    for prefix, model in models.items():
+        for peft_name, param in model.named_parameters():
+            name = f"{prefix}.{_canonical_name(peft_name)}"
+            if not is_lora_a(name):
+                continue
+            value = ffa_lora_a(
+                name, tuple(param.shape), seed=seed, base_fingerprint=base_fingerprints[prefix]
+            )
+            with torch.no_grad():
+                param.copy_(value.to(param.device, param.dtype))
+            if freeze:
+                param.requires_grad_(False)
 
 
 @dataclass

@@ -40,6 +40,7 @@ __all__ = [
     "to_flat_dict",
     "TrainConfig",
     "FederationConfig",
+    "LORA_AGGREGATION_MODES",
     "PrivacyConfig",
 ]
 
@@ -249,6 +250,22 @@ class FederationConfig:
     #: After the last round, every site evaluates the chosen (best-by-validation), the last and the starting
     #: adapter once on its test split (``fedabus study`` turns it off and tests the chosen adapter itself).
     final_test: bool = True
+    #: How LoRA adapters are aggregated (docs/training.md, "LoRA aggregation"): ``naive`` (A and B averaged
+    #: separately), ``ffa`` (A frozen at a shared init and never sent, only B and the fully trained parts travel;
+    #: sites read this key too) or ``product`` (ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ re-factorised to the global rank by SVD;
+    #: fedavg and fedprox without client-level DP only).
+    lora_aggregation: str = "naive"
+
+    def __post_init__(self) -> None:
+        if self.lora_aggregation not in LORA_AGGREGATION_MODES:
+            raise ConfigError(
+                f"federation.lora-aggregation = {self.lora_aggregation!r}; allowed: "
+                + ", ".join(LORA_AGGREGATION_MODES)
+            )
+
+
+#: Values of ``federation.lora-aggregation``.
+LORA_AGGREGATION_MODES: tuple[str, ...] = ("naive", "ffa", "product")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ __all__ = [
     "GT_PLANES",
     "HD95_MM",
     "HD95_UNDEFINED",
+    "LORA_DISCARDED_ENERGY",
     "LOSS",
     "NOISE_MULTIPLIER_CLS",
     "NOISE_MULTIPLIER_SEG",
@@ -96,6 +97,9 @@ TEST_WEIGHT_METRIC = "federation/test_examples"
 ROUND_METRIC = "federation/round"
 #: Parent-run metric per round: the updates refused by admission (server/admission.py).
 REFUSED_UPDATES_METRIC = "federation/refused_updates"
+#: Parent-run metric under ``federation.lora-aggregation = product``: Σ discarded σ² / Σ σ² of the round's
+#: rank truncation (0: the global adapter is the exact mean of the sites' ΔW).
+LORA_DISCARDED_ENERGY = "federation/lora_discarded_energy"
 
 # ----------------------------------------------------------------------------------------------- metric names
 #: Mean Dice after the last click round.

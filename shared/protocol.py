@@ -11,6 +11,12 @@ know the names and shapes (the *layout*) from the shared base and adapter settin
 :func:`record_to_adapter` refuses a record that does not fit the receiver's layout. Element-wise strategies
 (FedAvg, FedAdam, median, trimmed mean) and norm-based ones (Krum, DP clipping) give the same result on the
 packed arrays as on the separate tensors.
+
+What travels depends on ``federation.lora-aggregation`` (:func:`travelling_layout`, the one place that says so):
+every adapter tensor under ``naive`` and ``product``; under ``ffa`` everything but the LoRA ``A`` matrices, which
+every site and the server derive from the same seed (:func:`shared.adapters.ffa_lora_a`) and never change.
+Both ends must use the same mode; a record packed under another mode has other sizes and is refused, naming
+the key.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from shared.adapters import AdapterMismatchError
+from shared.adapters import AdapterMismatchError, is_lora_a
+from shared.config import LORA_AGGREGATION_MODES
 from shared.metric_names import NUM_EXAMPLES
 from shared.tensor_files import describe_mismatch
 
@@ -42,6 +49,7 @@ __all__ = [
     "layout_of",
     "num_cases_key",
     "record_to_adapter",
+    "travelling_layout",
 ]
 
 # Records of a message.
@@ -93,33 +101,70 @@ def _groups(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def adapter_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Adapter tensors -> ``ArrayRecord`` with one flat float32 array per model prefix (see module docstring)."""
+def travelling_layout(layout: Layout, mode: str = "naive") -> dict[str, tuple[int, ...]]:
+    """The part of ``layout`` that travels under ``federation.lora-aggregation = mode``: all of it, except under
+    ``ffa`` the LoRA ``A`` matrices (frozen at their shared initialisation everywhere, so never sent)."""
+    if mode not in LORA_AGGREGATION_MODES:
+        raise ValueError(
+            f"federation.lora-aggregation = {mode!r}; allowed: {', '.join(LORA_AGGREGATION_MODES)}"
+        )
+    return {name: tuple(shape) for name, shape in layout.items() if not (mode == "ffa" and is_lora_a(name))}
+
+
+def _packed_sizes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Model prefix -> (number of float32 elements,) of its packed array."""
+    return {
+        prefix: (sum(math.prod(layout[n]) for n in names),) for prefix, names in _groups(list(layout)).items()
+    }
+
+
+def adapter_to_record(tensors: Mapping[str, torch.Tensor], *, mode: str = "naive") -> ArrayRecord:
+    """Adapter tensors -> ``ArrayRecord`` with one flat float32 array per model prefix (see module docstring);
+    only the tensors that travel under ``mode`` (:func:`travelling_layout`) are packed."""
+    sending = travelling_layout(layout_of(tensors), mode)
     packed = {}
-    for prefix, names in _groups(list(tensors)).items():
+    for prefix, names in _groups(list(sending)).items():
         flat = [tensors[n].detach().to("cpu", torch.float32).reshape(-1) for n in names]
         packed[prefix] = Array(torch.cat(flat).numpy())
     return ArrayRecord(packed)
 
 
-def record_to_adapter(record: ArrayRecord, layout: Layout) -> dict[str, torch.Tensor]:
-    """``ArrayRecord`` of :func:`adapter_to_record` -> adapter tensors (float32) of ``layout``.
+def record_to_adapter(record: ArrayRecord, layout: Layout, *, mode: str = "naive") -> dict[str, torch.Tensor]:
+    """``ArrayRecord`` of :func:`adapter_to_record` -> the adapter tensors (float32) that travel under ``mode``.
 
-    Raises :class:`~shared.adapters.AdapterMismatchError` when the record's arrays do not fit the layout (other
-    models, other sizes: the sender built its adapter from another base or other adapter settings)."""
-    groups = _groups(list(layout))
-    expected = {prefix: (sum(math.prod(layout[n]) for n in names),) for prefix, names in groups.items()}
+    ``layout`` is the receiver's whole adapter layout; the result holds its :func:`travelling_layout` (under
+    ``ffa`` no LoRA ``A``: the receiver holds those itself). Raises
+    :class:`~shared.adapters.AdapterMismatchError` when the record's arrays do not fit (other models, other
+    sizes: the sender built its adapter from another base, other adapter settings or another
+    ``federation.lora-aggregation``)."""
+    wanted = travelling_layout(layout, mode)
+    groups = _groups(list(wanted))
     found = {key: tuple(record[key].shape) for key in record.keys()}
-    problems = describe_mismatch(expected, found)
+    problems = describe_mismatch(_packed_sizes(wanted), found)
     if problems:
         raise AdapterMismatchError(
-            "received adapter does not fit this model's adapter layout (packed sizes per model): "
-            + "; ".join(problems)
+            f"received adapter does not fit this model's adapter layout under federation.lora-aggregation = "
+            f"{mode!r} (packed sizes per model): " + "; ".join(problems) + _mode_hint(layout, mode, found)
         )
     out: dict[str, torch.Tensor] = {}
     for prefix, names in groups.items():
         flat = torch.from_numpy(np.ascontiguousarray(record[prefix].numpy(), dtype=np.float32))
-        sizes = [math.prod(layout[n]) for n in names]
+        sizes = [math.prod(wanted[n]) for n in names]
         for name, chunk in zip(names, torch.split(flat, sizes), strict=True):
-            out[name] = chunk.reshape(layout[name]).clone()
+            out[name] = chunk.reshape(wanted[name]).clone()
     return out
+
+
+def _mode_hint(layout: Layout, mode: str, found: Mapping[str, tuple[int, ...]]) -> str:
+    """``; it fits federation.lora-aggregation = '...'`` when the record was packed under another mode."""
+    fits = [
+        other
+        for other in LORA_AGGREGATION_MODES
+        if other != mode and _packed_sizes(travelling_layout(layout, other)) == dict(found)
+    ]
+    if not fits:
+        return ""
+    return (
+        f"; the record fits federation.lora-aggregation = {' or '.join(map(repr, fits))}: the server and every "
+        "site must run with the same federation.lora-aggregation"
+    )

@@ -226,3 +226,18 @@ def test_node_config_names_the_site_and_limits_threads(federation):
         torch.set_num_threads(previous)
     with pytest.raises(ValueError, match="threads must be numbers"):
         client_app.query(request, _context(federation, node={"threads": "many"}))
+
+
+def test_ffa_site_trains_b_only_and_refuses_a_record_of_another_mode(federation):
+    from shared.adapters import AdapterMismatchError
+
+    run = {"federation.lora-aggregation": "ffa"}
+    message = _message(federation, MessageType.TRAIN)
+    message.content[ARRAYS] = adapter_to_record(federation["adapter"].tensors, mode="ffa")
+    reply = client_app.train(message, _context(federation, run=run))
+    layout = layout_of(federation["adapter"].tensors)
+    update = record_to_adapter(reply.content[ARRAYS], layout, mode="ffa")  # no lora_A travels back
+    assert update and not any(".lora_A." in name for name in update)
+    assert any(".lora_B." in name for name in update)
+    with pytest.raises(AdapterMismatchError, match="fits federation.lora-aggregation = 'naive'"):
+        client_app.train(_message(federation, MessageType.TRAIN), _context(federation, run=run))

@@ -62,6 +62,7 @@ def test_round_end_numbers_a_resumed_runs_rounds_by_the_strategys_numbering(tmp_
         last_train_metrics={"a": {"num-examples": 2, "train/loss": 0.5}},
         privacy_metrics=dict,
         last_refusals={},
+        aggregation_metrics=dict,
         get_state=dict,
     )
     recorder = Recorder()

@@ -6,13 +6,23 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from server.replies import site_of
 from server.round_numbering import RoundNumbering
 from server.strategies import FederationStalled, build_strategy
-from shared.config import FederationConfig
-from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE
+from shared.config import ConfigError, FederationConfig, PrivacyConfig
+from shared.metric_names import LORA_DISCARDED_ENERGY
+from shared.protocol import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    SITE,
+    adapter_to_record,
+    layout_of,
+    record_to_adapter,
+)
 
 
 class FakeGrid:
@@ -161,3 +171,96 @@ def test_the_strategy_takes_its_settings_from_the_federation_section():
     assert (strategy.eval_interval, strategy.sample_timeout, strategy.connect_timeout) == (1, 7.0, 9.0)
     krum = build_strategy(FederationConfig(strategy="krum", num_malicious=1))
     assert krum.num_malicious_nodes == 1
+
+
+def lora_site(seed: int, rank: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "seg.qkv.lora_A.weight": torch.randn(rank, 5, generator=g),
+        "seg.qkv.lora_B.weight": torch.randn(6, rank, generator=g),
+        "seg.mask_decoder.w": torch.randn(3, generator=g),
+    }
+
+
+def lora_reply(node: int, tensors: dict[str, torch.Tensor], examples: int, mode: str) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {METRICS: MetricRecord({NUM_EXAMPLES: examples}), SITE: ConfigRecord({"site-id": f"s{node}"})}
+    )
+    content[ARRAYS] = adapter_to_record(tensors, mode=mode)
+    return Message(content, reply_to=request)
+
+
+def test_product_strategy_averages_delta_w_and_reports_the_discarded_energy():
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2, lora_aggregation="product"))
+    layout = layout_of(lora_site(0))
+    strategy.adapter_layout, strategy.lora_scaling = layout, {"seg": 0.5}
+    # a shared A keeps Σ wᵢ Bᵢ Aᵢ at rank 2: the rank-2 global adapter holds it exactly
+    sites = [lora_site(1), {**lora_site(2), "seg.qkv.lora_A.weight": lora_site(1)["seg.qkv.lora_A.weight"]}]
+    agg, metrics = strategy.aggregate_train(
+        1, [lora_reply(1, sites[0], 1, "product"), lora_reply(2, sites[1], 3, "product")]
+    )
+    out = record_to_adapter(agg, layout, mode="product")
+    want = sum(
+        w * s["seg.qkv.lora_B.weight"].double() @ s["seg.qkv.lora_A.weight"].double()
+        for w, s in zip((0.25, 0.75), sites, strict=True)
+    )
+    got = out["seg.qkv.lora_B.weight"].double() @ out["seg.qkv.lora_A.weight"].double()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert metrics is not None  # Flower still aggregates the metrics
+    assert strategy.aggregation_metrics() == {LORA_DISCARDED_ENERGY: pytest.approx(0.0, abs=1e-9)}
+    sites[1] = lora_site(2)  # ΔW of rank 4 now: the rank-2 truncation drops energy
+    strategy.aggregate_train(
+        2, [lora_reply(1, sites[0], 1, "product"), lora_reply(2, sites[1], 3, "product")]
+    )
+    assert 0 < strategy.aggregation_metrics()[LORA_DISCARDED_ENERGY] < 1
+
+
+def test_ffa_keeps_lora_a_bit_identical_over_rounds():
+    strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2, lora_aggregation="ffa"))
+    initial = lora_site(0)
+    layout = layout_of(initial)
+    global_adapter = dict(initial)
+    for server_round in (1, 2):
+        sites = [
+            {**lora_site(10 * server_round + i), "seg.qkv.lora_A.weight": torch.zeros(1)} for i in (1, 2)
+        ]
+        sites = [{k: v for k, v in s.items() if "lora_A" not in k} for s in sites]  # ffa sites extract no A
+        agg, _ = strategy.aggregate_train(
+            server_round, [lora_reply(i + 1, s, 1, "ffa") for i, s in enumerate(sites)]
+        )
+        sent = record_to_adapter(agg, layout, mode="ffa")  # what RoundEnd does
+        global_adapter = {name: sent.get(name, frozen) for name, frozen in initial.items()}
+        torch.testing.assert_close(
+            global_adapter["seg.qkv.lora_B.weight"],
+            (sites[0]["seg.qkv.lora_B.weight"] + sites[1]["seg.qkv.lora_B.weight"]) / 2,
+        )
+    assert torch.equal(global_adapter["seg.qkv.lora_A.weight"], initial["seg.qkv.lora_A.weight"])
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "fedadam"])
+def test_product_is_refused_with_strategies_that_are_not_a_weighted_mean(name):
+    with pytest.raises(
+        ConfigError,
+        match=f"federation.lora-aggregation = 'product' cannot be combined with federation.strategy = '{name}'",
+    ):
+        build_strategy(FederationConfig(strategy=name, lora_aggregation="product"))
+    assert build_strategy(FederationConfig(strategy=name, lora_aggregation="ffa")) is not None
+
+
+def test_product_is_refused_with_client_dp_and_unknown_modes_at_config_time():
+    privacy = PrivacyConfig(client_dp="server-fixed")
+    with pytest.raises(
+        ConfigError, match="lora-aggregation = 'product' cannot be combined with privacy.client-dp"
+    ):
+        build_strategy(FederationConfig(strategy="fedavg", lora_aggregation="product"), privacy=privacy)
+    assert (
+        build_strategy(
+            FederationConfig(strategy="fedavg", lora_aggregation="ffa"), privacy=privacy
+        ).aggregation_metrics()
+        == {}
+    )
+    with pytest.raises(
+        ConfigError, match="federation.lora-aggregation = 'fedsvd'; allowed: naive, ffa, product"
+    ):
+        FederationConfig(lora_aggregation="fedsvd")

@@ -15,12 +15,14 @@ from shared.adapters import (
     apply_adapter,
     attach_lora,
     extract_adapter,
+    ffa_lora_a,
     fingerprint_state_dict,
     load_adapter,
     lora_specs_from_config,
     save_adapter,
+    set_ffa_lora_a,
 )
-from shared.config import AdapterConfig
+from shared.config import AdapterConfig, TrainConfig
 from shared.models.sam_med3d import build_sam_med3d
 
 
@@ -138,3 +140,39 @@ def test_specs_from_config_and_bad_targets():
         attach_lora(build_sam_med3d("small"), LoraSpec(trainable=("no_such_module",)))
     with pytest.raises(ValueError, match="rank"):
         LoraSpec(rank=0)
+
+
+def test_ffa_lora_a_is_shared_frozen_and_unchanged_by_a_training_step():
+    from shared.models.sam_med3d import build_sam_med3d as build
+    from shared.training.seg import train_segmentation
+    from tests.shared.tiny_sam import TINY_SAM, P
+
+    models = {}
+    for torch_seed in (0, 1):  # two sites whose PEFT initialisations differ
+        torch.manual_seed(torch_seed)
+        models[torch_seed] = attach_lora(build(TINY_SAM, attention_impl="fast"), LoraSpec())
+        set_ffa_lora_a(
+            {"seg": models[torch_seed]}, seed=3, base_fingerprints={"seg": "sha256:f"}, freeze=True
+        )
+    sam = models[0]
+    a_of = {n: p for n, p in sam.named_parameters() if "lora_A" in n}
+    assert a_of and not any(p.requires_grad for p in a_of.values())
+    other = dict(models[1].named_parameters())
+    assert all(torch.equal(p, other[n]) for n, p in a_of.items())  # same A at every site, not sent
+    name = "seg.image_encoder.blocks.0.attn.qkv.lora_A.weight"
+    shape = tuple(a_of["base_model.model.image_encoder.blocks.0.attn.qkv.lora_A.default.weight"].shape)
+    assert not torch.equal(
+        ffa_lora_a(name, shape, seed=3, base_fingerprint="sha256:f"),
+        ffa_lora_a(name, shape, seed=4, base_fingerprint="sha256:f"),
+    )
+    assert not any("lora_A" in n for n in adapter_parameters(sam))  # nor extracted, nor expected on apply
+    before = {n: p.detach().clone() for n, p in sam.named_parameters()}
+    mask = torch.zeros(1, 1, P, P, P)
+    mask[..., P // 2 - 2 : P // 2 + 2, P // 2 - 2 : P // 2 + 2, P // 2 - 2 : P // 2 + 2] = 1
+    config = TrainConfig(seg_epochs=1, seg_click_iterations=1, progress=False, seg_lr=1e-2)
+    train_segmentation(
+        sam, [{"image": torch.randn(1, 1, P, P, P), "mask": mask}], config=config, device="cpu"
+    )
+    after = dict(sam.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in a_of)
+    assert any(not torch.equal(after[n], before[n]) for n in after if "lora_B" in n)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.adapters import AdapterMismatchError
-from shared.protocol import adapter_to_record, layout_of, record_to_adapter
+from shared.protocol import adapter_to_record, layout_of, record_to_adapter, travelling_layout
 
 
 def _adapter() -> dict[str, torch.Tensor]:
@@ -49,3 +49,25 @@ def test_a_record_of_another_layout_is_refused_with_the_sizes():
     only_seg = {k: v for k, v in tensors.items() if k.startswith("seg.")}
     with pytest.raises(AdapterMismatchError, match="missing: cls"):
         record_to_adapter(adapter_to_record(only_seg), layout_of(tensors))
+
+
+def test_ffa_records_leave_lora_a_out_and_a_record_of_another_mode_is_refused():
+    tensors = {**_adapter(), "seg.b.lora_B.weight": torch.zeros(6, 4)}
+    layout = layout_of(tensors)
+    assert "seg.b.lora_A.weight" not in travelling_layout(layout, "ffa")
+    assert travelling_layout(layout, "product") == travelling_layout(layout, "naive") == layout
+    record = adapter_to_record(tensors, mode="ffa")
+    assert record["seg"].numpy().shape == (6 * 4 + 3 + 1,)  # half the LoRA traffic: B only
+    back = record_to_adapter(record, layout, mode="ffa")
+    assert set(back) == set(tensors) - {"seg.b.lora_A.weight"}
+    assert all(torch.equal(back[n], tensors[n]) for n in back)
+    with pytest.raises(
+        AdapterMismatchError, match=r"lora-aggregation = 'naive'.*fits federation.lora-aggregation = 'ffa'"
+    ):
+        record_to_adapter(record, layout, mode="naive")
+    with pytest.raises(
+        AdapterMismatchError, match=r"'ffa'.*fits federation.lora-aggregation = 'naive' or 'product'"
+    ):
+        record_to_adapter(adapter_to_record(tensors), layout, mode="ffa")
+    with pytest.raises(ValueError, match="lora-aggregation = 'fedlora'"):
+        travelling_layout(layout, "fedlora")

@@ -1,0 +1,182 @@
+"""LoRA-aware aggregation of adapters (``federation.lora-aggregation = product``), on name -> tensor dicts.
+
+A LoRA module adds ``ΔW = s · B A`` to its frozen weight, with ``A`` of shape ``(r, in, *kernel)``, ``B`` of shape
+``(out, r, 1, ...)`` and PEFT's scaling ``s = alpha / r``. Averaging ``A`` and ``B`` separately (``naive``) does not
+average the ``ΔW``: ``mean(B) · mean(A) ≠ mean(B A)``. :func:`product_aggregate` averages the products exactly,
+
+    ΔW = Σᵢ wᵢ · sᵢ · Bᵢ Aᵢ        (wᵢ = nᵢ / Σ n, the sites' training cases, as FedAvg),
+
+and re-factorises ``ΔW / s`` to the global rank ``r`` with a truncated SVD ``U S Vᵀ``, split evenly between the
+factors: ``B = U_r · sqrt(S_r)``, ``A = sqrt(S_r) · V_rᵀ`` (so ``s · B A`` is the best rank-``r`` approximation of
+``ΔW`` in Frobenius and spectral norm, Eckart–Young). What the truncation drops is reported as the discarded energy
+``Σ discarded σ² / Σ σ²`` over all LoRA modules. Every other adapter tensor is the weighted mean.
+
+The SVD never forms ``ΔW``: it is ``B_cat · A_cat`` with inner size ``R = Σ rᵢ``; with QR factors of both the
+singular values come from an ``R × R`` core (a dense SVD only when ``r > R`` or ``R`` exceeds a side of ``ΔW``). Components with zero singular value
+(``ΔW`` of rank below ``r``) get ``B`` = 0 and an ``A`` row along a singular vector at PEFT's initial row norm,
+so they are not dead for the next round's training (``B`` = ``A`` = 0 would have zero gradient forever).
+
+Plain torch (float64 internally, float32 out); no Flower. :class:`server.strategies.ProductLoraMixin` calls it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "LoraAggregate",
+    "delta_weight",
+    "lora_modules",
+    "product_aggregate",
+    "refactorise",
+    "weighted_mean",
+]
+
+_A, _B = ".lora_A.", ".lora_B."
+#: Row norm of a PEFT-initialised A (uniform in ±1/sqrt(fan_in)): sqrt(1/3). Given to zero-σ components.
+_INIT_ROW_NORM = 1.0 / math.sqrt(3.0)
+#: A singular value at most this fraction of the largest counts as zero.
+_ZERO_SIGMA = 1e-10
+
+
+@dataclass
+class LoraAggregate:
+    """The aggregated adapter and what the rank truncation dropped."""
+
+    tensors: dict[str, torch.Tensor]
+    #: Σ discarded σ² / Σ σ² over all LoRA modules (0 when nothing was dropped or every ΔW is 0).
+    discarded_energy: float
+    #: Σ σ² dropped and kept+dropped, summed over modules (the parts of the ratio).
+    discarded: float = 0.0
+    total: float = 0.0
+
+
+def lora_modules(names: Sequence[str] | Mapping[str, object]) -> dict[str, tuple[str, str]]:
+    """LoRA module -> (name of its A, name of its B), e.g. ``seg.image_encoder.blocks.0.attn.qkv``.
+
+    Raises ValueError naming a LoRA matrix whose partner is missing."""
+    names = set(names)
+    modules = {}
+    for name in sorted(names):
+        if _A in name:
+            module, rest = name.split(_A, 1)
+            partner = f"{module}{_B}{rest}"
+            if partner not in names:
+                raise ValueError(f"LoRA matrix {name} has no partner {partner} in the adapter")
+            modules[module] = (name, partner)
+        elif _B in name and name.replace(_B, _A, 1) not in names:
+            raise ValueError(f"LoRA matrix {name} has no partner {name.replace(_B, _A, 1)} in the adapter")
+    return modules
+
+
+def _matrices(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A as ``(r, in·kernel)``, B as ``(out, r)``) in float64; conv LoRA's B is a 1×…×1 kernel."""
+    if b.shape[2:].numel() != 1 or b.shape[1] != a.shape[0]:
+        raise ValueError(f"LoRA shapes A {tuple(a.shape)} and B {tuple(b.shape)} do not form a product B·A")
+    return a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], b.shape[1]).double()
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``ΔW = scaling · B A`` as an ``(out, in·kernel)`` float64 matrix."""
+    a2, b2 = _matrices(a, b)
+    return scaling * (b2 @ a2)
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    total = float(sum(weights))
+    if not math.isfinite(total) or total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"aggregation weights must be >= 0 with a positive sum, got {list(weights)}")
+    return [float(w) / total for w in weights]
+
+
+def weighted_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Σ wᵢ tᵢ / Σ w per name (all names of the first update unless ``names``), float32."""
+    w = _normalised(weights)
+    keys = list(names) if names is not None else list(updates[0])
+    return {
+        name: sum(wi * u[name].double() for wi, u in zip(w, updates, strict=True)).float() for name in keys
+    }
+
+
+def _svd_of_product(b_cat: torch.Tensor, a_cat: torch.Tensor, rank: int):
+    """(U, S, V) of ``b_cat @ a_cat`` with at least ``rank`` singular triplets (zero-padded beyond the matrix's
+    size); via QR when the inner size allows, else a dense SVD with full V (directions for zero-σ components)."""
+    inner = b_cat.shape[1]
+    if rank <= inner <= min(b_cat.shape[0], a_cat.shape[1]):
+        q_b, r_b = torch.linalg.qr(b_cat)  # (out, R), (R, R)
+        q_a, r_a = torch.linalg.qr(a_cat.mT)  # (in, R), (R, R)
+        u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.mT)
+        return q_b @ u_c, s, q_a @ vh_c.mT
+    u, s, vh = torch.linalg.svd(b_cat @ a_cat, full_matrices=True)
+    pad = rank - s.shape[0]
+    if pad > 0:
+        s = torch.cat([s, s.new_zeros(pad)])
+    if u.shape[1] < rank:
+        u = torch.cat([u, u.new_zeros(u.shape[0], rank - u.shape[1])], dim=1)
+    v = vh.mT
+    if v.shape[1] < rank:  # more rank than input features: such components stay zero
+        v = torch.cat([v, v.new_zeros(v.shape[0], rank - v.shape[1])], dim=1)
+    return u, s, v
+
+
+def refactorise(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]], *, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-``rank`` factors of ``Σ Bᵢ Aᵢ`` (matrices ``(out, rᵢ)``, ``(rᵢ, in)``, weights folded in) for
+    a module of scaling ``scaling``: ``(B (out, rank), A (rank, in), discarded σ², total σ²)`` with
+    ``scaling · B A`` the truncated SVD of ``Σ Bᵢ Aᵢ`` (split ``B = U√S``, ``A = √S Vᵀ``; see the module docstring)."""
+    b_cat = torch.cat([b for b, _ in factors], dim=1) / scaling
+    a_cat = torch.cat([a for _, a in factors], dim=0)
+    u, s, v = _svd_of_product(b_cat, a_cat, rank)
+    energy = s.square()
+    total, discarded = float(energy.sum()), float(energy[rank:].sum())
+    u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    root = s.sqrt()
+    alive = s > _ZERO_SIGMA * float(s.max()) if float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
+    b = u * torch.where(alive, root, torch.zeros_like(root))
+    a = (v * torch.where(alive, root, torch.full_like(root, _INIT_ROW_NORM))).mT
+    return b, a, discarded, total
+
+
+def product_aggregate(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    *,
+    layout: Mapping[str, tuple[int, ...]],
+    scaling: Mapping[str, float],
+    site_scaling: Sequence[Mapping[str, float]] | None = None,
+) -> LoraAggregate:
+    """Aggregate site adapters in ΔW space (module docstring) into the global ``layout``.
+
+    ``weights``: the sites' training cases. ``scaling``: model prefix (``seg``/``cls``) -> global ``alpha / r``;
+    ``site_scaling``: the same per site (default: the global one; sites of another rank have another scaling).
+    The global rank of a module is the first dimension of its A in ``layout``. Non-LoRA tensors: weighted mean.
+    """
+    w = _normalised(weights)
+    per_site = site_scaling if site_scaling is not None else [scaling] * len(updates)
+    modules = lora_modules(layout)
+    lora_names = {n for pair in modules.values() for n in pair}
+    out = weighted_mean(updates, weights, [n for n in layout if n not in lora_names])
+    discarded = total = 0.0
+    for module, (a_name, b_name) in modules.items():
+        prefix = module.split(".", 1)[0]
+        factors = []
+        for wi, update, site in zip(w, updates, per_site, strict=True):
+            a2, b2 = _matrices(update[a_name], update[b_name])
+            factors.append((wi * site[prefix] * b2, a2))
+        a_shape, b_shape = tuple(layout[a_name]), tuple(layout[b_name])
+        b, a, dropped, energy = refactorise(factors, rank=a_shape[0], scaling=scaling[prefix])
+        out[a_name] = a.reshape(a_shape).float()
+        out[b_name] = b.reshape(b_shape).float()
+        discarded += dropped
+        total += energy
+    ratio = discarded / total if total > 0 else 0.0
+    return LoraAggregate(out, ratio, discarded, total)
