@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from harness import Conditions, interleaved, measurement_parser, run_measurements, run_worker
 
 __all__ = ["encoder_flops", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("reference", "fast")
 MODES = ("forward", "train")
 LORA_TARGETS = r"blocks\.\d+\.attn\.qkv"
@@ -177,40 +173,12 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _measure(args: argparse.Namespace, impl: str, mode: str) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--mode", mode]
-    command += ["--config", args.config, "--threads", str(args.threads), "--warmup", str(args.warmup)]
-    command += ["--seed", str(args.seed)]
-    result = subprocess.run(
-        command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker {impl}/{mode} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    arguments = ["--impl", impl, "--mode", mode, "--config", args.config, "--threads", str(args.threads)]
+    arguments += ["--warmup", str(args.warmup), "--seed", str(args.seed)]
+    return run_worker(__file__, arguments, what=f"{impl}/{mode}")
 
 
 # ---------------------------------------------------------------------------------------------- the report
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_default_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def _summarise(measurements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,25 +218,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from shared.models.sam_med3d import resolve_config
 
     cfg = resolve_config(args.config)
-    load_before = os.getloadavg()
-    started = time.time()
+    conditions = Conditions()
     measurements = []
-    for repeat in range(args.repeats):
-        for mode in MODES:
-            order = IMPLS if repeat % 2 == 0 else IMPLS[::-1]
-            for impl in order:
-                row = _measure(args, impl, mode)
-                print(
-                    f"[{repeat + 1}/{args.repeats}] {mode:7s} {impl:9s} {row['seconds']:8.2f} s  "
-                    f"peak RSS {row['peak_rss_mib']:7.0f} MiB",
-                    flush=True,
-                )
-                measurements.append({"repeat": repeat, **row})
+    for repeat, mode, impl in interleaved(args.repeats, MODES, IMPLS):
+        row = _measure(args, impl, mode)
+        print(
+            f"[{repeat + 1}/{args.repeats}] {mode:7s} {impl:9s} {row['seconds']:8.2f} s  "
+            f"peak RSS {row['peak_rss_mib']:7.0f} MiB",
+            flush=True,
+        )
+        measurements.append({"repeat": repeat, **row})
     summary = _summarise(measurements)
     flops = {impl: encoder_flops(cfg, impl) for impl in IMPLS}
     return {
         "what": "SAM-Med3D image encoder, reference vs fast padded-window attention (issue 7)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": args.config,
         "input_shape": [1, cfg["in_chans"], cfg["img_size"], cfg["img_size"], cfg["img_size"]],
         "lora": {"rank": 4, "alpha": 4, "targets": LORA_TARGETS, "base": "frozen"},
@@ -279,9 +242,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "threads": args.threads or "torch default",
         "repeats": args.repeats,
-        "machine": _machine(),
-        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "wall_seconds": time.time() - started,
+        **conditions.report(),
         "measurements": measurements,
         **summary,
         "targets": TARGETS,
@@ -292,31 +253,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "attention.json")
-    parser.add_argument("--config", default="vit_b_ori", help="SAM-Med3D preset (default vit_b_ori)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median reported)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
+    parser = measurement_parser(
+        __doc__, out="attention.json", hidden_choices={"--impl": IMPLS, "--mode": MODES}
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if str(REPO) not in sys.path:  # run as a script from anywhere: import the repository's packages
-        sys.path.insert(0, str(REPO))
-    if args.worker:
-        _worker(args)
-        return 0
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-    report = _run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = run_measurements(args, worker=_worker, run=_run)
+    if report is None:  # a worker process
+        return 0
     ratios, flops = report["ratios"], report["flops"]
     print(
         f"forward {ratios['forward_speedup']:.1f}x, forward+backward (LoRA) {ratios['train_speedup']:.1f}x, "

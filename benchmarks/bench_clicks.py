@@ -26,16 +26,15 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from harness import REPO, Conditions, interleaved, measurement_parser, run_measurements, run_worker
+
 __all__ = ["main"]
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("optimised", "unoptimised")
 MODES = ("clicks", "predict")
 #: Issue 18's targets on this CPU (seconds): median further click and first click.
@@ -201,16 +200,19 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _measure(args: argparse.Namespace, variant: str, mode: str) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--variant", variant]
-    command += ["--mode", mode, "--config", args.config, "--threads", str(args.threads)]
-    command += ["--clicks", str(args.clicks), "--seed", str(args.seed)]
-    command += ["--abus-shape", *(str(n) for n in args.abus_shape)]
-    result = subprocess.run(
-        command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker {variant}/{mode} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    arguments = [
+        "--variant",
+        variant,
+        "--mode",
+        mode,
+        "--config",
+        args.config,
+        "--threads",
+        str(args.threads),
+    ]
+    arguments += ["--clicks", str(args.clicks), "--seed", str(args.seed)]
+    arguments += ["--abus-shape", *(str(n) for n in args.abus_shape)]
+    return run_worker(__file__, arguments, what=f"{variant}/{mode}")
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
@@ -262,31 +264,23 @@ def _meets(summary: dict[str, Any]) -> dict[str, bool]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_attention import _machine
-
-    load_before = os.getloadavg()
-    started = time.time()
+    conditions = Conditions()
     measurements = []
-    for repeat in range(args.repeats):
-        for mode in args.modes:
-            order = VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]
-            for variant in order:
-                row = _measure(args, variant, mode)
-                if mode == "clicks":
-                    text = (
-                        f"first {row['first_click_cold_s']:.2f} s cold / {row['first_click_warm_s']:.2f} s warm, "
-                        f"further {1000 * row['further_click_median_s']:.1f} ms "
-                        f"(decoder {1000 * row['decoder_median_s']:.1f} ms)"
-                    )
-                else:
-                    text = f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB"
-                print(f"[{repeat + 1}/{args.repeats}] {mode:7s} {variant:11s} {text}", flush=True)
-                measurements.append({"repeat": repeat, "load_1min": os.getloadavg()[0], **row})
+    for repeat, mode, variant in interleaved(args.repeats, args.modes, VARIANTS):
+        row = _measure(args, variant, mode)
+        if mode == "clicks":
+            text = (
+                f"first {row['first_click_cold_s']:.2f} s cold / {row['first_click_warm_s']:.2f} s warm, "
+                f"further {1000 * row['further_click_median_s']:.1f} ms "
+                f"(decoder {1000 * row['decoder_median_s']:.1f} ms)"
+            )
+        else:
+            text = f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB"
+        print(f"[{repeat + 1}/{args.repeats}] {mode:7s} {variant:11s} {text}", flush=True)
+        measurements.append({"repeat": repeat, "load_1min": os.getloadavg()[0], **row})
     summary = _summarise(measurements)
     return {
         "what": "SAM-Med3D interactive click latency and fedabus-predict cost on CPU (issue 18, item 1)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": args.config,
         "volume_shape": list(VOLUME_SHAPE),
         "abus_shape": list(args.abus_shape),
@@ -300,9 +294,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "threads": args.threads or "torch default",
         "repeats": args.repeats,
-        "machine": _machine(),
-        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "wall_seconds": time.time() - started,
+        **conditions.report(),
         "measurements": measurements,
         **summary,
         "targets": TARGETS,
@@ -311,33 +303,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "clicks.json")
-    parser.add_argument("--config", default="vit_b_ori", help="SAM-Med3D preset (default vit_b_ori)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median reported)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch default)")
+    parser = measurement_parser(
+        __doc__, out="clicks.json", hidden_choices={"--variant": VARIANTS, "--mode": MODES}
+    )
     parser.add_argument("--clicks", type=int, default=10, help="further clicks per repetition")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--abus-shape", nargs=3, type=int, default=[350, 600, 850], metavar=("Z", "Y", "X"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if str(REPO) not in sys.path:  # run as a script from anywhere: import the repository's packages
-        sys.path.insert(0, str(REPO))
-    if args.worker:
-        _worker(args)
-        return 0
     if args.repeats < 1 or args.clicks < 1:
         raise SystemExit(f"--repeats and --clicks must be >= 1, got {args.repeats} and {args.clicks}")
-    report = _run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = run_measurements(args, worker=_worker, run=_run)
+    if report is None:  # a worker process
+        return 0
     print(json.dumps({k: report[k] for k in (*VARIANTS, "meets_targets")}, indent=2))
     print(f"wrote {args.out}")
     return 0

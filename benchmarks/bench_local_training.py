@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import REPO, machine, write_report
+
 KEYS = ("test/dice_1click", "test/dice_5click", "test/hd95_mm", "test/auc", "test/auc_gt_planes")
 
 
@@ -27,13 +27,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "local_training.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "local_training.json")
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument(
         "--base", type=Path, help="base to fine-tune (default: the cached pretrained demo base)"
     )
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "local-demo.toml")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "local-demo.toml")
     args = parser.parse_args()
     fedabus = [sys.executable, "-m", "shared.cli"]
     with tempfile.TemporaryDirectory(prefix="fedabus-bench-") as tmp:
@@ -51,7 +51,7 @@ def main() -> int:
                 str(args.seed),
             ],
             check=True,
-            cwd=ROOT,
+            cwd=REPO,
         )
         command = [
             *fedabus,
@@ -66,7 +66,7 @@ def main() -> int:
         if args.base:
             command += ["--base", str(args.base)]
         started = time.monotonic()
-        subprocess.run(command, check=True, cwd=ROOT)
+        subprocess.run(command, check=True, cwd=REPO)
         seconds = time.monotonic() - started
         metrics = json.loads(Path(tmp, "local", "metrics.json").read_text(encoding="utf-8"))
     result = {
@@ -76,15 +76,9 @@ def main() -> int:
         "seconds_train_and_eval": round(seconds, 1),
         "before": {k: metrics["before"].get(k) for k in KEYS},
         "after": {k: metrics["after"].get(k) for k in KEYS},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_1min": os.getloadavg()[0],
-        },
+        "machine": {**machine(), "load_1min": os.getloadavg()[0]},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_report(args.out, result, indent=1)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import REPO, machine, write_report
+
 KEYS = ("test/dice_1click", "test/dice", "test/hd95_mm", "test/auc", "test/auc_gt_planes")
 PRIVACY_KEYS = ("privacy/seg_epsilon", "privacy/cls_epsilon")
 
@@ -39,7 +39,7 @@ def run_one(epsilon: float, args: argparse.Namespace, tmp: Path) -> dict:
         command += ["--set", item]
     print(f"== epsilon {label}: {' '.join(command[3:])}", flush=True)
     started = time.monotonic()
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(command, check=True, cwd=REPO)
     summary = json.loads((out / "server" / "summary.json").read_text(encoding="utf-8"))
     return {"epsilon_target": label, "seconds": round(time.monotonic() - started, 1), "summary": summary}
 
@@ -66,7 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "privacy.json")
     parser.add_argument("--epsilons", default="1,3,8,inf", help="comma-separated target ε values")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,7 +77,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedabus-privacy-") as tmp:
         results = [run_one(eps, args, Path(tmp)) for eps in epsilons]
     report = {
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "machine": machine(),
         "settings": {
             "rounds": args.rounds,
             "seed": args.seed,
@@ -86,8 +86,7 @@ def main() -> int:
         },
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_report(args.out, report, indent=1)
     table = markdown(results)
     args.out.with_suffix(".md").write_text(table, encoding="utf-8")
     print(table)

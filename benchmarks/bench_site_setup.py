@@ -26,17 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import REPO, Conditions, run_worker, write_report
+
 BASES = {
     "small": {"sam_config": "small", "cls_depth": 18},
     "vit_b_ori": {"sam_config": "vit_b_ori", "cls_depth": 50},
@@ -107,10 +106,7 @@ def _message(args: argparse.Namespace, record: Any) -> dict[str, float]:
 
 
 def _run_worker(base: Path, site: Path, state: Path, adapter: Path, *, mode: str, messages: int, query=False):
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
+    arguments = [
         "--base", str(base),
         "--site-dir", str(site),
         "--state-dir", str(state),
@@ -118,14 +114,8 @@ def _run_worker(base: Path, site: Path, state: Path, adapter: Path, *, mode: str
         "--mode", mode,
         "--messages", str(messages),
     ]  # fmt: skip
-    command += ["--query"] if query else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        command, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=ROOT, env=env
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    arguments += ["--query"] if query else []
+    return run_worker(__file__, arguments, what=mode, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 # ---------------------------------------------------------------------------------------------- the driver
@@ -196,23 +186,11 @@ def _measure(tmp: Path, name: str, site: Path, repeats: int, warm_messages: int)
     }
 
 
-def _machine() -> dict[str, Any]:
-    import torch
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "site_setup.json")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "site_setup.json")
     parser.add_argument("--bases", default="small,vit_b_ori", help="comma-separated: small, vit_b_ori")
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process measurements per case")
     parser.add_argument(
@@ -228,26 +206,18 @@ def main() -> int:
     if args.worker:
         _worker(args)
         return 0
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(REPO))
     from shared.data.synth import generate_consortium
 
-    load_before = os.getloadavg()
+    conditions = Conditions()
     with tempfile.TemporaryDirectory(prefix="fedabus-bench-") as tmp:
         site = generate_consortium(Path(tmp) / "sites", sites=1, cases=6, seed=11)[0]
         results = {
             name: _measure(Path(tmp), name, site, args.repeats, args.warm_messages)
             for name in args.bases.split(",")
         }
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "site_cases": 6,
-        "target_s": 1.0,
-        "bases": results,
-        "machine": _machine(),
-        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report = {"site_cases": 6, "target_s": 1.0, "bases": results, **conditions.report()}
+    write_report(args.out, report, indent=1)
     print(json.dumps({name: r["median"] for name, r in results.items()}, indent=1))
     return 0
 

@@ -197,22 +197,26 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _build_ca_certificate(
-    key: ec.EllipticCurvePrivateKey, *, now: datetime.datetime, days: int
-) -> x509.Certificate:
-    """Self-signed CA certificate: may sign end-entity certificates only (path length 0)."""
-    public_key = key.public_key()
-    key_usage = x509.KeyUsage(
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """Digital signatures, plus certificate and CRL signing for the CA (``signs_certificates``); nothing else."""
+    return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
         key_encipherment=False,
         data_encipherment=False,
         key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
         encipher_only=False,
         decipher_only=False,
     )
+
+
+def _build_ca_certificate(
+    key: ec.EllipticCurvePrivateKey, *, now: datetime.datetime, days: int
+) -> x509.Certificate:
+    """Self-signed CA certificate: may sign end-entity certificates only (path length 0)."""
+    public_key = key.public_key()
     return (
         x509.CertificateBuilder()
         .subject_name(_name("fedabus consortium CA"))
@@ -222,7 +226,7 @@ def _build_ca_certificate(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(key_usage, critical=True)
+        .add_extension(_key_usage(signs_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False)
         .sign(key, _SIGNATURE_HASH())
@@ -241,17 +245,6 @@ def _build_server_certificate(
     """TLS server certificate for the SuperLink (and the reverse proxy in front of it), signed by the CA."""
     dns_names = [e.value for e in san_entries if isinstance(e, x509.DNSName)]
     common_name = dns_names[0] if dns_names else "fedabus superlink"
-    key_usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (
         x509.CertificateBuilder()
@@ -262,7 +255,7 @@ def _build_server_certificate(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(key_usage, critical=True)
+        .add_extension(_key_usage(signs_certificates=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(san_entries), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

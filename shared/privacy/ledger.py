@@ -277,26 +277,11 @@ class PrivacyLedger:
         extra = [(noise_multiplier, sample_rate, steps)]
         return epsilon_of([*self.history(model), *extra], delta, name)
 
-    def would_exceed(
-        self,
-        model: str,
-        *,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        delta: float,
-        budget: float,
-        accountant: str | None = None,
-    ) -> tuple[bool, float]:
-        """(whether ε after those steps would be above ``budget`` (``inf``: never), that ε)."""
-        after = self.epsilon_after(
-            model,
-            noise_multiplier=noise_multiplier,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=delta,
-            accountant=accountant,
-        )
+    def would_exceed(self, model: str, *, budget: float, **spend: Any) -> tuple[bool, float]:
+        """(whether ε after those steps would be above ``budget`` (``inf``: never), that ε); ``spend``: the
+        keyword arguments of :meth:`epsilon_after` (``noise_multiplier``, ``sample_rate``, ``steps``, ``delta``,
+        ``accountant``)."""
+        after = self.epsilon_after(model, **spend)
         return exceeds_budget(after, budget), after
 
     def record(

@@ -1,5 +1,8 @@
 """Click-driven training of SAM-Med3D adapters (seed 000), in plain torch.
 
+(Just over 500 lines on purpose: the click episode, its DP rules and the loop that runs them share private
+helpers and one long docstring of choices; splitting them would only make those helpers public.)
+
 One training sample is a lesion-centred crop ``(1, P, P, P)`` and its mask. :func:`seg_click_loss` plays an
 interactive episode on it: the image embedding is computed once, then the first click (a random lesion voxel)
 is decoded, and each further iteration adds corrective clicks placed on the false-negative / false-positive

@@ -15,16 +15,8 @@ from shared.config import load_site_config
 from shared.data.io import read_volume
 from shared.data.layouts import discover_site
 from shared.data.planes import largest_lesion_box
-from shared.data.synth import (
-    BIRADS_CATEGORIES,
-    SynthOptions,
-    _lesion_volume_mm3,
-    assign_splits,
-    generate_case,
-    generate_consortium,
-    register,
-    site_styles,
-)
+from shared.data.synth import SynthOptions, assign_splits, generate_consortium, register, site_styles
+from shared.data.synth_case import BIRADS_CATEGORIES, _lesion_volume_mm3, generate_case
 from shared.data.transforms import orient_canonical
 from shared.data.validate import validate_site
 
