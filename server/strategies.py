@@ -1,5 +1,9 @@
 """Aggregation strategies: Flower's own, extended by hooks (never by copying the round loop).
 
+Just over 500 lines: the hooks every strategy shares (deadline sampling, update admission, round numbering,
+state) and the per-strategy subclasses stay together so that a new strategy is one subclass here; the maths
+lives elsewhere (server/admission.py, server/lora_aggregation.py, server/privacy.py).
+
 :func:`build_strategy` returns an instance of ``FedabusHooks`` mixed into the chosen Flower strategy. The hooks
 
 * sample sites with a deadline, so a round never waits forever for ``min_available_nodes``: sites that are

@@ -1,5 +1,8 @@
 """MLflow tracking of a federation: one parent run, one nested run per site, one batched write per run and round.
 
+Over 500 lines on purpose: it is everything fedabus does with MLflow (runs, resume, params, metrics, artifacts,
+tags) and nothing else; reports and plots live in server/reports.py and server/plots.py.
+
 What ends up where (experiment ``fedabus`` by default)::
 
     parent run (tag fedabus.role=federation)

@@ -18,7 +18,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from server.privacy import ClientPrivacyAccountant, update_norm
+from server.privacy import update_norm
+from server.privacy_accountant import ClientPrivacyAccountant
 from server.round_numbering import RoundNumbering
 from server.strategies import FedabusHooks, build_strategy
 from shared.config import ConfigError, FederationConfig, PrivacyConfig
