@@ -15,8 +15,14 @@ from flwr.app import ArrayRecord
 
 from client.egress import eval_metric_keys, outgoing_adapter, outgoing_metrics, train_metric_keys
 from client.site_setup import SITE_SETUP
-from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config
-from shared.base import BaseModels, working_copy, wrap_for_training
+from shared.adapters import (
+    Adapter,
+    adapter_parameters,
+    apply_adapter,
+    extract_adapter,
+    lora_specs_from_config,
+)
+from shared.base import BaseModels, check_filled, working_copy, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
 from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
@@ -164,11 +170,20 @@ def open_site_of(settings: SiteSettings, config: FedabusConfig, *, run: str = ""
 def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord) -> tuple[dict, Layout]:
     """The site's models with the global adapter applied, and the adapter layout (name -> shape)."""
     specs = lora_specs_from_config(config.adapter)
-    models = wrap_for_training(working_copy(base, specs), specs)
-    layout = layout_of(extract_adapter(models, base_fingerprints=base.fingerprints).tensors)
+    # The global adapter overwrites every fully trained parameter: they are allocated, not copied.
+    working = working_copy(base, specs, empty=True)
+    models = wrap_for_training(working, specs)
+    layout = layout_of(
+        {
+            f"{prefix}.{name}": p
+            for prefix, model in models.items()
+            for name, p in adapter_parameters(model).items()
+        }
+    )
     tensors = record_to_adapter(global_record, layout)
     adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
     apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
+    check_filled(working)
     return models, layout
 
 
