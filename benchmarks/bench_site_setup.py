@@ -151,7 +151,9 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in rows), 3) for k in (*PHASES, "total_s")}
 
 
-def _measure(tmp: Path, name: str, site: Path, repeats: int, warm_messages: int) -> dict[str, Any]:
+def _measure(
+    tmp: Path, name: str, site: Path, repeats: int, warm_messages: int, *, before: bool = True
+) -> dict[str, Any]:
     base, adapter = _prepare(tmp, name)
     state = tmp / f"state-{name}"
     rows: dict[str, list[dict[str, float]]] = {}
@@ -174,10 +176,11 @@ def _measure(tmp: Path, name: str, site: Path, repeats: int, warm_messages: int)
         warm = _run_worker(base, site, state, adapter, mode="cached", messages=warm_messages)
         for message in range(1, warm_messages):
             record("warm", warm, message, False)
-        old = _run_worker(base, site, state, adapter, mode="before", messages=warm_messages)
-        record("before cold", old, 0, True)
-        for message in range(1, warm_messages):
-            record("before warm", old, message, False)
+        if before:
+            old = _run_worker(base, site, state, adapter, mode="before", messages=warm_messages)
+            record("before cold", old, 0, True)
+            for message in range(1, warm_messages):
+                record("before warm", old, message, False)
     return {
         "base_bytes": base.stat().st_size,
         "median": {case: _median(r) for case, r in rows.items()},
@@ -196,6 +199,9 @@ def main() -> int:
     parser.add_argument(
         "--warm-messages", type=int, default=4, help="messages per warm process (first is cold)"
     )
+    parser.add_argument(
+        "--no-before", action="store_true", help="skip the rows of the code before the caches"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for option in ("--base", "--site-dir", "--state-dir", "--adapter"):
         parser.add_argument(option, type=Path, help=argparse.SUPPRESS)
@@ -213,7 +219,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedabus-bench-") as tmp:
         site = generate_consortium(Path(tmp) / "sites", sites=1, cases=6, seed=11)[0]
         results = {
-            name: _measure(Path(tmp), name, site, args.repeats, args.warm_messages)
+            name: _measure(Path(tmp), name, site, args.repeats, args.warm_messages, before=not args.no_before)
             for name in args.bases.split(",")
         }
     report = {"site_cases": 6, "target_s": 1.0, "bases": results, **conditions.report()}

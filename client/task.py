@@ -18,8 +18,15 @@ from flwr.app import ArrayRecord
 
 from client.egress import eval_metric_keys, outgoing_adapter, outgoing_metrics, train_metric_keys
 from client.site_setup import SITE_SETUP
-from shared.adapters import Adapter, apply_adapter, extract_adapter, lora_specs_from_config, set_ffa_lora_a
-from shared.base import BaseModels, working_copy, wrap_for_training
+from shared.adapters import (
+    Adapter,
+    adapter_parameters,
+    apply_adapter,
+    extract_adapter,
+    lora_specs_from_config,
+    set_ffa_lora_a,
+)
+from shared.base import BaseModels, check_filled, working_copy, wrap_for_training
 from shared.config import FedabusConfig
 from shared.device import resolve_device
 from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
@@ -168,14 +175,23 @@ def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord)
     """The site's models with the global adapter applied, and the layout (name -> shape) of what travels under
     ``federation.lora-aggregation`` (the trainable adapter tensors)."""
     specs = lora_specs_from_config(config.adapter)
-    models = wrap_for_training(working_copy(base, specs), specs)
+    # The global adapter overwrites every fully trained parameter: they are allocated, not copied.
+    working = working_copy(base, specs, empty=True)
+    models = wrap_for_training(working, specs)
     mode = config.federation.lora_aggregation
-    layout = layout_of(extract_adapter(models, base_fingerprints=base.fingerprints).tensors)
+    layout = layout_of(
+        {
+            f"{prefix}.{name}": p
+            for prefix, model in models.items()
+            for name, p in adapter_parameters(model).items()
+        }
+    )
     if mode == "ffa":
         set_ffa_lora_a(models, seed=config.train.seed, base_fingerprints=base.fingerprints, freeze=True)
     tensors = record_to_adapter(global_record, layout, mode=mode)
     adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
     apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
+    check_filled(working)
     return models, travelling_layout(layout, mode)
 
 

@@ -21,16 +21,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from shared import __version__
 from shared.atomic import atomic_write
 from shared.config import AdapterConfig
 from shared.tensor_files import describe_mismatch, pair_paths
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -113,6 +115,8 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
         raise ValueError(f"LoRA target regex {spec.targets!r} matches no module of {type(model).__name__}")
     for name in spec.trainable:
         model.get_submodule(name)  # raises AttributeError naming the missing module
+    from peft import LoraConfig, get_peft_model  # imported here: PEFT imports transformers (seconds)
+
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,

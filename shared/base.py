@@ -17,10 +17,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from shared import __version__
@@ -35,12 +34,16 @@ from shared.models.sam_med3d import (
 from shared.models.triplane import TriPlaneClassifier, build_triplane_classifier, load_backbone_weights
 from shared.tensor_files import atomic_write, pair_paths
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 __all__ = [
     "BASE_FORMAT",
     "BaseModels",
     "base_from_checkpoints",
     "base_stamp",
     "build_random_base",
+    "check_filled",
     "load_base",
     "read_base_manifest",
     "save_base",
@@ -61,6 +64,9 @@ class BaseModels:
     cls_config: dict[str, Any]
     fingerprints: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: Parameters a :func:`working_copy` left uninitialised (``empty=True``), with their version counters then:
+    #: the caller must overwrite each (:func:`check_filled`).
+    unfilled: dict[str, tuple[nn.Parameter, int]] = field(default_factory=dict, repr=False)
 
     def refresh_fingerprints(self) -> dict[str, str]:
         self.fingerprints = {
@@ -156,11 +162,19 @@ def load_base(
     tensor_path, manifest_path = pair_paths(path)
     manifest = read_base_manifest(path)
     tensors = load_file(str(tensor_path))
-    sam = build_sam_med3d(manifest["sam_config"], attention_impl=attention_impl)
-    cls = _build_cls(manifest["cls_config"])
+    # Built without initialising anything (``meta``): the memory-mapped weights become the parameters and
+    # buffers as they are; what the state dict does not hold is rebuilt below.
+    with torch.device("meta"):
+        sam = build_sam_med3d(manifest["sam_config"], attention_impl=attention_impl)
+        cls = _build_cls(manifest["cls_config"])
     for prefix, model in (("seg", sam), ("cls", cls)):
-        part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        load_state_dict_strict(model, part, source=f"{tensor_path} [{prefix}]")
+        part = {k[len(prefix) + 1 :]: _aligned(v) for k, v in tensors.items() if k.startswith(prefix + ".")}
+        load_state_dict_strict(model, part, source=f"{tensor_path} [{prefix}]", assign=True)
+    sam.reset_non_persistent_buffers(device="cpu")
+    for prefix, model in (("seg", sam), ("cls", cls)):
+        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"{tensor_path} [{prefix}]: no values for {left[:5]} (not in the state dict)")
     base = BaseModels(
         sam, cls, manifest["sam_config"], manifest["cls_config"], provenance=manifest["provenance"]
     )
@@ -171,6 +185,17 @@ def load_base(
     if verify and base.fingerprints != manifest["fingerprints"]:
         raise CheckpointError(f"{tensor_path}: weights do not match the fingerprints in {manifest_path.name}")
     return base
+
+
+#: Bytes that torch aligns its own CPU allocations to; some CPU kernels round differently on other addresses.
+_ALIGNMENT = 64
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its data lies where torch's allocator would put it, else a copy that does: a
+    tensor in the memory map sits wherever the file packed it, and computing with it there could differ in the
+    last bit from computing with the same values loaded the old way."""
+    return tensor if tensor.data_ptr() % _ALIGNMENT == 0 else tensor.clone()
 
 
 def base_stamp(path: str | Path) -> dict[str, Any]:
@@ -223,17 +248,26 @@ def wrap_for_training(base: BaseModels, specs: dict[str, LoraSpec]) -> dict[str,
     return {"seg": attach_lora(base.sam, specs["seg"]), "cls": attach_lora(base.cls, specs["cls"])}
 
 
-def working_copy(base: BaseModels, specs: dict[str, LoraSpec]) -> BaseModels:
+def working_copy(base: BaseModels, specs: dict[str, LoraSpec], *, empty: bool = False) -> BaseModels:
     """A base to wrap and train without touching ``base``: new module objects whose frozen parameters share
     ``base``'s tensors (no copy of the weights), while the submodules that ``specs`` train fully (``trainable``)
     and all buffers are copies. ``base`` stays valid only as long as nothing writes to frozen parameters, which
-    LoRA training never does (:func:`attach_lora` freezes them)."""
+    LoRA training never does (:func:`attach_lora` freezes them).
+
+    ``empty``: the fully trained submodules' parameters are allocated, not copied (``torch.empty_like``), for a
+    caller that overwrites them right away (a global adapter holds all of them); such a caller must then call
+    :func:`check_filled`, which fails loudly on any parameter left as allocated."""
     memo: dict[int, Any] = {}
+    unfilled: dict[str, tuple[nn.Parameter, int]] = {}
     for prefix, model in (("seg", base.sam), ("cls", base.cls)):
         trained = tuple(f"{name}." for name in specs[prefix].trainable)
         for name, param in model.named_parameters():
             if not name.startswith(trained):
                 memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+            elif empty:
+                new = nn.Parameter(torch.empty_like(param.detach()), requires_grad=param.requires_grad)
+                memo[id(param)] = new
+                unfilled[f"{prefix}.{name}"] = (new, new._version)
     sam, cls = copy.deepcopy((base.sam, base.cls), memo)
     return BaseModels(
         sam,
@@ -242,4 +276,18 @@ def working_copy(base: BaseModels, specs: dict[str, LoraSpec]) -> BaseModels:
         copy.deepcopy(base.cls_config),
         dict(base.fingerprints),
         copy.deepcopy(base.provenance),
+        unfilled,
     )
+
+
+def check_filled(base: BaseModels) -> None:
+    """Fail unless every parameter that ``working_copy(..., empty=True)`` left uninitialised was written since
+    (in place, e.g. by :func:`shared.adapters.apply_adapter`): training from allocated memory would be silent
+    garbage. Checks each parameter's version counter, which every in-place write advances."""
+    left = sorted(name for name, (param, version) in base.unfilled.items() if param._version == version)
+    if left:
+        raise RuntimeError(
+            f"{len(left)} parameter(s) of the working copy were never filled (first: {left[:5]}); "
+            "the adapter applied must hold every fully trained parameter"
+        )
+    base.unfilled = {}

@@ -10,14 +10,14 @@ according to a :class:`~shared.privacy.planning.RoundPlan` and records the spent
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from peft import PeftModel
 
 from shared.config import SPLITS, DataConfig, FedabusConfig, SiteConfig, load_site_config
 from shared.data.layouts import CaseRecord
@@ -54,9 +54,40 @@ from shared.privacy.planning import RoundPlan
 from shared.privacy.sampling import OneFramePerCase, poisson_loader
 from shared.privacy.validation import validate_privacy
 from shared.statistics import segmentation_estimates
-from shared.training.cls import ClsCase, evaluate_classifier, train_classifier, trainable_snapshot
-from shared.training.seg import snapshot_parameters, train_segmentation
-from shared.training.seg_eval import evaluate_segmentation
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from shared.training.cls import ClsCase, evaluate_classifier, train_classifier, trainable_snapshot
+    from shared.training.seg import snapshot_parameters, train_segmentation
+    from shared.training.seg_eval import evaluate_segmentation
+
+#: The training and evaluation code, imported when first used (it imports PEFT, which imports transformers:
+#: seconds that opening a site, e.g. for the handshake, does not need).
+_TRAINING = {
+    "ClsCase": "shared.training.cls",
+    "evaluate_classifier": "shared.training.cls",
+    "train_classifier": "shared.training.cls",
+    "trainable_snapshot": "shared.training.cls",
+    "snapshot_parameters": "shared.training.seg",
+    "train_segmentation": "shared.training.seg",
+    "evaluate_segmentation": "shared.training.seg_eval",
+}
+
+
+def _load_training() -> None:
+    """Import the training code into this module (a name already set, e.g. by a test's monkeypatch, stays)."""
+    for name, module in _TRAINING.items():
+        if name not in globals():
+            globals()[name] = getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINING:
+        _load_training()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["SiteData", "evaluate_site", "find_site_config", "open_site", "train_site"]
 
@@ -151,6 +182,7 @@ def train_site(
     round, which must be allowed) and the site's ``ledger`` are required; see :func:`_train_site_private` for
     what differs (metrics ``privacy/...`` instead of the training losses).
     """
+    _load_training()
     if config.privacy.sample_dp:
         return _train_site_private(
             models, site, config, device=device, seed=seed, proximal=proximal, plan=plan, ledger=ledger
@@ -310,6 +342,7 @@ def evaluate_site(
     (``{split}/dice_1click``, ``{split}/auc``, ..., ``num-examples`` = cases evaluated; only ``num-examples``
     = 0 when the split is empty). ``details``, when given, receives per-case records (they stay at the site).
     ``split_cases`` evaluates these cases instead, under the name ``split``."""
+    _load_training()
     cases = list(site.cases(split) if split_cases is None else split_cases)
     if not cases:
         return {NUM_EXAMPLES: 0.0}

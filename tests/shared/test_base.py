@@ -14,12 +14,15 @@ from shared.base import (
     base_from_checkpoints,
     base_stamp,
     build_random_base,
+    check_filled,
     load_base,
     save_base,
     working_copy,
     wrap_for_training,
 )
-from shared.models.sam_med3d import CheckpointError
+from shared.models.sam_med3d import CheckpointError, build_sam_med3d, load_state_dict_strict
+from shared.models.triplane import build_triplane_classifier
+from tests.shared.tiny_sam import TINY_SAM
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +128,83 @@ def test_working_copy_shares_frozen_weights_and_copies_what_trains(base):
                     param.add_(1.0)
     assert base.refresh_fingerprints() == fingerprints
     assert not any(name.startswith("base_model") for name, _ in base.sam.named_modules())
+
+
+def _old_style_load(path):
+    """How ``load_base`` built the models before: random initialisation, then the weights copied in."""
+    tensors = load_file(str(path))
+    sam = build_sam_med3d(TINY_SAM, attention_impl="reference")
+    cls = build_triplane_classifier(depth=18, planes=("transverse", "sagittal", "coronal"), norm_groups=32)
+    for prefix, model in (("seg", sam), ("cls", cls)):
+        part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        load_state_dict_strict(model, part)
+    return sam, cls
+
+
+def test_load_base_builds_on_meta_and_matches_the_old_construction(tmp_path):
+    torch.manual_seed(5)
+    tiny = BaseModels(
+        build_sam_med3d(TINY_SAM, attention_impl="reference"),
+        build_triplane_classifier(depth=18),
+        TINY_SAM,
+        {"depth": 18, "planes": ["transverse", "sagittal", "coronal"], "norm_groups": 32},
+    )
+    path = save_base(tiny, tmp_path / "tiny")
+    old_sam, old_cls = _old_style_load(path)
+    new = load_base(path, attention_impl="reference")
+    for old, model in ((old_sam, new.sam), (old_cls, new.cls)):
+        old_tensors = dict(old.named_parameters()) | dict(old.named_buffers())
+        new_tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        assert old_tensors.keys() == new_tensors.keys()
+        for name, value in old_tensors.items():
+            got = new_tensors[name]
+            assert got.device.type == "cpu" and got.dtype == value.dtype, name
+            assert torch.equal(got, value), name
+            assert isinstance(got, torch.nn.Parameter) == isinstance(value, torch.nn.Parameter), name
+            if isinstance(value, torch.nn.Parameter):
+                assert got.requires_grad == value.requires_grad, name
+    # non-persistent buffers (not in the file) are rebuilt with their values
+    assert torch.equal(new.sam.pixel_mean, old_sam.pixel_mean) and torch.equal(
+        new.sam.pixel_std, old_sam.pixel_std
+    )
+    image = torch.randn(1, 1, 32, 32, 32)
+    points = (torch.tensor([[[16.0, 16.0, 16.0]]]), torch.tensor([[1]]))
+    with torch.no_grad():
+        old_emb, new_emb = old_sam.image_encoder(image), new.sam.image_encoder(image)
+        assert torch.equal(old_emb, new_emb)
+        for a, b in zip(
+            old_sam.decode(old_emb, points, None), new.sam.decode(new_emb, points, None), strict=True
+        ):
+            assert torch.equal(a, b)
+        frames = torch.randn(2, 3, 1, 64, 64)
+        assert torch.equal(old_cls.eval()(frames), new.cls.eval()(frames))
+
+
+def test_empty_working_copy_must_be_filled_completely(base):
+    specs = {"seg": LoraSpec(), "cls": LoraSpec(targets=r"branches\.\w+\..*conv\d*", trainable=("head",))}
+    fingerprints = dict(base.refresh_fingerprints())
+    working = working_copy(base, specs, empty=True)
+    models = wrap_for_training(working, specs)
+    trained = {
+        f"{prefix}.{name}": p
+        for prefix, model in models.items()
+        for name, p in adapter_parameters(model).items()
+    }
+    left = {name for name in working.unfilled}
+    assert left and all(name in trained for name in left)  # only fully trained parameters are left empty
+    assert not any(".lora_" in name for name in left)
+    shared_weight = base.sam.image_encoder.blocks[0].attn.qkv.weight
+    qkv = models["seg"].get_base_model().image_encoder.blocks[0].attn.qkv.base_layer.weight
+    assert qkv.data_ptr() == shared_weight.data_ptr()
+    with pytest.raises(RuntimeError, match="never filled"):
+        check_filled(working)
+    with torch.no_grad():
+        for name in sorted(left)[:-1]:
+            trained[name].copy_(torch.zeros_like(trained[name]))
+    with pytest.raises(RuntimeError, match="1 parameter"):
+        check_filled(working)
+    with torch.no_grad():
+        last = sorted(left)[-1]
+        trained[last].copy_(torch.ones_like(trained[last]))
+    check_filled(working)
+    assert base.refresh_fingerprints() == fingerprints

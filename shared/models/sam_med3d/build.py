@@ -226,9 +226,12 @@ def load_state_dict_strict(
     *,
     source: str = "state dict",
     max_names: int = 5,
+    assign: bool = False,
 ) -> None:
     """Load ``state_dict`` into ``model`` requiring identical names and shapes.
 
+    ``assign``: take the given tensors as the model's (``nn.Module.load_state_dict(assign=True)``; no copy, for
+    a model built on the ``meta`` device); a tensor of another dtype than the model's is converted first.
     Raises CheckpointError naming ``source`` and the first missing, unexpected and mis-shaped entries.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -237,4 +240,7 @@ def load_state_dict_strict(
     )
     if problems:
         raise CheckpointError(f"{source} does not fit this SAM-Med3D configuration: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
+    if assign:
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        state_dict = {k: v if v.dtype == dtypes[k] else v.to(dtypes[k]) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=assign)

@@ -31,8 +31,16 @@ class Sam3D(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self._pixel_stats = (tuple(pixel_mean), tuple(pixel_std))
+        self.reset_non_persistent_buffers()
+
+    def reset_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the buffers that the state dict does not hold (``pixel_mean``, ``pixel_std``), on
+        ``device`` (default: the current default device). A model built on the ``meta`` device and given its
+        weights with ``load_state_dict(assign=True)`` calls this with its real device."""
+        mean, std = self._pixel_stats
+        self.register_buffer("pixel_mean", torch.tensor(mean, device=device).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, device=device).view(-1, 1, 1), persistent=False)
 
     def decode(
         self,
