@@ -182,11 +182,12 @@ def lora_site(seed: int, rank: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
-def lora_reply(node: int, tensors: dict[str, torch.Tensor], examples: int, mode: str) -> Message:
+def lora_reply(
+    node: int, tensors: dict[str, torch.Tensor], examples: int, mode: str, server_round: int = 1
+) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    content = RecordDict(
-        {METRICS: MetricRecord({NUM_EXAMPLES: examples}), SITE: ConfigRecord({"site-id": f"s{node}"})}
-    )
+    site = ConfigRecord({"site-id": f"s{node}", "server-round": server_round})
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: examples}), SITE: site})
     content[ARRAYS] = adapter_to_record(tensors, mode=mode)
     return Message(content, reply_to=request)
 
@@ -195,6 +196,8 @@ def test_product_strategy_averages_delta_w_and_reports_the_discarded_energy():
     strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=2, lora_aggregation="product"))
     layout = layout_of(lora_site(0))
     strategy.adapter_layout, strategy.lora_scaling = layout, {"seg": 0.5}
+    global_record = adapter_to_record(lora_site(0), mode="product")
+    list(strategy.configure_train(1, global_record, ConfigRecord(), FakeGrid([1, 2])))
     # a shared A keeps Σ wᵢ Bᵢ Aᵢ at rank 2: the rank-2 global adapter holds it exactly
     sites = [lora_site(1), {**lora_site(2), "seg.qkv.lora_A.weight": lora_site(1)["seg.qkv.lora_A.weight"]}]
     agg, metrics = strategy.aggregate_train(
@@ -210,8 +213,9 @@ def test_product_strategy_averages_delta_w_and_reports_the_discarded_energy():
     assert metrics is not None  # Flower still aggregates the metrics
     assert strategy.aggregation_metrics() == {LORA_DISCARDED_ENERGY: pytest.approx(0.0, abs=1e-9)}
     sites[1] = lora_site(2)  # ΔW of rank 4 now: the rank-2 truncation drops energy
+    list(strategy.configure_train(2, agg, ConfigRecord(), FakeGrid([1, 2])))
     strategy.aggregate_train(
-        2, [lora_reply(1, sites[0], 1, "product"), lora_reply(2, sites[1], 3, "product")]
+        2, [lora_reply(1, sites[0], 1, "product", 2), lora_reply(2, sites[1], 3, "product", 2)]
     )
     assert 0 < strategy.aggregation_metrics()[LORA_DISCARDED_ENERGY] < 1
 
@@ -226,8 +230,10 @@ def test_ffa_keeps_lora_a_bit_identical_over_rounds():
             {**lora_site(10 * server_round + i), "seg.qkv.lora_A.weight": torch.zeros(1)} for i in (1, 2)
         ]
         sites = [{k: v for k, v in s.items() if "lora_A" not in k} for s in sites]  # ffa sites extract no A
+        sending = adapter_to_record(global_adapter, mode="ffa")
+        list(strategy.configure_train(server_round, sending, ConfigRecord(), FakeGrid([1, 2])))
         agg, _ = strategy.aggregate_train(
-            server_round, [lora_reply(i + 1, s, 1, "ffa") for i, s in enumerate(sites)]
+            server_round, [lora_reply(i + 1, s, 1, "ffa", server_round) for i, s in enumerate(sites)]
         )
         sent = record_to_adapter(agg, layout, mode="ffa")  # what RoundEnd does
         global_adapter = {name: sent.get(name, frozen) for name, frozen in initial.items()}
