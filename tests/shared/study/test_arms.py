@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared.adapters import extract_adapter, lora_specs_from_config, save_adapter
-from shared.base import build_random_base, save_base, wrap_for_training
+from shared.base import build_random_base, save_base, working_copy, wrap_for_training
 from shared.config import load_config
 from shared.data.synth import generate_consortium
 from shared.study import arms
@@ -41,7 +41,8 @@ def test_loso_runs_one_federation_of_the_other_sites_per_left_out_site(setup, mo
                       "overrides": overrides})  # fmt: skip
         work = Path(overrides["federation.work-dir"])
         work.mkdir(parents=True)
-        models = wrap_for_training(setup["raw"], lora_specs_from_config(setup["config"].adapter))
+        specs = lora_specs_from_config(setup["config"].adapter)
+        models = wrap_for_training(working_copy(setup["raw"], specs), specs)  # each federation its own copy
         save_adapter(
             extract_adapter(models, base_fingerprints=setup["raw"].fingerprints), work / "chosen_adapter"
         )
