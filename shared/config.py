@@ -117,6 +117,10 @@ class DataConfig:
     #: extent on that axis, and at least ``planes-margin-mm`` (mm).
     planes_margin: float = 0.15
     planes_margin_mm: float = 1.0
+    #: Classifier training only: the box the planes are cut around moves and resizes at random by up to this
+    #: fraction of the lesion's extent per axis (0-1; 0: the true box), as the box of a segmenter's mask misses
+    #: the true one at inference (shared/data/planes.py ``jitter_box``; docs/training.md).
+    planes_box_jitter: float = 0.0
     #: Fraction of each label's training cases carved out as the validation split when a site has no ``val``
     #: cases (deterministic, seeded by ``train.seed``; 0: no validation, the last round/epoch is kept).
     val_fraction: float = 0.2
@@ -142,6 +146,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         limits = {
+            "planes_box_jitter": (0.0, 1.0),
             "augment_prob": (0.0, 1.0),
             "augment_flip_prob": (0.0, 1.0),
             "augment_rotate_deg": (0.0, 45.0),
@@ -188,6 +193,11 @@ class TrainConfig:
     cls_planes: str = "transverse,sagittal,coronal"
     #: Decision threshold on the lesion malignancy probability.
     cls_threshold: float = 0.5
+    #: Boxes the classifier's training planes are cut around: ``ground-truth`` (the true lesion's) or
+    #: ``predicted`` (each round, the box of the segmenter's own mask of the case after the evaluation's clicks,
+    #: the true box where it finds nothing), so that the deployed click -> mask -> malignancy path is the one
+    #: trained. ``data.planes-box-jitter`` adds random misses on top of either.
+    cls_boxes: str = "ground-truth"
     #: Model selection: the validation metric (higher is better) that picks the round (federation) or the
     #: training chunk (local training): ``dice_1click``, ``dice`` (last click), ``auc`` or ``auc_gt_planes``.
     #: The test split never takes part in selection.
@@ -202,6 +212,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.cls_boxes not in ("ground-truth", "predicted"):
+            raise ConfigError(f"train.cls-boxes = {self.cls_boxes!r}; allowed: ground-truth, predicted")
         if self.select_metric not in SELECT_METRICS:
             raise ConfigError(
                 f"train.select-metric = {self.select_metric!r}; allowed: {', '.join(SELECT_METRICS)}"

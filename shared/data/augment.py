@@ -56,7 +56,7 @@ from monai.transforms import (
 
 from shared.config import DataConfig
 
-__all__ = ["RandSpeckleNoised", "TrainAugmentation", "augmentation_seed", "build_augmentation"]
+__all__ = ["CaseDraws", "RandSpeckleNoised", "TrainAugmentation", "augmentation_seed", "build_augmentation"]
 
 _KEYS = ("image", "mask")
 #: Flip axes (spatial, i.e. without the channel axis): sweep (z) and lateral (x); depth (y) never.
@@ -146,6 +146,21 @@ def augmentation_seed(seed: int, case_id: str, draw: int, stream: str) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
 
 
+class CaseDraws:
+    """Random states of the successive draws of each case in one ``stream`` (module docstring, "Determinism"):
+    the ``k``-th call for a case id gives ``RandomState(augmentation_seed(seed, case_id, k, stream))``."""
+
+    def __init__(self, seed: int, stream: str) -> None:
+        self.seed = int(seed)
+        self.stream = stream
+        self._draws: dict[str, int] = {}
+
+    def next_state(self, case_id: str) -> np.random.RandomState:
+        draw = self._draws.get(case_id, 0)
+        self._draws[case_id] = draw + 1
+        return np.random.RandomState(augmentation_seed(self.seed, case_id, draw, self.stream))
+
+
 class TrainAugmentation:
     """Seeded augmentation of one case's image and mask (module docstring).
 
@@ -157,19 +172,15 @@ class TrainAugmentation:
     """
 
     def __init__(self, config: DataConfig, *, seed: int, stream: str) -> None:
-        self.seed = int(seed)
-        self.stream = stream
+        self._draws = CaseDraws(seed, stream)
         self._raw = Compose(_raw_signal_transforms(config))
         self._normalised = Compose(_normalised_transforms(config))
-        self._draws: dict[str, int] = {}
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, *, pad_value: float, case_id: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """Augmented ``image`` (D, H, W) float32 and ``mask`` (D, H, W) uint8 0/1 of the case's next draw."""
-        draw = self._draws.get(case_id, 0)
-        self._draws[case_id] = draw + 1
-        state = np.random.RandomState(augmentation_seed(self.seed, case_id, draw, self.stream))
+        state = self._draws.next_state(case_id)
         self._raw.set_random_state(state=state)
         self._normalised.set_random_state(seed=int(state.randint(2**32, dtype=np.uint32)))
         item = {

@@ -41,11 +41,11 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose, Randomizable, RandomizableTrait, Transform
 
 from shared.config import DataConfig, SiteConfig
-from shared.data.augment import TrainAugmentation, build_augmentation
+from shared.data.augment import CaseDraws, TrainAugmentation, build_augmentation
 from shared.data.blocks import covering_blocks, extract_blocks
 from shared.data.io import read_volume
 from shared.data.layouts import CaseRecord
-from shared.data.planes import LesionBox, largest_lesion_box, planes_from_config
+from shared.data.planes import BoxError, LesionBox, jitter_box, largest_lesion_box, planes_from_config
 from shared.data.transforms import crop_or_pad, lesion_crop, preprocess_case
 from shared.data.validate import ValidationReport, usable_cases
 
@@ -221,11 +221,22 @@ class TriPlanesd(Transform):
 
     With ``augment`` (training) the planes are cut from an augmented lesion region (:func:`_planes_region`,
     image and mask augmented together in 3D; docs/training.md says why); an augmentation that leaves no lesion
-    voxel (a tiny lesion zoomed away) falls back to the region as it was."""
+    voxel (a tiny lesion zoomed away) falls back to the region as it was. The box the planes are cut around is the
+    lesion's, moved by the case's ``box_errors`` entry when there is one (the segmenter's miss on that case,
+    ``train.cls-boxes = predicted``), then jittered with ``box_draws`` (``data.planes-box-jitter`` > 0;
+    :func:`jitter_box`, one seeded draw per case and epoch)."""
 
-    def __init__(self, config: DataConfig, augment: TrainAugmentation | None = None) -> None:
+    def __init__(
+        self,
+        config: DataConfig,
+        augment: TrainAugmentation | None = None,
+        box_draws: CaseDraws | None = None,
+        box_errors: Mapping[str, BoxError] | None = None,
+    ) -> None:
         self.config = config
         self.augment = augment
+        self.box_draws = box_draws
+        self.box_errors = box_errors or {}
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         image, mask = data["image"], data["mask"]
@@ -234,12 +245,21 @@ class TriPlanesd(Transform):
             augmented = self.augment(image, mask, pad_value=data["pad_value"], case_id=data["case_id"])
             if augmented[1].any():
                 image, mask = augmented
+        box = None
+        error = self.box_errors.get(str(data["case_id"]))
+        if error is not None or self.box_draws is not None:
+            box = largest_lesion_box(mask)
+            box = box if error is None else error.apply(box, mask.shape)
+        if self.box_draws is not None:
+            state = self.box_draws.next_state(data["case_id"])
+            box = jitter_box(box, self.config.planes_box_jitter, mask.shape, state)
         planes = planes_from_config(
             image,
             mask,
             self.config,
             spacing_mm=data["spacing_mm"],
             pad_value=data["pad_value"],
+            box=box,
         )
         return {
             "planes": torch.from_numpy(planes),
@@ -248,9 +268,9 @@ class TriPlanesd(Transform):
         }
 
 
-class _AugmentedTriPlanesd(TriPlanesd, RandomizableTrait):
-    """:class:`TriPlanesd` with augmentation, marked random so that MONAI's CacheDataset caches the loaded case
-    before it and never one augmented draw."""
+class _RandomTriPlanesd(TriPlanesd, RandomizableTrait):
+    """:class:`TriPlanesd` with augmentation or box jitter, marked random so that MONAI's CacheDataset caches the
+    loaded case before it and never one random draw."""
 
 
 # ---------------------------------------------------------------- datasets and loaders
@@ -355,12 +375,19 @@ def cls_dataset(
     cache_rate: float = 0.0,
     seed: int = 0,
     training: bool = True,
+    box_errors: Mapping[str, BoxError] | None = None,
 ) -> Dataset:
     """Tri-plane frames from the ground-truth masks of ``cases`` with their labels; for ``training`` cut from
-    augmented lesion regions when ``data.augment`` is on (seeded by ``seed``), never when ``training`` is False."""
+    augmented lesion regions when ``data.augment`` is on and around jittered boxes when ``data.planes-box-jitter``
+    is above 0 (both seeded by ``seed``), never when ``training`` is False. ``box_errors``: case id -> how the
+    segmenter's box missed that case (:class:`TriPlanesd`)."""
     common, per_case = _split_configs(site_config)
     augment = build_augmentation(config, seed=seed, stream="cls") if training else None
-    planes = TriPlanesd(config) if augment is None else _AugmentedTriPlanesd(config, augment)
+    box_draws = CaseDraws(seed, "cls-box") if training and config.planes_box_jitter > 0 else None
+    if augment is None and box_draws is None:
+        planes = TriPlanesd(config, box_errors=box_errors)
+    else:
+        planes = _RandomTriPlanesd(config, augment, box_draws, box_errors)
     return _dataset(cases, Compose([LoadCased(config, common), planes]), cache_rate, per_case)
 
 
@@ -375,13 +402,25 @@ def cls_loader(
     num_workers: int = 0,
     cache_rate: float = 0.0,
     training: bool = True,
+    box_errors: Mapping[str, BoxError] | None = None,
 ) -> DataLoader:
-    """Batches of ``planes`` (B, 3, F, S, S) float32 and ``label`` (B,) int64 (augmented as :func:`cls_dataset`;
-    ``num_workers > 0`` is refused while augmenting)."""
+    """Batches of ``planes`` (B, 3, F, S, S) float32 and ``label`` (B,) int64 (augmented and boxed as
+    :func:`cls_dataset`; ``num_workers > 0`` is refused while augmenting or jittering)."""
     if training:
         build_augmentation(config, seed=seed, stream="cls", num_workers=num_workers)  # refuses workers early
+        if config.planes_box_jitter > 0 and num_workers > 0:
+            raise ValueError(
+                f"num_workers = {num_workers}: data.planes-box-jitter draws are seeded per case and epoch in the "
+                "loading process; use num_workers = 0, or set data.planes-box-jitter = 0"
+            )
     dataset = cls_dataset(
-        cases, config, site_config=site_config, cache_rate=cache_rate, seed=seed, training=training
+        cases,
+        config,
+        site_config=site_config,
+        cache_rate=cache_rate,
+        seed=seed,
+        training=training,
+        box_errors=box_errors,
     )
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=_generator(seed)

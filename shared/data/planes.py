@@ -47,9 +47,11 @@ from shared.data.transforms import crop_or_pad
 
 __all__ = [
     "PLANES",
+    "BoxError",
     "LesionBox",
     "extract_planes",
     "frame_positions",
+    "jitter_box",
     "largest_lesion_box",
     "lesion_components",
     "planes_from_config",
@@ -110,6 +112,53 @@ def largest_lesion_box(mask: np.ndarray) -> LesionBox:
     return LesionBox(start, stop, int(sizes[largest - 1]))
 
 
+@dataclass(frozen=True)
+class BoxError:
+    """How a box misses the true lesion box, per axis (z, y, x): the centre's shift and the extent's ratio, both in
+    units of the true box's extent (so that an error measured on a case carries over to its augmented copies)."""
+
+    shift: tuple[float, float, float]
+    scale: tuple[float, float, float]
+
+    @classmethod
+    def between(cls, true: LesionBox, found: LesionBox) -> BoxError:
+        """The error of ``found`` (e.g. the box of a segmenter's mask) against ``true``."""
+        return cls(
+            tuple((f - t) / e for f, t, e in zip(found.centre, true.centre, true.extent, strict=True)),
+            tuple(f / e for f, e in zip(found.extent, true.extent, strict=True)),
+        )
+
+    @classmethod
+    def random(cls, fraction: float, rng: np.random.RandomState) -> BoxError:
+        """Shift ``u · fraction`` and scale ``1 + v · fraction`` per axis, ``u``, ``v`` uniform in [-1, 1]."""
+        shift, scale = rng.uniform(-1.0, 1.0, size=3), rng.uniform(-1.0, 1.0, size=3)
+        return cls(tuple(float(u * fraction) for u in shift), tuple(float(1 + v * fraction) for v in scale))
+
+    def apply(self, box: LesionBox, shape: Sequence[int]) -> LesionBox:
+        """``box`` with this error, rounded to whole voxels, at least one voxel per axis, inside ``shape``."""
+        start, stop = [], []
+        for axis in range(3):
+            extent = box.extent[axis]
+            new_extent = min(max(1, int(round(extent * self.scale[axis]))), int(shape[axis]))
+            centre = box.centre[axis] + self.shift[axis] * extent
+            first = int(np.floor(centre - (new_extent - 1) / 2 + 0.5))
+            first = min(max(first, 0), int(shape[axis]) - new_extent)
+            start.append(first)
+            stop.append(first + new_extent)
+        return LesionBox(tuple(start), tuple(stop), box.voxels)
+
+
+def jitter_box(
+    box: LesionBox, fraction: float, shape: Sequence[int], rng: np.random.RandomState
+) -> LesionBox:
+    """``box`` moved and resized at random, as a segmenter's box misses the true one (``data.planes-box-jitter``):
+    :meth:`BoxError.random` applied to it (the volume ``shape`` (D, H, W) bounds it); ``fraction`` 0 returns
+    ``box`` unchanged without a draw."""
+    if fraction <= 0:
+        return box
+    return BoxError.random(fraction, rng).apply(box, shape)
+
+
 def frame_positions(start: int, stop: int, frames: int) -> list[int]:
     """``frames`` slice indices spread evenly across [start, stop) (module docstring)."""
     if frames < 1:
@@ -166,24 +215,32 @@ def extract_planes(
     margin: float = 0.15,
     margin_mm: float = 1.0,
     pad_value: float = 0.0,
+    box: LesionBox | None = None,
 ) -> np.ndarray:
     """Lesion-region frames of the largest lesion of ``mask`` in ``image`` (both (D, H, W), canonical).
 
     Returns float32 (3, frames, size, size): planes in :data:`PLANES` order, frames across the lesion.
-    ``spacing_mm`` is (z, y, x). Raises ValueError for an empty mask or mismatched shapes.
+    ``spacing_mm`` is (z, y, x). ``box``: cut around this box instead of the largest lesion's (a jittered one,
+    :func:`jitter_box`). Raises ValueError for an empty mask or mismatched shapes.
     """
     if image.shape != mask.shape:
         raise ValueError(f"image shape {image.shape} and mask shape {mask.shape} differ")
     if size < 1 or margin < 0 or margin_mm < 0:
         raise ValueError(f"planes: size = {size} must be >= 1 and margins ({margin}, {margin_mm} mm) >= 0")
-    box = largest_lesion_box(mask)
+    box = largest_lesion_box(mask) if box is None else box
     resize = Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True)
     options = dict(spacing_mm=spacing_mm, margin=margin, margin_mm=margin_mm, pad_value=pad_value)
     return np.stack([_plane_frames(image, box, p, frames=frames, resize=resize, **options) for p in PLANES])
 
 
 def planes_from_config(
-    image: np.ndarray, mask: np.ndarray, config: DataConfig, *, spacing_mm: Sequence[float], pad_value: float
+    image: np.ndarray,
+    mask: np.ndarray,
+    config: DataConfig,
+    *,
+    spacing_mm: Sequence[float],
+    pad_value: float,
+    box: LesionBox | None = None,
 ) -> np.ndarray:
     """:func:`extract_planes` with frames, size and margins from ``config``: (3, planes_frames, S, S)."""
     return extract_planes(
@@ -195,4 +252,5 @@ def planes_from_config(
         margin=config.planes_margin,
         margin_mm=config.planes_margin_mm,
         pad_value=pad_value,
+        box=box,
     )

@@ -29,7 +29,7 @@ from shared.data.loaders import (
     seg_train_loader,
     site_cases,
 )
-from shared.data.planes import planes_from_config
+from shared.data.planes import BoxError, largest_lesion_box, planes_from_config
 from shared.data.splits import carve_validation
 from shared.data.validate import validate_site
 from shared.metric_names import (
@@ -198,7 +198,12 @@ def train_site(
     cls = models["cls"].to(device)
     cls_ref = trainable_snapshot(cls) if proximal else None
     loader = cls_loader(
-        cases, config.data, batch_size=train_config.cls_batch_size, site_config=site.site_config, seed=seed
+        cases,
+        config.data,
+        batch_size=train_config.cls_batch_size,
+        site_config=site.site_config,
+        seed=seed,
+        box_errors=_classifier_boxes(seg, site, config, device=device),
     )
     cls_result = train_classifier(cls, loader, config=train_config, device=device, proximal_ref=cls_ref)
     seg_losses = seg_result["epoch_loss"]
@@ -207,6 +212,43 @@ def train_site(
         metric_key(SEG_LOSS, split=TRAIN): float(seg_losses[-1]) if seg_losses else float("nan"),
         metric_key(CLS_LOSS, split=TRAIN): float(cls_result["loss"]),
     }
+
+
+def _classifier_boxes(
+    seg: PeftModel, site: SiteData, config: FedabusConfig, *, device: torch.device
+) -> dict[str, BoxError] | None:
+    """With ``train.cls-boxes = predicted``: case id -> how the box of ``seg``'s mask of that training case (after
+    the evaluation's clicks, as :func:`evaluate_site` predicts) misses the true box; cases where ``seg`` finds
+    nothing are left out (their planes use the true box). None with ``ground-truth``."""
+    if config.train.cls_boxes != "predicted":
+        return None
+    errors: dict[str, BoxError] = {}
+
+    def measure(item: dict[str, Any], result: Any) -> None:
+        predicted = result.prediction.full() if result.prediction is not None else None
+        if predicted is not None and predicted.any():
+            true = largest_lesion_box(np.asarray(item["mask"])[0] > 0)
+            errors[str(item["case_id"])] = BoxError.between(true, largest_lesion_box(predicted))
+
+    loader = seg_eval_loader(list(site.train_cases), config.data, site_config=site.site_config)
+    evaluate_segmentation(
+        seg,
+        loader,
+        config=config.train,
+        data_config=config.data,
+        device=device,
+        on_case=measure,
+        keep_masks=False,
+        split=TRAIN,
+    )
+    seg.train()
+    logger.info(
+        "%s: classifier planes cut around the segmenter's boxes of %d of %d training cases",
+        site.name,
+        len(errors),
+        len(site.train_cases),
+    )
+    return errors
 
 
 def _check_private_round(
@@ -248,14 +290,24 @@ def _train_seg_private(
 
 
 def _train_cls_private(
-    model: PeftModel, site: SiteData, data: DataConfig, plan: RoundPlan, **train: Any
+    model: PeftModel,
+    site: SiteData,
+    data: DataConfig,
+    plan: RoundPlan,
+    *,
+    box_errors: dict[str, BoxError] | None = None,
+    **train: Any,
 ) -> dict[str, Any]:
     """DP-SGD of the classifier: one random frame-triplet per case and draw, Poisson-sampled; ``train`` holds
-    the keyword arguments of :func:`train_classifier`."""
+    the keyword arguments of :func:`train_classifier`; ``box_errors`` as :func:`_classifier_boxes`."""
     if plan.cls.steps == 0:
         return {"loss": float("nan"), "privacy_history": []}
     lesions = cls_dataset(
-        list(site.train_cases), data, site_config=site.site_config, seed=train["config"].seed
+        list(site.train_cases),
+        data,
+        site_config=site.site_config,
+        seed=train["config"].seed,
+        box_errors=box_errors,
     )
     loader = poisson_loader(
         OneFramePerCase(lesions), sample_rate=plan.cls.sample_rate, steps_per_epoch=plan.cls.steps_per_epoch
@@ -287,16 +339,18 @@ def _train_site_private(
     """
     plan, ledger = _check_private_round(site, config, plan, ledger)
     train_config = replace(config.train, seed=seed)
-    results = {}
-    for name, trainer, snapshot in (
-        ("seg", _train_seg_private, snapshot_parameters),
-        ("cls", _train_cls_private, trainable_snapshot),
-    ):
-        model = models[name].to(device)
-        reference = snapshot(model) if proximal else None
-        results[name] = trainer(
-            model, site, config.data, plan, config=train_config, device=device, proximal_ref=reference
+    seg, cls = models["seg"].to(device), models["cls"].to(device)
+    results = {
+        "seg": _train_seg_private(
+            seg, site, config.data, plan, config=train_config, device=device,
+            proximal_ref=snapshot_parameters(seg) if proximal else None,
         )
+    }  # fmt: skip
+    results["cls"] = _train_cls_private(
+        cls, site, config.data, plan, config=train_config, device=device,
+        proximal_ref=trainable_snapshot(cls) if proximal else None,
+        box_errors=_classifier_boxes(seg, site, config, device=device),
+    )  # fmt: skip
     for name, result in results.items():
         for sigma, rate, steps in result["privacy_history"]:
             ledger.record(

@@ -181,6 +181,26 @@ def test_classifier_training_planes_are_augmented_evaluation_planes_never(sites)
     assert not torch.equal(cached[0]["planes"], cached[0]["planes"])  # the cache holds the case, not a draw
 
 
+def test_classifier_training_boxes_are_jittered_when_asked_and_evaluation_never(sites) -> None:
+    site_dir, site_config = sites[0]
+    cases = site_cases(site_dir, site_config)
+    off = dataclasses.replace(CONFIG, augment=False)
+    jittered = dataclasses.replace(off, planes_box_jitter=0.3)
+
+    def planes(config: DataConfig, *, seed: int = 0, training: bool = True) -> torch.Tensor:
+        dataset = cls_dataset(cases, config, site_config=site_config, seed=seed, training=training)
+        return torch.stack([dataset[i]["planes"] for i in range(len(cases))])
+
+    assert torch.equal(planes(jittered, seed=3), planes(jittered, seed=3))
+    assert not torch.equal(planes(jittered, seed=3), planes(off))
+    assert not torch.equal(planes(jittered, seed=3), planes(jittered, seed=4))
+    assert torch.equal(planes(jittered, training=False), planes(off))
+    dataset = cls_dataset(cases[:1], jittered, site_config=site_config, seed=3)
+    assert not torch.equal(dataset[0]["planes"], dataset[0]["planes"])  # a new draw each epoch
+    with pytest.raises(ValueError, match="planes-box-jitter"):
+        cls_loader(cases, jittered, batch_size=2, site_config=site_config, num_workers=1)
+
+
 def test_evaluation_items_are_identical_with_augment_on_and_off(sites) -> None:
     site_dir, site_config = sites[0]
     cases = site_cases(site_dir, site_config)

@@ -10,6 +10,7 @@ from shared.data.planes import (
     PLANES,
     extract_planes,
     frame_positions,
+    jitter_box,
     largest_lesion_box,
     lesion_components,
     planes_from_config,
@@ -109,3 +110,32 @@ def test_planes_from_config_and_errors() -> None:
         extract_planes(np.zeros((3, 3, 3)), np.ones((3, 3, 4)), frames=1, size=4)
     with pytest.raises(ValueError, match="empty mask"):
         extract_planes(np.zeros(SHAPE), np.zeros(SHAPE), frames=1, size=4)
+
+
+def test_jitter_box_stays_within_its_bounds_and_the_volume() -> None:
+    box = largest_lesion_box(box_mask())
+    assert jitter_box(box, 0.0, SHAPE, np.random.RandomState(0)) is box
+    rng = np.random.RandomState(1)
+    moved = [jitter_box(box, 0.3, SHAPE, rng) for _ in range(200)]
+    for new in moved:
+        for axis in range(3):
+            extent = box.extent[axis]
+            assert new.extent[axis] >= 1 and 0 <= new.start[axis] and new.stop[axis] <= SHAPE[axis]
+            assert abs(new.extent[axis] - extent) <= 0.3 * extent + 1
+            assert abs(new.centre[axis] - box.centre[axis]) <= 0.3 * extent + 0.3 * extent / 2 + 1
+    assert len({(b.start, b.stop) for b in moved}) > 50  # it does move
+    edge = largest_lesion_box(box_mask(((0, 4), (0, 3), (46, 50))))
+    for _ in range(50):
+        new = jitter_box(edge, 1.0, SHAPE, rng)
+        assert all(0 <= a < b <= n for a, b, n in zip(new.start, new.stop, SHAPE, strict=True))
+
+
+def test_planes_cut_around_a_given_box() -> None:
+    image, mask = coordinate_image(0), box_mask()
+    config = DataConfig(planes_frames=1, planes_size=8)
+    shifted = largest_lesion_box(box_mask(((10, 22), (10, 16), (20, 32))))
+    kwargs = {"spacing_mm": (1.0, 1.0, 1.0), "pad_value": 0.0}
+    planes = planes_from_config(image, mask, config, box=shifted, **kwargs)
+    same = planes_from_config(image, box_mask(((10, 22), (10, 16), (20, 32))), config, **kwargs)
+    assert np.array_equal(planes, same)
+    assert not np.array_equal(planes, planes_from_config(image, mask, config, **kwargs))
