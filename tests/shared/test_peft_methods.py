@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shared.adapters import (
+    Adapter,
     AdapterMismatchError,
     LoraSpec,
     adapter_parameters,
@@ -20,6 +21,7 @@ from shared.adapters import (
     fingerprint_state_dict,
     load_adapter,
     lora_specs_from_config,
+    recorded_configs,
     save_adapter,
     seg_targets,
 )
@@ -236,3 +238,16 @@ def test_opacus_gets_no_correct_per_sample_gradients_for_the_other_methods(metho
         finally:
             wrapped._close()
     assert method != "dora" and all(getattr(p, "grad_sample", None) is None for p in params)
+
+
+def test_a_manifest_from_before_adapter_method_reads_as_lora():
+    lora, fingerprint = tiny_seg("lora", targets=seg_targets(AdapterConfig()))
+    adapter = extract_adapter({"seg": lora}, base_fingerprints={"seg": fingerprint})
+    old = {k: v for k, v in adapter.manifest["peft"]["seg"].items() if k not in ("method", "options")}
+    manifest = {k: v for k, v in adapter.manifest.items() if k != "peft"}
+    legacy = Adapter(adapter.tensors, {**manifest, "lora": {"seg": old}})
+    assert recorded_configs(legacy.manifest) == adapter.manifest["peft"]
+    apply_adapter({"seg": lora}, legacy, base_fingerprints={"seg": fingerprint})
+    dora, _ = tiny_seg("dora", targets=seg_targets(AdapterConfig()))
+    with pytest.raises(AdapterMismatchError, match="method='lora'"):
+        apply_adapter({"seg": dora}, legacy, base_fingerprints={"seg": fingerprint})
