@@ -150,7 +150,7 @@ def recorded_configs(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Model prefix -> the PEFT config an adapter manifest records (:meth:`LoraSpec.describe`); a manifest written
     before ``adapter.method`` existed records ``lora`` settings without method and options, read as LoRA's."""
     entries = manifest.get("peft", manifest.get("lora")) or {}
-    legacy = {"method": "lora", "options": METHOD_OPTIONS["lora"]}
+    legacy = {"method": "lora", "options": dict(METHOD_OPTIONS["lora"])}
     return {prefix: {**legacy, **entry} for prefix, entry in entries.items() if entry is not None}
 
 
