@@ -2,13 +2,15 @@
 
 An adapter is a flat dict of float32 tensors whose names carry the model as a prefix — ``seg.`` for SAM-Med3D,
 ``cls.`` for the tri-plane classifier — followed by the parameter name in the un-wrapped base model, e.g.
-``seg.image_encoder.blocks.0.attn.qkv.lora_A.weight`` or ``seg.mask_decoder.iou_token.weight``. It holds the LoRA
-matrices and the parameters of the fully trained submodules, nothing else.
+``seg.image_encoder.blocks.0.attn.qkv.lora_A.weight`` or ``seg.mask_decoder.iou_token.weight``. It holds the PEFT
+adapter's tensors (``adapter.method``: LoRA's ``lora_A``/``lora_B``, DoRA's also ``lora_magnitude_vector``, LoHa's
+``hada_*``, LoKr's ``lokr_*``) and the parameters of the fully trained submodules, nothing else.
 
 On disk an adapter is ``NAME.safetensors`` plus ``NAME.json``, a manifest with the tensor names, shapes and
-dtypes, the LoRA settings, the fingerprints of the frozen base weights it was trained on, the fedabus version
-and the sha256 of the tensor file. Applying an adapter to a base with another fingerprint, or with other
-names or shapes, raises :class:`AdapterMismatchError`.
+dtypes, the PEFT config of each model (:meth:`LoraSpec.describe`), the fingerprints of the frozen base weights it
+was trained on, the fedabus version and the sha256 of the tensor file. Applying an adapter to a base with another
+fingerprint, to a model wrapped with another PEFT config, or with other names or shapes, raises
+:class:`AdapterMismatchError`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from shared import __version__
 from shared.atomic import atomic_write
-from shared.config import AdapterConfig
+from shared.config import ADAPTER_METHODS, SEG_TARGETS, AdapterConfig
 from shared.tensor_files import describe_mismatch, pair_paths
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ __all__ = [
     "AdapterError",
     "AdapterMismatchError",
     "LoraSpec",
+    "METHOD_OPTIONS",
     "adapter_parameters",
     "apply_adapter",
     "attach_lora",
@@ -50,8 +53,11 @@ __all__ = [
     "is_lora_a",
     "load_adapter",
     "lora_specs_from_config",
+    "recorded_configs",
+    "seg_targets",
     "save_adapter",
     "set_ffa_lora_a",
+    "spec_from_manifest",
 ]
 
 ADAPTER_FORMAT = "fedabus-adapter"
@@ -65,48 +71,126 @@ class AdapterError(ValueError):
 
 
 class AdapterMismatchError(AdapterError):
-    """An adapter does not fit the model it is applied to (base fingerprint, names or shapes)."""
+    """An adapter does not fit the model it is applied to (base fingerprint, PEFT config, names or shapes)."""
+
+
+#: The PEFT options each ``adapter.method`` passes besides rank, alpha, dropout and targets. Fixed here (not
+#: PEFT's defaults, which may change between versions) and recorded in every manifest.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "lora": {"use_dora": False},
+    "dora": {"use_dora": True},
+    "loha": {"use_effective_conv2d": False, "rank_dropout": 0.0, "module_dropout": 0.0},
+    "lokr": {
+        "use_effective_conv2d": False,
+        "decompose_both": False,
+        "decompose_factor": -1,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+    },
+}
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """How one model is adapted: LoRA on modules matching ``targets`` (a regex over full module names, matched
-    in full), plus the submodules in ``trainable`` trained entirely."""
+    """How one model is adapted: a PEFT adapter of kind ``method`` (``lora``, ``dora``, ``loha`` or ``lokr``) on
+    the modules matching ``targets`` (a regex over full module names, matched in full), plus the submodules in
+    ``trainable`` trained entirely."""
 
     rank: int = 4
     alpha: float = 4.0
     dropout: float = 0.0
     targets: str = r"image_encoder\.blocks\.\d+\.attn\.qkv"
     trainable: tuple[str, ...] = ("prompt_encoder", "mask_decoder")
+    method: str = "lora"
 
     def __post_init__(self) -> None:
+        if self.method not in ADAPTER_METHODS:
+            raise ValueError(f"adapter method {self.method!r}; allowed: {', '.join(ADAPTER_METHODS)}")
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and self.method not in ("lora", "dora"):
+            raise ValueError(f"dropout is for lora and dora only; {self.method!r} needs dropout 0")
         re.compile(self.targets)
 
     @property
     def scaling(self) -> float:
-        """PEFT's LoRA scaling ``alpha / rank``: the module computes ``W x + scaling · B A x``."""
+        """PEFT's scaling ``alpha / rank`` (every method): LoRA computes ``W x + scaling · B A x``."""
         return self.alpha / self.rank
+
+    def describe(self) -> dict[str, Any]:
+        """The PEFT config as the manifest records it (JSON types): the fields and the method's options."""
+        return {
+            **asdict(self),
+            "trainable": list(self.trainable),
+            "options": dict(METHOD_OPTIONS[self.method]),
+        }
+
+    def peft_config(self) -> Any:
+        """The PEFT config object (``LoraConfig``, ``LoHaConfig`` or ``LoKrConfig``) that applies this spec."""
+        # imported here: PEFT imports transformers (seconds)
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+        options = METHOD_OPTIONS[self.method]
+        if self.method in ("lora", "dora"):
+            return LoraConfig(
+                r=self.rank,
+                lora_alpha=self.alpha,
+                lora_dropout=self.dropout,
+                target_modules=self.targets,
+                bias="none",
+                **options,
+            )
+        config = LoHaConfig if self.method == "loha" else LoKrConfig
+        return config(r=self.rank, alpha=self.alpha, target_modules=self.targets, **options)
+
+
+def recorded_configs(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Model prefix -> the PEFT config an adapter manifest records (:meth:`LoraSpec.describe`); a manifest written
+    before ``adapter.method`` existed records ``lora`` settings without method and options, read as LoRA's."""
+    entries = manifest.get("peft", manifest.get("lora")) or {}
+    legacy = {"method": "lora", "options": dict(METHOD_OPTIONS["lora"])}
+    return {prefix: {**legacy, **entry} for prefix, entry in entries.items() if entry is not None}
+
+
+def spec_from_manifest(entry: Mapping[str, Any]) -> LoraSpec:
+    """The :class:`LoraSpec` of one entry of :func:`recorded_configs` (its ``options`` follow from the method;
+    :func:`apply_adapter` refuses the adapter if the recorded ones differ)."""
+    fields = {k: v for k, v in entry.items() if k != "options"}
+    return LoraSpec(**{**fields, "trainable": tuple(fields.get("trainable", ()))})
 
 
 def lora_specs_from_config(config: AdapterConfig) -> dict[str, LoraSpec]:
-    """The ``seg`` and ``cls`` specs described by the ``[adapter]`` config section."""
+    """The ``seg`` and ``cls`` specs described by the ``[adapter]`` config section: the server and every site
+    build their adapters from these (same run config, same structure)."""
 
     def names(csv: str) -> tuple[str, ...]:
         return tuple(n.strip() for n in csv.split(",") if n.strip())
 
-    common = {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
+    common = {
+        "rank": config.lora_rank,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "method": config.method,
+    }
     return {
-        "seg": LoraSpec(**common, targets=config.seg_lora_targets, trainable=names(config.seg_trainable)),
+        "seg": LoraSpec(**common, targets=seg_targets(config), trainable=names(config.seg_trainable)),
         "cls": LoraSpec(**common, targets=config.cls_lora_targets, trainable=names(config.cls_trainable)),
     }
 
 
+def seg_targets(config: AdapterConfig) -> str:
+    """The regex of the SAM-Med3D modules ``adapter.targets`` names (``qkv`` alone gives the regex used before
+    ``adapter.targets`` existed, so LoRA manifests from then still match)."""
+    parts = [SEG_TARGETS[name] for name in config.target_names()]
+    tail = parts[0] if len(parts) == 1 else "(" + "|".join(parts) + ")"
+    return r"image_encoder\.blocks\.\d+\." + tail
+
+
 def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
-    """Wrap a base model (weights already loaded) with PEFT LoRA; only adapter parameters require grad.
+    """Wrap a base model (weights already loaded) with the PEFT adapter of ``spec.method``; only adapter
+    parameters (and the ``trainable`` submodules) require grad.
 
     Raises ValueError when the target regex matches no module or a trainable submodule does not exist.
     """
@@ -115,16 +199,9 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
         raise ValueError(f"LoRA target regex {spec.targets!r} matches no module of {type(model).__name__}")
     for name in spec.trainable:
         model.get_submodule(name)  # raises AttributeError naming the missing module
-    from peft import LoraConfig, get_peft_model  # imported here: PEFT imports transformers (seconds)
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=spec.targets,
-        bias="none",
-    )
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, spec.peft_config())
     base = peft_model.get_base_model()
     for name in spec.trainable:
         base.get_submodule(name).requires_grad_(True)
@@ -133,8 +210,10 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
 
 
 def _canonical_name(peft_name: str) -> str:
-    """PEFT parameter name -> name in the un-wrapped model (``...qkv.lora_A.default.weight`` -> ``...qkv.lora_A.weight``)."""
-    name = peft_name.removeprefix(_PEFT_PREFIX)
+    """PEFT parameter name -> name in the un-wrapped model (``...qkv.lora_A.default.weight`` ->
+    ``...qkv.lora_A.weight``; LoHa/LoKr keep their tensors in parameter dicts: ``...qkv.hada_w1_a.default`` ->
+    ``...qkv.hada_w1_a``)."""
+    name = peft_name.removeprefix(_PEFT_PREFIX).removesuffix(f".{_ADAPTER_NAME}")
     return name.replace(f".{_ADAPTER_NAME}.", ".")
 
 
@@ -214,12 +293,12 @@ def extract_adapter(
 ) -> Adapter:
     """Collect the adapter of wrapped models (``{"seg": ..., "cls": ...}``) as one flat float32 dict."""
     tensors: dict[str, torch.Tensor] = {}
-    lora: dict[str, Any] = {}
+    peft: dict[str, Any] = {}
     for prefix, peft_model in models.items():
         for name, param in adapter_parameters(peft_model).items():
             tensors[f"{prefix}.{name}"] = param.detach().to("cpu", torch.float32).clone()
         spec = getattr(peft_model, "fedabus_lora_spec", None)
-        lora[prefix] = asdict(spec) if spec is not None else None
+        peft[prefix] = spec.describe() if spec is not None else None
     missing = set(models) - set(base_fingerprints)
     if missing:
         raise ValueError(f"no base fingerprint given for model(s) {sorted(missing)}")
@@ -230,7 +309,7 @@ def extract_adapter(
         "fedabus_version": __version__,
         "models": sorted(models),
         "base_fingerprint": {k: base_fingerprints[k] for k in sorted(models)},
-        "lora": lora,
+        "peft": peft,
         "num_parameters": adapter.num_parameters,
         "tensors": adapter.describe(),
         "metadata": dict(metadata or {}),
@@ -241,14 +320,23 @@ def extract_adapter(
 def apply_adapter(
     models: Mapping[str, PeftModel], adapter: Adapter, *, base_fingerprints: Mapping[str, str]
 ) -> None:
-    """Copy an adapter's tensors into wrapped models, after checking base fingerprints, names and shapes."""
+    """Copy an adapter's tensors into wrapped models, after checking base fingerprints, the PEFT config (when the
+    manifest records one: saved adapters do, the packed adapters of a round carry only tensors, built by server and
+    sites from one run config), names and shapes."""
     expected_fp = adapter.manifest.get("base_fingerprint", {})
-    for prefix in models:
+    recorded = recorded_configs(adapter.manifest)
+    for prefix, model in models.items():
         want, have = expected_fp.get(prefix), base_fingerprints.get(prefix)
         if want != have:
             raise AdapterMismatchError(
                 f"adapter for '{prefix}' was trained on base {want}, but this base is {have}; "
                 "every site must hold the same frozen base checkpoint"
+            )
+        spec = getattr(model, "fedabus_lora_spec", None)
+        if prefix in recorded and spec is not None and recorded[prefix] != spec.describe():
+            raise AdapterMismatchError(
+                f"adapter for '{prefix}' was made with PEFT config {_differences(recorded[prefix], spec.describe())}"
+                "; the server and every site must use the same [adapter] settings"
             )
     targets = {
         f"{prefix}.{name}": param
@@ -259,6 +347,14 @@ def apply_adapter(
     with torch.no_grad():
         for name, param in targets.items():
             param.copy_(adapter.tensors[name].to(param.device, param.dtype))
+
+
+def _differences(adapter: Mapping[str, Any], model: Mapping[str, Any]) -> str:
+    """``method='dora', rank=8, but this model's is method='lora', rank=4``: the keys on which they differ."""
+    keys = [k for k in sorted(adapter.keys() | model.keys()) if adapter.get(k) != model.get(k)]
+    ours = ", ".join(f"{k}={adapter.get(k)!r}" for k in keys)
+    theirs = ", ".join(f"{k}={model.get(k)!r}" for k in keys)
+    return f"{ours}, but this model's is {theirs}"
 
 
 def check_names_and_shapes(

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from shared.metric_names import AUC, DICE, GT_PLANES, TEST, TRAIN, VAL, dice_click_name
 
 __all__ = [
+    "ADAPTER_METHODS",
     "AdapterConfig",
     "ConfigError",
     "DataConfig",
@@ -45,6 +46,7 @@ __all__ = [
     "FederationConfig",
     "LORA_AGGREGATION_MODES",
     "PrivacyConfig",
+    "SEG_TARGETS",
 ]
 
 
@@ -78,19 +80,57 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """What is trainable and therefore travels: LoRA settings and fully trained submodules."""
+    """What is trainable and therefore travels: the PEFT adapter and the fully trained submodules.
 
+    ``method`` and the ``lora-*`` settings apply to both models (docs/training.md, "PEFT methods"); ``targets``
+    chooses the adapted linears of the SAM-Med3D image encoder, ``cls-lora-targets`` the classifier's modules.
+    """
+
+    #: PEFT method: ``lora`` (default), ``dora`` (LoRA with a trained magnitude per output), ``loha`` (low-rank
+    #: Hadamard product) or ``lokr`` (low-rank Kronecker product). Only ``lora`` works with
+    #: ``federation.lora-aggregation`` ``ffa``/``product`` and with ``privacy.sample-dp``.
+    method: str = "lora"
+    #: Rank r, alpha (scaling alpha / r) and dropout of the adapter (dropout: ``lora`` and ``dora`` only).
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_dropout: float = 0.0
-    #: Regex over SAM-Med3D module names that receive LoRA (default: every encoder block's ``attn.qkv``).
-    seg_lora_targets: str = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+    #: Comma-separated SAM-Med3D image-encoder linears adapted in every block: ``qkv`` (attention input
+    #: projection), ``proj`` (attention output projection), ``mlp`` (both MLP linears).
+    targets: str = "qkv"
     #: Comma-separated SAM-Med3D submodules trained fully (travel in the adapter).
     seg_trainable: str = "prompt_encoder,mask_decoder"
-    #: Regex over classifier module names that receive LoRA (default: every backbone convolution).
+    #: Regex over classifier module names that receive the adapter (default: every backbone convolution).
     cls_lora_targets: str = r"branches\.\w+\..*(conv\d*|downsample\.0)"
     #: Comma-separated classifier submodules trained fully.
     cls_trainable: str = "head"
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTER_METHODS:
+            raise ConfigError(f"adapter.method = {self.method!r}; allowed: {', '.join(ADAPTER_METHODS)}")
+        names = self.target_names()
+        unknown = [n for n in names if n not in SEG_TARGETS]
+        if unknown or not names:
+            raise ConfigError(
+                f"adapter.targets = {self.targets!r}; give a comma-separated subset of {', '.join(SEG_TARGETS)}"
+            )
+        if self.method in ("loha", "lokr") and self.lora_dropout != 0.0:
+            raise ConfigError(
+                f"adapter.lora-dropout = {self.lora_dropout!r}: adapter.method = {self.method!r} has no input "
+                "dropout; set it to 0 (dropout works with lora and dora)"
+            )
+
+    def target_names(self) -> tuple[str, ...]:
+        """``targets`` as names in :data:`SEG_TARGETS` order, each once (the order written does not matter)."""
+        given = {n.strip() for n in self.targets.split(",") if n.strip()}
+        return tuple(n for n in SEG_TARGETS if n in given) + tuple(sorted(given - set(SEG_TARGETS)))
+
+
+#: Values of ``adapter.method`` (the PEFT 0.21 tuners fedabus wraps, shared/adapters.py).
+ADAPTER_METHODS: tuple[str, ...] = ("lora", "dora", "loha", "lokr")
+
+#: Names of ``adapter.targets`` -> the modules of each SAM-Med3D image-encoder block they adapt (a regex over
+#: the name after ``image_encoder.blocks.<i>.``).
+SEG_TARGETS: dict[str, str] = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "mlp": r"mlp\.lin[12]"}
 
 
 @dataclass(frozen=True)
@@ -330,6 +370,22 @@ class FedabusConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        method = self.adapter.method
+        if method == "lora":
+            return
+        if self.federation.lora_aggregation != "naive":
+            raise ConfigError(
+                f"federation.lora-aggregation = {self.federation.lora_aggregation!r} works with adapter.method = "
+                f"'lora' only (it acts on LoRA's A and B matrices), not {method!r}; use 'naive' with {method!r}"
+            )
+        if self.privacy.sample_dp:
+            raise ConfigError(
+                f"privacy.sample-dp = true works with adapter.method = 'lora' only: Opacus computes no correct "
+                f"per-sample gradients for PEFT's {method!r} layers; use 'lora', or client-level DP "
+                "(privacy.client-dp), which works with every method"
+            )
 
 
 T = TypeVar("T")

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from shared.adapters import LoraSpec, apply_adapter, attach_lora, load_adapter
+from shared.adapters import apply_adapter, attach_lora, load_adapter, recorded_configs, spec_from_manifest
 from shared.base import BaseModels, load_base
 from shared.config import FedabusConfig, SiteConfig
 from shared.data.io import read_volume, write_volume
@@ -30,21 +30,21 @@ __all__ = ["CasePrediction", "adapted_models", "file_index_to_processed", "predi
 
 
 def adapted_models(base: BaseModels, adapter_path: str | Path | None) -> dict[str, torch.nn.Module]:
-    """The base models with an adapter applied (LoRA settings read from the adapter's manifest).
+    """The base models with an adapter applied (its PEFT config read from the adapter's manifest).
 
     Without an adapter the plain base models are returned (e.g. the pretrained demo base).
     """
     if adapter_path is None:
         return {"seg": base.sam, "cls": base.cls}
     adapter = load_adapter(adapter_path)
-    specs = adapter.manifest.get("lora", {})
+    specs = recorded_configs(adapter.manifest)
     models = {}
     for prefix, model in (("seg", base.sam), ("cls", base.cls)):
         spec = specs.get(prefix)
         if spec is None:
             models[prefix] = model
             continue
-        models[prefix] = attach_lora(model, LoraSpec(**{**spec, "trainable": tuple(spec["trainable"])}))
+        models[prefix] = attach_lora(model, spec_from_manifest(spec))
     present = {k: v for k, v in models.items() if specs.get(k) is not None}
     apply_adapter(present, adapter, base_fingerprints=base.fingerprints)
     return models

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shared.adapters import (
+    Adapter,
     AdapterError,
     AdapterMismatchError,
     LoraSpec,
@@ -69,7 +70,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(loaded.tensors[name], tensor), name
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     assert manifest["base_fingerprint"] == {"seg": fp}
-    assert manifest["lora"]["seg"]["rank"] == 4
+    assert manifest["peft"]["seg"]["rank"] == 4 and manifest["peft"]["seg"]["method"] == "lora"
     assert manifest["num_parameters"] == adapter.num_parameters
     assert manifest["metadata"] == {"round": 3}
     assert {t["name"] for t in manifest["tensors"]} == set(adapter.tensors)
@@ -89,13 +90,17 @@ def test_wrong_base_or_shapes_are_refused(tmp_path):
     with pytest.raises(AdapterMismatchError, match="trained on base"):
         apply_adapter({"seg": other}, adapter, base_fingerprints={"seg": other_fp})
     rank8, _ = small_seg(spec=LoraSpec(rank=8))
+    with pytest.raises(AdapterMismatchError, match=r"PEFT config rank=4, but this model's is rank=8"):
+        apply_adapter({"seg": rank8}, adapter, base_fingerprints={"seg": fp})
+    # Tensors without a recorded PEFT config (a round's packed adapter): names and shapes are checked.
+    bare = Adapter(adapter.tensors, {"base_fingerprint": {"seg": fp}})
     with pytest.raises(
         AdapterMismatchError, match=r"shape mismatch: seg\.image_encoder\.blocks\.0\.attn\.qkv\.lora_A"
     ):
-        apply_adapter({"seg": rank8}, adapter, base_fingerprints={"seg": fp})
+        apply_adapter({"seg": rank8}, bare, base_fingerprints={"seg": fp})
     no_decoder, _ = small_seg(spec=LoraSpec(trainable=("prompt_encoder",)))
     with pytest.raises(AdapterMismatchError, match="unexpected: seg.mask_decoder"):
-        apply_adapter({"seg": no_decoder}, adapter, base_fingerprints={"seg": fp})
+        apply_adapter({"seg": no_decoder}, bare, base_fingerprints={"seg": fp})
 
 
 def test_corrupt_or_foreign_files_are_refused(tmp_path):
