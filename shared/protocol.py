@@ -173,8 +173,11 @@ def _check_compression(compression: str) -> None:
 
 def record_encoding(record: ArrayRecord) -> str:
     """The ``federation.compression`` a record was written with, read from its packed arrays' dtypes (float32:
-    ``none``, float16: ``fp16``, int8: ``int8``); ``unknown (...)`` for anything else."""
+    ``none``, float16: ``fp16``, int8: ``int8``); ``unknown (...)`` for anything else. float64 counts as ``none``
+    too: FedAdam's global adapter is float64 after its first step, and receivers read it as float32."""
     dtypes = {np.dtype(record[key].dtype) for key in record.keys() if "/" not in key}
+    if dtypes == {np.dtype(np.float64)}:
+        return "none"
     for name, dtype in _WIRE_DTYPES.items():
         if dtypes == {dtype}:
             return name
