@@ -167,3 +167,16 @@ def test_fedadam_s_float64_global_adapter_still_reaches_the_sites(compression):
     for message in strategy.configure_train(2, agg, ConfigRecord(), nodes):
         got = record_to_adapter(message.content[ARRAYS], layout_of(_global()), compression=compression)
         assert all(t.dtype == torch.float32 for t in got.values())
+
+
+def test_payload_bytes_reach_each_site_s_run_and_their_total_the_parent_run():
+    from server.reports import RoundReport
+
+    strategy, messages = _round("int8")
+    strategy.aggregate_train(1, [_site_reply(m, 0.01, "int8") for m in messages])
+    report = RoundReport.from_site_metrics(1, training=strategy.last_train_metrics)
+    per_site = [report.site_metrics(site)["train/upload_bytes"] for site in report.sites]
+    assert len(per_site) == 3 and all(b > 0 for b in per_site)
+    parent = report.parent_metrics()
+    assert parent["global/train/upload_bytes_total"] == pytest.approx(sum(per_site))
+    assert parent["global/train/download_bytes_total"] == 3 * payload_bytes(messages[0].content[ARRAYS])
