@@ -64,16 +64,18 @@ def _round(
     return built, messages
 
 
-def _site_reply(message: Message, delta: float, compression: str, *, examples: float = 10) -> Message:
+def _site_reply(message: Message, delta: float, compression: str, *, mode: str = "naive") -> Message:
     """What a site sends: it decodes the global adapter, adds ``delta`` everywhere and encodes its update."""
-    received = record_to_adapter(message.content[ARRAYS], layout_of(_global()), compression=compression)
+    received = record_to_adapter(
+        message.content[ARRAYS], layout_of(_global()), mode=mode, compression=compression
+    )
     update = {name: t + delta for name, t in received.items()}
-    record, _ = update_to_record(update, received, compression=compression)
+    record, _ = update_to_record(update, received, mode=mode, compression=compression)
     node = message.metadata.dst_node_id
     content = RecordDict(
         {
             ARRAYS: record,
-            METRICS: MetricRecord({NUM_EXAMPLES: examples, "train/seg_loss": 0.5}),
+            METRICS: MetricRecord({NUM_EXAMPLES: 10, "train/seg_loss": 0.5}),
             SITE: ConfigRecord({SITE_ID: f"site-{node}", SERVER_ROUND: 1}),
         }
     )
@@ -180,3 +182,19 @@ def test_payload_bytes_reach_each_site_s_run_and_their_total_the_parent_run():
     parent = report.parent_metrics()
     assert parent["global/train/upload_bytes_total"] == pytest.approx(sum(per_site))
     assert parent["global/train/download_bytes_total"] == 3 * payload_bytes(messages[0].content[ARRAYS])
+
+
+def test_ffa_with_int8_scales_only_what_travels():
+    built = build_strategy(FederationConfig(min_sites=2, lora_aggregation="ffa", compression="int8"))
+    layout = layout_of(_global())
+    built.adapter_layout = layout
+    messages = list(
+        built.configure_train(1, adapter_to_record(_global(), mode="ffa"), ConfigRecord(), FakeGrid([1, 2]))
+    )
+    sent = messages[0].content[ARRAYS]
+    assert sent["seg/scale"].numpy().shape == (2,)  # lora_B and head; no lora_A travels
+    replies = [_site_reply(m, 0.01, "int8", mode="ffa") for m in messages]
+    agg, _ = built.aggregate_train(1, replies)
+    got = record_to_adapter(agg, layout, mode="ffa")
+    assert "seg.qkv.lora_A.weight" not in got
+    torch.testing.assert_close(got["seg.head"], _global()["seg.head"] + 0.01, atol=0.01 / 127, rtol=0)
