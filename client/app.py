@@ -36,7 +36,6 @@ from shared.protocol import (
     SITE,
     SITE_ID,
     SPLIT,
-    adapter_to_record,
     num_cases_key,
 )
 
@@ -84,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = site_settings(dict(context.node_config), config)
     server_round = int(round_config.get(SERVER_ROUND, 0))  # every train reply says which round it answers
     try:
-        update, metrics, site = run_train(
+        record, metrics, site = run_train(
             settings,
             config,
             msg.content[ARRAYS],
@@ -100,7 +99,6 @@ def train(msg: Message, context: Context) -> Message:
         )
     except BudgetSpent as exc:
         return _reply(msg, exc.metrics, exc.site, extra={DECLINED: str(exc), SERVER_ROUND: server_round})
-    record = adapter_to_record(update, mode=config.federation.lora_aggregation)
     return _reply(msg, metrics, site, arrays=record, extra={SERVER_ROUND: server_round})
 
 

@@ -4,7 +4,12 @@ The global adapter arrives packed (:mod:`shared.protocol`); it is unpacked with 
 adapter, so a record built from another base or other adapter settings is refused before training. Under
 ``federation.lora-aggregation = ffa`` the site sets every LoRA A to the shared frozen value
 (:func:`shared.adapters.ffa_lora_a`, from ``train.seed`` and the base fingerprint) and freezes it: the record
-holds no A, and the update sends none."""
+holds no A, and the update sends none.
+
+Train messages travel as ``federation.compression`` says (:mod:`shared.protocol`, "Compression"): the global
+adapter is decoded with it, and under ``fp16``/``int8`` the update goes back as the difference from the adapter
+received plus the residual kept in the site's state folder (:mod:`client.error_feedback`). Evaluate messages
+always carry the exact float32 adapter (``none``)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.egress import eval_metric_keys, outgoing_adapter, outgoing_metrics, train_metric_keys
+from client.error_feedback import load_residual, save_residual
 from client.site_setup import SITE_SETUP
 from shared.adapters import (
     Adapter,
@@ -32,7 +38,7 @@ from shared.device import resolve_device
 from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.planning import RoundPlan, plan_private_round
-from shared.protocol import Layout, layout_of, record_to_adapter, travelling_layout
+from shared.protocol import layout_of, record_to_adapter, update_to_record
 from shared.training.site import SiteData, evaluate_site, train_site
 
 __all__ = [
@@ -171,9 +177,11 @@ def open_site_of(settings: SiteSettings, config: FedabusConfig, *, run: str = ""
     return SITE_SETUP.site(settings, config, run=run)
 
 
-def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord) -> tuple[dict, Layout]:
-    """The site's models with the global adapter applied, and the layout (name -> shape) of what travels under
-    ``federation.lora-aggregation`` (the trainable adapter tensors)."""
+def _models(
+    base: BaseModels, config: FedabusConfig, global_record: ArrayRecord, *, compression: str = "none"
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The site's models with the global adapter applied, and the adapter tensors received (float32, decoded
+    from ``compression``): the ones that travel under ``federation.lora-aggregation``."""
     specs = lora_specs_from_config(config.adapter)
     # The global adapter overwrites every fully trained parameter: they are allocated, not copied.
     working = working_copy(base, specs, empty=True)
@@ -188,11 +196,11 @@ def _models(base: BaseModels, config: FedabusConfig, global_record: ArrayRecord)
     )
     if mode == "ffa":
         set_ffa_lora_a(models, seed=config.train.seed, base_fingerprints=base.fingerprints, freeze=True)
-    tensors = record_to_adapter(global_record, layout, mode=mode)
+    tensors = record_to_adapter(global_record, layout, mode=mode, compression=compression)
     adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
     apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
     check_filled(working)
-    return models, travelling_layout(layout, mode)
+    return models, tensors
 
 
 def run_train(
@@ -204,15 +212,16 @@ def run_train(
     server_round: int,
     num_rounds: int = 1,
     run: str = "",
-) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
-    """Train from the global adapter; returns (checked update, checked metrics, site name).
+) -> tuple[ArrayRecord, dict[str, float], str]:
+    """Train from the global adapter; returns (the checked update as its reply record, checked metrics, site name).
 
     Under sample-level DP the round is planned against the site's ledger first; :class:`BudgetSpent` when
     it would exceed the site's budget (nothing is trained)."""
     settings.apply_threads()
     base, site = _setup(settings, config, fingerprint, run)
     plan, ledger = _privacy_plan(settings, config, site, num_rounds, server_round, run)
-    models, layout = _models(base, config, global_record)
+    compression = config.federation.compression
+    models, received = _models(base, config, global_record, compression=compression)
     device = resolve_device(settings.device)
     seed = config.train.seed * 1_000_003 + server_round
     metrics = train_site(
@@ -227,7 +236,31 @@ def run_train(
     )
     update = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
     keys = train_metric_keys(config.privacy.sample_dp)
-    return outgoing_adapter(update, layout), outgoing_metrics(metrics, keys), site.name
+    checked = outgoing_adapter(update, layout_of(received))
+    return _reply_record(settings, config, checked, received, run), outgoing_metrics(metrics, keys), site.name
+
+
+def _reply_record(
+    settings: SiteSettings,
+    config: FedabusConfig,
+    update: dict[str, torch.Tensor],
+    received: dict[str, torch.Tensor],
+    run: str,
+) -> ArrayRecord:
+    """The update encoded for the server; under a lossy ``federation.compression`` with the residual of the site's
+    last update added, and the new residual kept for the next one (:mod:`client.error_feedback`)."""
+    compression, mode = config.federation.compression, config.federation.lora_aggregation
+    residual = (
+        load_residual(settings.state_dir, layout_of(update), run=run, compression=compression)
+        if compression != "none"
+        else None
+    )
+    record, residual = update_to_record(
+        update, received, mode=mode, compression=compression, residual=residual
+    )
+    if residual is not None:
+        save_residual(settings.state_dir, residual, run=run, compression=compression)
+    return record
 
 
 def _privacy_plan(

@@ -5,7 +5,9 @@ wrappers (clipping, noise) see it (:meth:`server.strategies.FedabusHooks.admit_u
 refused, with a reason that names what is wrong, when
 
 * **layout**: its arrays are not exactly the global adapter's (names, lengths) or not float32, or the reply
-  holds other array or metric records than the one of each that Flower aggregates;
+  holds other array or metric records than the one of each that Flower aggregates; under a
+  ``federation.compression`` the update is decoded before (:meth:`server.strategies.FedabusHooks.admit_updates`)
+  and one that cannot be (another encoding or layout) is refused with the decoder's reason;
 * **values**: an array holds NaN or Inf;
 * **round**: it does not say which round it answers, or answers another round (stale or replayed), or the
   site already sent an update this round (a second reply from one site: replayed or impersonated);
@@ -65,13 +67,15 @@ class Candidate:
 
     ``arrays``: the update's arrays by name (the packed adapter, one flat array per model); ``metrics``: its
     metric record; ``server_round``: the round the reply says it answers (None: it says none); ``records``:
-    the names of the reply's array and metric records (Flower aggregates exactly one of each)."""
+    the names of the reply's array and metric records (Flower aggregates exactly one of each); ``problem``: why
+    its update could not be decoded (``federation.compression``), None when it was or needed no decoding."""
 
     site: str
     server_round: int | None
     arrays: Mapping[str, np.ndarray]
     metrics: Mapping[str, float]
     records: tuple[tuple[str, ...], tuple[str, ...]] = (("arrays",), ("metrics",))
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,9 @@ def _first_problem(
         return f"the reply answers round {candidate.server_round}, not this round (stale or replayed)"
     if candidate.site in seen:
         return f"a second update from this site in round {server_round} (replayed?)"
-    return _layout_problem(candidate.arrays, reference) or check_metrics(candidate.metrics)
+    return (
+        candidate.problem or _layout_problem(candidate.arrays, reference) or check_metrics(candidate.metrics)
+    )
 
 
 def admit(

@@ -110,13 +110,17 @@ _STATE_LEDGER = "client-dp/ledger"
 DP_LORA_AGGREGATION = ("naive", "ffa")
 
 
-def check_client_dp(privacy: PrivacyConfig, strategy: str, lora_aggregation: str = "naive") -> str:
-    """Validate the client-level DP settings against the aggregation strategy and ``federation.lora-aggregation``;
-    returns the mode (or ``off``).
+def check_client_dp(
+    privacy: PrivacyConfig, strategy: str, lora_aggregation: str = "naive", compression: str = "none"
+) -> str:
+    """Validate the client-level DP settings against the aggregation strategy, ``federation.lora-aggregation`` and
+    ``federation.compression``; returns the mode (or ``off``).
 
     Raises :class:`~shared.config.ConfigError` naming the setting: an unknown mode, a noise multiplier below 0,
-    a clip norm not above 0, a δ outside (0, 1), a strategy whose aggregate the noise cannot protect, or a LoRA
-    aggregation outside :data:`DP_LORA_AGGREGATION`.
+    a clip norm not above 0, a δ outside (0, 1), a strategy whose aggregate the noise cannot protect, a LoRA
+    aggregation outside :data:`DP_LORA_AGGREGATION`, or site-side clipping (``client-*``) with a compressed
+    uplink (Flower's clipping mod measures ``reply − request`` on the arrays as they travel; server-side clipping
+    sees the decoded update and works with any compression).
     """
     mode = privacy.client_dp.strip().lower()
     if mode == "off":
@@ -149,6 +153,13 @@ def check_client_dp(privacy: PrivacyConfig, strategy: str, lora_aggregation: str
             f"{mode!r}: the SVD re-factorisation is a non-linear map of the clipped updates, so the noise would not "
             f"give the reported ε. Use federation.lora-aggregation = {' or '.join(map(repr, DP_LORA_AGGREGATION))} "
             "with client-level DP, or set privacy.client-dp = 'off'."
+        )
+    if mode.startswith("client-") and compression != "none":
+        raise ConfigError(
+            f"federation.compression = {compression!r} cannot be combined with privacy.client-dp = {mode!r}: the "
+            "sites' clipping mod measures the update on the arrays as they travel, which are encoded. Use "
+            "federation.compression = 'none' with site-side clipping, or a server-side mode (server-fixed, "
+            "server-adaptive)."
         )
     if z == 0:
         log(

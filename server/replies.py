@@ -93,9 +93,12 @@ def updates_of(
     return with_update
 
 
-def candidate_of(message: Message, recipients: Recipients | None = None) -> Candidate:
+def candidate_of(
+    message: Message, recipients: Recipients | None = None, problem: str | None = None
+) -> Candidate:
     """A reply that carries an update (see :func:`updates_of`), as :func:`server.admission.admit` checks it: the
-    site, the round it says it answers (``server-round`` in its ``site`` record), its arrays and metrics."""
+    site, the round it says it answers (``server-round`` in its ``site`` record), its arrays and metrics, and
+    ``problem``, why its update could not be decoded (None: it was, or needed no decoding)."""
     content = message.content
     site_record = content.config_records.get(SITE, {})
     raw_round = site_record.get(SERVER_ROUND)
@@ -107,4 +110,5 @@ def candidate_of(message: Message, recipients: Recipients | None = None) -> Cand
         arrays={name: array.numpy() for name, array in content.array_records[ARRAYS].items()},
         metrics=dict(metrics.items()),
         records=(tuple(content.array_records), tuple(content.metric_records)),
+        problem=problem,
     )

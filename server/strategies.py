@@ -14,6 +14,9 @@ lives elsewhere (server/admission.py, server/lora_aggregation.py, server/privacy
   every message and log line, so a resumed run continues its numbering;
 * skip client evaluation on rounds off the evaluation interval;
 * drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
+* encode the global adapter of train messages and decode every update as ``federation.compression`` says
+  (:mod:`shared.protocol`), so admission and every strategy see packed float32 arrays; the bytes sent each way are
+  logged per site (``train/upload_bytes``, ``train/download_bytes``);
 * admit every update before the strategy (or client-level DP's clipping) sees it (:mod:`server.admission`:
   layout, finite values, the round it answers, metric ranges, norm bounds); a refused one is logged with its
   site and reason, kept in ``last_refusals`` for tracking and never aggregated, and a round left with fewer than
@@ -59,9 +62,19 @@ from server.lora_aggregation import product_aggregate
 from server.replies import Recipients, candidate_of, metrics_by_site, site_of, updates_of
 from server.round_numbering import RoundNumbering
 from shared.adapters import AdapterMismatchError
-from shared.config import LORA_AGGREGATION_MODES, ConfigError, FederationConfig, PrivacyConfig
-from shared.metric_names import LORA_DISCARDED_ENERGY
-from shared.protocol import ARRAYS, METRICS, NUM_EXAMPLES, adapter_to_record, record_to_adapter
+from shared.config import COMPRESSIONS, LORA_AGGREGATION_MODES, ConfigError, FederationConfig, PrivacyConfig
+from shared.metric_names import DOWNLOAD_BYTES, LORA_DISCARDED_ENERGY, TRAIN, UPLOAD_BYTES, metric_key
+from shared.protocol import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    adapter_to_record,
+    encode_record,
+    payload_bytes,
+    record_encoding,
+    record_to_adapter,
+    record_to_update,
+)
 
 __all__ = [
     "LORA_AGGREGATION_SUPPORT",
@@ -151,6 +164,12 @@ class FedabusHooks:
     lora_scaling: dict[str, float] | None = None
     #: Parent-run metrics of the last aggregation (``federation/lora_discarded_energy``); set per round.
     last_aggregation_metrics: dict[str, float] | None = None
+    #: ``federation.lora-aggregation`` and ``federation.compression`` (set by :func:`build_strategy`).
+    lora_aggregation: str = "naive"
+    compression: str = "none"
+    #: Bytes of the last train round: the global adapter sent to each site, each site's update as received.
+    _download_bytes: float = 0.0
+    _upload_bytes: dict[str, float] = {}
 
     def _eligible(self, online: list[int]) -> tuple[list[int], list[int]]:
         """``(admitted, connecting)`` among the ``online`` nodes: admitted sites that may be sampled, and
@@ -215,9 +234,16 @@ class FedabusHooks:
         # Flower's configure_train (and FedProx's mu, FedOpt's current arrays) samples from the admitted view.
         view = self._admitted_view(grid, self.fraction_train)
         self.admission_reference = arrays
-        return self._remember(
-            list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
-        )
+        messages = list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
+        sent = arrays
+        if messages and self.compression != "none":
+            sent = encode_record(
+                arrays, self.adapter_layout or {}, mode=self.lora_aggregation, compression=self.compression
+            )
+            for msg in messages:
+                msg.content[ARRAYS] = sent
+        self._download_bytes = float(payload_bytes(sent))
+        return self._remember(messages)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round = self.rounds.federation(server_round)
@@ -238,7 +264,8 @@ class FedabusHooks:
             )
         if self._admitted[0] != server_round:
             self._admitted = (server_round, frozenset())
-        candidates = [candidate_of(msg, self.recipients) for msg in with_update]
+        undecodable = self._decode_updates(with_update)
+        candidates = [candidate_of(msg, self.recipients, undecodable.get(id(msg))) for msg in with_update]
         reference = {name: array.numpy() for name, array in self.admission_reference.items()}
         decision = admit(
             candidates,
@@ -266,10 +293,40 @@ class FedabusHooks:
             return []
         return admitted
 
+    def _decode_updates(self, with_update: list[Message]) -> dict[int, str]:
+        """Replace each update in place by the packed float32 adapter it encodes (``federation.compression``,
+        :func:`shared.protocol.record_to_update`) and note its bytes as received; returns ``{id(message): reason}``
+        of the updates that cannot be decoded (another encoding or layout: admission refuses them). Under ``none``
+        only a record in a lossy encoding is looked at (refused, naming both); admission checks the rest."""
+        self._upload_bytes, problems = {}, {}
+        for msg in with_update:
+            record = msg.content[ARRAYS]
+            self._upload_bytes[site_of(msg, self.recipients)] = float(payload_bytes(record))
+            encoding = record_encoding(record)
+            if self.compression == "none" and (encoding == "none" or encoding not in COMPRESSIONS):
+                continue  # admission checks layout and dtype as without compression
+            try:
+                msg.content[ARRAYS] = record_to_update(
+                    record,
+                    self.admission_reference,
+                    self.adapter_layout or {},
+                    mode=self.lora_aggregation,
+                    compression=self.compression,
+                )
+            except AdapterMismatchError as exc:
+                problems[id(msg)] = str(exc)
+        return problems
+
     def train_metrics_of(self, replies: list[Message]) -> dict[str, dict[str, float]]:
-        """Per-site training metrics of ``replies``, leaving out those of refused updates (not trusted)."""
+        """Per-site training metrics of ``replies``, leaving out those of refused updates (not trusted), with the
+        round's payload bytes (:data:`~shared.metric_names.UPLOAD_BYTES`, :data:`~shared.metric_names.DOWNLOAD_BYTES`)."""
         refused = {id(msg) for msg in self._refused_replies}
-        return metrics_by_site([msg for msg in replies if id(msg) not in refused], self.recipients)
+        metrics = metrics_by_site([msg for msg in replies if id(msg) not in refused], self.recipients)
+        for site, values in metrics.items():
+            values[metric_key(DOWNLOAD_BYTES, split=TRAIN)] = self._download_bytes
+            if site in self._upload_bytes:
+                values[metric_key(UPLOAD_BYTES, split=TRAIN)] = self._upload_bytes[site]
+        return metrics
 
     @contextmanager
     def admitted_upstream(self) -> Iterator[None]:
@@ -494,7 +551,10 @@ def build_strategy(
             f"unknown strategy {federation.strategy!r}; expected one of {sorted(STRATEGIES)}"
         ) from None
     lora_mode = check_lora_aggregation(federation)
-    dp_mode = client_dp.check_client_dp(privacy, name, lora_mode) if privacy is not None else "off"
+    compression = federation.compression
+    dp_mode = (
+        client_dp.check_client_dp(privacy, name, lora_mode, compression) if privacy is not None else "off"
+    )
     min_sites = federation.min_sites
     common: dict[str, Any] = {
         "fraction_train": federation.fraction_train,
@@ -523,6 +583,8 @@ def build_strategy(
     strategy.admission_limits = AdmissionLimits.from_config(federation)
     strategy.last_refusals = {}
     strategy.last_aggregation_metrics = {}
+    strategy.lora_aggregation, strategy.compression = lora_mode, compression
+    strategy._upload_bytes = {}
     if dp_mode == "off" or privacy is None:
         return strategy
     return client_dp.wrap_with_client_dp(strategy, privacy, num_sampled_sites=min_sites)

@@ -45,6 +45,7 @@ __all__ = [
     "TrainConfig",
     "FederationConfig",
     "LORA_AGGREGATION_MODES",
+    "COMPRESSIONS",
     "PrivacyConfig",
     "SEG_TARGETS",
 ]
@@ -310,17 +311,27 @@ class FederationConfig:
     #: sites read this key too) or ``product`` (ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ re-factorised to the global rank by SVD;
     #: fedavg and fedprox without client-level DP only).
     lora_aggregation: str = "naive"
+    #: How the adapter travels in train messages, both directions (:mod:`shared.protocol`, "Compression";
+    #: docs/performance.md, "Payload"): ``none`` (float32, exact), ``fp16`` (cast to float16, half the bytes) or
+    #: ``int8`` (per-tensor symmetric int8 with a float32 scale per tensor, a quarter of the bytes; max abs error
+    #: scale / 2 per tensor). Under ``fp16``/``int8`` a site sends the difference from the adapter it received and
+    #: carries its quantisation residual into the next round (error feedback). Sites read this key too; a record of
+    #: another encoding is refused. Client-side clipping (``privacy.client-dp = client-*``) needs ``none``.
+    compression: str = "none"
 
     def __post_init__(self) -> None:
-        if self.lora_aggregation not in LORA_AGGREGATION_MODES:
-            raise ConfigError(
-                f"federation.lora-aggregation = {self.lora_aggregation!r}; allowed: "
-                + ", ".join(LORA_AGGREGATION_MODES)
-            )
+        for key, value, allowed in (
+            ("lora-aggregation", self.lora_aggregation, LORA_AGGREGATION_MODES),
+            ("compression", self.compression, COMPRESSIONS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"federation.{key} = {value!r}; allowed: " + ", ".join(allowed))
 
 
 #: Values of ``federation.lora-aggregation``.
 LORA_AGGREGATION_MODES: tuple[str, ...] = ("naive", "ffa", "product")
+#: Values of ``federation.compression``.
+COMPRESSIONS: tuple[str, ...] = ("none", "fp16", "int8")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ __all__ = [
     "TEST_WEIGHT_METRIC",
     "TRAIN",
     "TRAIN_WEIGHT_METRIC",
+    "DOWNLOAD_BYTES",
+    "UPLOAD_BYTES",
     "VAL",
     "aggregate_key",
     "ci_names",
@@ -102,6 +104,12 @@ REFUSED_UPDATES_METRIC = "federation/refused_updates"
 LORA_DISCARDED_ENERGY = "federation/lora_discarded_energy"
 
 # ----------------------------------------------------------------------------------------------- metric names
+#: Payload of one train round per site, in bytes of array data (server/strategies.py measures them, logged as
+#: ``train/upload_bytes`` and ``train/download_bytes`` in the site's run; their sum over sites on the parent run
+#: as ``global/train/..._total``): the update the site sent, as it travelled (``federation.compression``), and
+#: the global adapter the site was sent.
+UPLOAD_BYTES = "upload_bytes"
+DOWNLOAD_BYTES = "download_bytes"
 #: Mean Dice after the last click round.
 DICE = "dice"
 #: Mean HD95 in millimetres over the cases where it is defined (see :func:`shared.metrics.hd95_mm`).
@@ -222,6 +230,9 @@ DIRECTIONS: dict[str, Direction] = {
     # Client-level DP on the parent run, produced by server/privacy.py.
     CLIENT_EPSILON: "lower",
     CLIENT_EPSILON_NO_AMPLIFICATION: "lower",
+    # Payload bytes of a round (server/strategies.py): additive, so summed over sites.
+    UPLOAD_BYTES: "count",
+    DOWNLOAD_BYTES: "count",
     # Whole keys: the example counts.
     NUM_EXAMPLES: "count",
     EVAL_WEIGHT_METRIC: "count",

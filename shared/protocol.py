@@ -17,6 +17,23 @@ every adapter tensor under ``naive`` and ``product``; under ``ffa`` everything b
 every site and the server derive from the same seed (:func:`shared.adapters.ffa_lora_a`) and never change.
 Both ends must use the same mode; a record packed under another mode has other sizes and is refused, naming
 the key.
+
+Compression (``federation.compression``, train messages in both directions; evaluation and the final test always
+send ``none``): each packed float32 array of ``n`` elements travels as
+
+* ``none``: float32 ``(n,)``, exact (4 bytes per element);
+* ``fp16``: float16 ``(n,)`` (2 bytes per element; relative error <= 2⁻¹¹, values beyond ±65504 are refused);
+* ``int8``: int8 ``(n,)`` plus ``<model>/scale``, float32 ``(tensors,)``: one symmetric scale per adapter tensor
+  (sorted name order), ``scale = max|x| / 127``, ``x ≈ q · scale``; max abs error scale / 2 per tensor.
+
+The record says its own encoding: the arrays' dtypes (:func:`record_encoding`), and a receiver refuses a record
+whose encoding is not its ``federation.compression``, naming both. Server -> site, the global adapter is encoded
+as is (:func:`adapter_to_record`, :func:`encode_record`). Site -> server (:func:`update_to_record`,
+:func:`record_to_update`) ``none`` sends the updated adapter itself (exact, today's bytes); a lossy encoding sends
+the difference from the adapter the site received plus the residual the site kept from its last update (error
+feedback: what quantisation lost is sent next round, so the sum of the decoded updates tracks the sum of the true
+ones within one step's quantisation error), and the server adds the decoded difference to the exact global
+adapter it sent. The server decodes before admission: admission and every strategy see float32 as with ``none``.
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from shared.adapters import AdapterMismatchError, is_lora_a
-from shared.config import LORA_AGGREGATION_MODES
+from shared.config import COMPRESSIONS, LORA_AGGREGATION_MODES
 from shared.metric_names import NUM_EXAMPLES
 from shared.tensor_files import describe_mismatch
 
@@ -46,10 +63,16 @@ __all__ = [
     "SITE_ID",
     "SPLIT",
     "adapter_to_record",
+    "decode_record",
+    "encode_record",
     "layout_of",
     "num_cases_key",
+    "payload_bytes",
+    "record_encoding",
     "record_to_adapter",
+    "record_to_update",
     "travelling_layout",
+    "update_to_record",
 ]
 
 # Records of a message.
@@ -118,49 +141,215 @@ def _packed_sizes(layout: Layout) -> dict[str, tuple[int, ...]]:
     }
 
 
-def adapter_to_record(tensors: Mapping[str, torch.Tensor], *, mode: str = "naive") -> ArrayRecord:
-    """Adapter tensors -> ``ArrayRecord`` with one flat float32 array per model prefix (see module docstring);
-    only the tensors that travel under ``mode`` (:func:`travelling_layout`) are packed."""
-    sending = travelling_layout(layout_of(tensors), mode)
+#: The dtype of the packed arrays under each ``federation.compression``.
+_WIRE_DTYPES = {"none": np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+#: Largest finite float16.
+_FP16_MAX = 65504.0
+
+
+def _scale_key(prefix: str) -> str:
+    """Record key of the per-tensor float32 scales of model ``prefix``'s int8 array."""
+    return f"{prefix}/scale"
+
+
+def _wire_shapes(wanted: Layout, compression: str) -> dict[str, tuple[int, ...]]:
+    """Record key -> shape of what travels for the (travelling) layout ``wanted`` under ``compression``."""
+    shapes = _packed_sizes(wanted)
+    if compression == "int8":
+        for prefix, names in _groups(list(wanted)).items():
+            shapes[_scale_key(prefix)] = (len(names),)
+    return shapes
+
+
+def _tensor_sizes(wanted: Layout, prefix: str) -> list[int]:
+    """Element counts of model ``prefix``'s tensors, in packing order."""
+    return [math.prod(wanted[n]) for n in _groups(list(wanted))[prefix]]
+
+
+def _check_compression(compression: str) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"federation.compression = {compression!r}; allowed: {', '.join(COMPRESSIONS)}")
+
+
+def record_encoding(record: ArrayRecord) -> str:
+    """The ``federation.compression`` a record was written with, read from its packed arrays' dtypes (float32:
+    ``none``, float16: ``fp16``, int8: ``int8``); ``unknown (...)`` for anything else. float64 counts as ``none``
+    too: FedAdam's global adapter is float64 after its first step, and receivers read it as float32."""
+    dtypes = {np.dtype(record[key].dtype) for key in record.keys() if "/" not in key}
+    if dtypes == {np.dtype(np.float64)}:
+        return "none"
+    for name, dtype in _WIRE_DTYPES.items():
+        if dtypes == {dtype}:
+            return name
+    return f"unknown ({', '.join(sorted(map(str, dtypes)))})"
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of the arrays' serialised data in ``record`` (what Flower transfers, headers included)."""
+    return sum(len(record[key].data) for key in record.keys())
+
+
+def encode_record(
+    packed: ArrayRecord, layout: Layout, *, mode: str = "naive", compression: str
+) -> ArrayRecord:
+    """A packed float32 record (:func:`adapter_to_record` with ``none``) -> the record ``compression`` sends.
+
+    ``layout`` is the whole adapter layout (per-tensor int8 scales follow its :func:`travelling_layout`). Raises
+    ValueError when a value does not fit float16 (``fp16``): use ``int8`` or ``none``."""
+    _check_compression(compression)
+    if compression == "none":
+        return packed
+    wanted = travelling_layout(layout, mode)
+    out = {}
+    for prefix in packed.keys():
+        flat = torch.from_numpy(np.ascontiguousarray(packed[prefix].numpy(), dtype=np.float32))
+        if compression == "fp16":
+            if flat.numel() and float(flat.abs().max()) > _FP16_MAX:
+                raise ValueError(
+                    f"model {prefix!r}: a value beyond ±{_FP16_MAX:g} does not fit federation.compression = "
+                    "'fp16'; use 'int8' or 'none'"
+                )
+            out[prefix] = Array(flat.to(torch.float16).numpy())
+            continue
+        sizes = _tensor_sizes(wanted, prefix)
+        scales = torch.stack(
+            [c.abs().max() if c.numel() else c.new_zeros(()) for c in torch.split(flat, sizes)]
+        )
+        scales = scales / 127.0
+        per_element = torch.repeat_interleave(torch.where(scales > 0, scales, 1.0), torch.tensor(sizes))
+        out[prefix] = Array(torch.round(flat / per_element).clamp(-127, 127).to(torch.int8).numpy())
+        out[_scale_key(prefix)] = Array(scales.numpy())
+    return ArrayRecord(out)
+
+
+def decode_record(
+    record: ArrayRecord, layout: Layout, *, mode: str = "naive", compression: str
+) -> ArrayRecord:
+    """A received record -> the packed float32 record (one array per model) it encodes.
+
+    Raises :class:`~shared.adapters.AdapterMismatchError` when the record is encoded otherwise than this run's
+    ``compression`` (naming both), or does not fit ``layout`` under ``mode`` (naming the key and sizes)."""
+    _check_compression(compression)
+    found_encoding = record_encoding(record)
+    if found_encoding != compression:
+        raise AdapterMismatchError(
+            f"received adapter is encoded as federation.compression = {found_encoding!r}, but this run uses "
+            f"federation.compression = {compression!r}: the server and every site must run with the same "
+            "federation.compression"
+        )
+    wanted = travelling_layout(layout, mode)
+    found = {key: tuple(record[key].shape) for key in record.keys()}
+    problems = describe_mismatch(_wire_shapes(wanted, compression), found)
+    if problems:
+        raise AdapterMismatchError(
+            f"received adapter does not fit this model's adapter layout under federation.lora-aggregation = "
+            f"{mode!r} (packed sizes per model): "
+            + "; ".join(problems)
+            + _mode_hint(layout, mode, found, compression)
+        )
+    if compression == "none":
+        return record
+    out = {}
+    for prefix in _groups(list(wanted)):
+        values = torch.from_numpy(np.ascontiguousarray(record[prefix].numpy())).to(torch.float32)
+        if compression == "int8":
+            scales = torch.from_numpy(
+                np.ascontiguousarray(record[_scale_key(prefix)].numpy(), dtype=np.float32)
+            )
+            values = values * torch.repeat_interleave(scales, torch.tensor(_tensor_sizes(wanted, prefix)))
+        out[prefix] = Array(values.numpy())
+    return ArrayRecord(out)
+
+
+def adapter_to_record(
+    tensors: Mapping[str, torch.Tensor], *, mode: str = "naive", compression: str = "none"
+) -> ArrayRecord:
+    """Adapter tensors -> ``ArrayRecord`` with one flat array per model prefix (see module docstring), float32
+    or as ``compression`` encodes it; only the tensors that travel under ``mode`` (:func:`travelling_layout`) are
+    packed."""
+    layout = layout_of(tensors)
+    sending = travelling_layout(layout, mode)
     packed = {}
     for prefix, names in _groups(list(sending)).items():
         flat = [tensors[n].detach().to("cpu", torch.float32).reshape(-1) for n in names]
         packed[prefix] = Array(torch.cat(flat).numpy())
-    return ArrayRecord(packed)
+    return encode_record(ArrayRecord(packed), layout, mode=mode, compression=compression)
 
 
-def record_to_adapter(record: ArrayRecord, layout: Layout, *, mode: str = "naive") -> dict[str, torch.Tensor]:
+def record_to_adapter(
+    record: ArrayRecord, layout: Layout, *, mode: str = "naive", compression: str = "none"
+) -> dict[str, torch.Tensor]:
     """``ArrayRecord`` of :func:`adapter_to_record` -> the adapter tensors (float32) that travel under ``mode``.
 
     ``layout`` is the receiver's whole adapter layout; the result holds its :func:`travelling_layout` (under
     ``ffa`` no LoRA ``A``: the receiver holds those itself). Raises
     :class:`~shared.adapters.AdapterMismatchError` when the record's arrays do not fit (other models, other
     sizes: the sender built its adapter from another base, other adapter settings or another
-    ``federation.lora-aggregation``)."""
+    ``federation.lora-aggregation``) or are encoded otherwise than ``compression`` (:func:`decode_record`)."""
     wanted = travelling_layout(layout, mode)
-    groups = _groups(list(wanted))
-    found = {key: tuple(record[key].shape) for key in record.keys()}
-    problems = describe_mismatch(_packed_sizes(wanted), found)
-    if problems:
-        raise AdapterMismatchError(
-            f"received adapter does not fit this model's adapter layout under federation.lora-aggregation = "
-            f"{mode!r} (packed sizes per model): " + "; ".join(problems) + _mode_hint(layout, mode, found)
-        )
+    packed = decode_record(record, layout, mode=mode, compression=compression)
     out: dict[str, torch.Tensor] = {}
-    for prefix, names in groups.items():
-        flat = torch.from_numpy(np.ascontiguousarray(record[prefix].numpy(), dtype=np.float32))
+    for prefix, names in _groups(list(wanted)).items():
+        flat = torch.from_numpy(np.ascontiguousarray(packed[prefix].numpy(), dtype=np.float32))
         sizes = [math.prod(wanted[n]) for n in names]
         for name, chunk in zip(names, torch.split(flat, sizes), strict=True):
             out[name] = chunk.reshape(wanted[name]).clone()
     return out
 
 
-def _mode_hint(layout: Layout, mode: str, found: Mapping[str, tuple[int, ...]]) -> str:
+def update_to_record(
+    update: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    *,
+    mode: str = "naive",
+    compression: str = "none",
+    residual: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[ArrayRecord, dict[str, torch.Tensor] | None]:
+    """Site -> server: the record of a site's updated adapter, and the residual to carry into the next round.
+
+    ``update`` and ``received`` (the global adapter as this site decoded it) hold the travelling tensors (float32,
+    same names and shapes). Under ``none`` the record holds ``update`` itself and the residual is None. Under a
+    lossy encoding it holds ``v = update − received + residual`` (``residual`` None: zeros) and the new residual
+    is ``v − decode(record)`` (the quantisation error, to add next round)."""
+    if compression == "none":
+        return adapter_to_record(update, mode=mode), None
+    value = {
+        name: update[name].detach().float() - received[name].float() + (residual[name] if residual else 0.0)
+        for name in update
+    }
+    record = adapter_to_record(value, mode=mode, compression=compression)
+    sent = record_to_adapter(record, layout_of(value), mode=mode, compression=compression)
+    return record, {name: value[name] - sent[name] for name in value}
+
+
+def record_to_update(
+    record: ArrayRecord,
+    reference: ArrayRecord,
+    layout: Layout,
+    *,
+    mode: str = "naive",
+    compression: str = "none",
+) -> ArrayRecord:
+    """Server: a site's reply record -> the packed float32 updated adapter (what admission and the strategies
+    see). ``reference`` is the packed float32 global adapter the server sent this round; under a lossy encoding
+    the decoded difference is added to it. Raises as :func:`decode_record`."""
+    decoded = decode_record(record, layout, mode=mode, compression=compression)
+    if compression == "none":
+        return decoded
+    return ArrayRecord(
+        {
+            key: Array(reference[key].numpy().astype(np.float32) + decoded[key].numpy())
+            for key in decoded.keys()
+        }
+    )
+
+
+def _mode_hint(layout: Layout, mode: str, found: Mapping[str, tuple[int, ...]], compression: str) -> str:
     """``; it fits federation.lora-aggregation = '...'`` when the record was packed under another mode."""
     fits = [
         other
         for other in LORA_AGGREGATION_MODES
-        if other != mode and _packed_sizes(travelling_layout(layout, other)) == dict(found)
+        if other != mode and _wire_shapes(travelling_layout(layout, other), compression) == dict(found)
     ]
     if not fits:
         return ""

@@ -241,3 +241,26 @@ def test_ffa_site_trains_b_only_and_refuses_a_record_of_another_mode(federation)
     assert any(".lora_B." in name for name in update)
     with pytest.raises(AdapterMismatchError, match="fits federation.lora-aggregation = 'naive'"):
         client_app.train(_message(federation, MessageType.TRAIN), _context(federation, run=run))
+
+
+def test_int8_site_decodes_the_global_adapter_sends_its_difference_and_keeps_the_residual(
+    federation, tmp_path
+):
+    from client.error_feedback import RESIDUAL_FILE
+    from shared.adapters import AdapterMismatchError
+
+    run = {"federation.compression": "int8"}
+    context = _context(federation, run=run, node={"state-dir": str(tmp_path)})
+    tensors = federation["adapter"].tensors
+    layout = layout_of(tensors)
+    message = _message(federation, MessageType.TRAIN)
+    message.content[ARRAYS] = adapter_to_record(tensors, compression="int8")
+    reply = client_app.train(message, context)
+    sent = reply.content[ARRAYS]
+    assert sorted(sent.keys()) == ["cls", "cls/scale", "seg", "seg/scale"]
+    assert {sent[k].numpy().dtype.name for k in ("seg", "cls")} == {"int8"}
+    difference = record_to_adapter(sent, layout, compression="int8")
+    assert any(float(t.abs().max()) > 0 for t in difference.values()), "training changed nothing"
+    assert (tmp_path / RESIDUAL_FILE).is_file()  # error feedback for the next round of this run
+    with pytest.raises(AdapterMismatchError, match="encoded as federation.compression = 'none'.*'int8'"):
+        client_app.train(_message(federation, MessageType.TRAIN), context)
