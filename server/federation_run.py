@@ -79,10 +79,11 @@ def _resume(
 ) -> FederationTracker:
     """Continue after the checkpoint's round: its MLflow run, strategy state and round numbering."""
     fed = config.federation
+    # The state first: a missing client-level DP journal refuses the resume before the MLflow run is reopened.
+    strategy.set_state(state.strategy_state)
     tracker = FederationTracker.resume(state.mlflow_run_id, tracking_uri=fed.tracking_uri, default_dir=work)
     if "round_report" in state.extra:
         tracker.log_round(RoundReport.from_json(state.extra["round_report"]))
-    strategy.set_state(state.strategy_state)
     strategy.rounds = RoundNumbering(done_before=state.server_round)
     log(INFO, "Resuming after round %d from %s", state.server_round, state.path)
     return tracker
