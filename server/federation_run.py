@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from server.checkpoint import CheckpointState, ServerCheckpoint
 from server.final_test import TestedAdapter, run_final_test
 from server.handshake import SiteVetting
+from server.privacy import ClientPrivacyBudgetSpent
 from server.reports import RoundReport
 from server.round_end import RoundEnd, write_json
 from server.round_numbering import RoundNumbering
@@ -78,10 +79,11 @@ def _resume(
 ) -> FederationTracker:
     """Continue after the checkpoint's round: its MLflow run, strategy state and round numbering."""
     fed = config.federation
+    # The state first: a missing client-level DP journal refuses the resume before the MLflow run is reopened.
+    strategy.set_state(state.strategy_state)
     tracker = FederationTracker.resume(state.mlflow_run_id, tracking_uri=fed.tracking_uri, default_dir=work)
     if "round_report" in state.extra:
         tracker.log_round(RoundReport.from_json(state.extra["round_report"]))
-    strategy.set_state(state.strategy_state)
     strategy.rounds = RoundNumbering(done_before=state.server_round)
     log(INFO, "Resuming after round %d from %s", state.server_round, state.path)
     return tracker
@@ -168,20 +170,27 @@ class FederationRun:
 
     def run(self) -> None:
         """Train the rounds still to do, test once (``federation.final-test``), close the MLflow run and save
-        ``final_adapter`` and ``chosen_adapter`` in the work folder."""
+        ``final_adapter`` and ``chosen_adapter`` in the work folder.
+
+        A round that would exceed ``privacy.client-epsilon-budget`` is not started
+        (:class:`~server.privacy.ClientPrivacyBudgetSpent`): the run is recorded as stopped there and ends
+        normally, with the final test of the rounds done."""
         remaining = self.strategy.rounds.remaining(self.num_rounds)
         if remaining > 0:
-            self.strategy.start(
-                grid=self.grid,
-                initial_arrays=adapter_to_record(
-                    self.round_end.global_adapter.tensors, mode=self.config.federation.lora_aggregation
-                ),
-                num_rounds=remaining,
-                timeout=self.config.federation.round_timeout,
-                train_config=self.round_config,
-                evaluate_config=self.round_end.evaluate_config,
-                evaluate_fn=self.round_end,
-            )
+            try:
+                self.strategy.start(
+                    grid=self.grid,
+                    initial_arrays=adapter_to_record(
+                        self.round_end.global_adapter.tensors, mode=self.config.federation.lora_aggregation
+                    ),
+                    num_rounds=remaining,
+                    timeout=self.config.federation.round_timeout,
+                    train_config=self.round_config,
+                    evaluate_config=self.round_end.evaluate_config,
+                    evaluate_fn=self.round_end,
+                )
+            except ClientPrivacyBudgetSpent as stop:
+                self.round_end.record_stop(stop.record())
         else:
             log(INFO, "All %d rounds were already done; nothing to train", self.num_rounds)
         if self.config.federation.final_test:

@@ -35,6 +35,10 @@ Decisions fedabus takes where Flower leaves them open:
 * **Admission first.** Every update passes the wrapped strategy's admission (:mod:`server.admission`) before it
   is clipped; a refused update is dropped and, like a failed site, counts as a zero update (the denominator
   stays the number of sampled sites).
+* **Budget stop.** With ``privacy.client-epsilon-budget`` > 0, every round is checked after its sites are
+  sampled and before any message goes out: if the ε after its release (at this round's sampling rate) would exceed
+  the budget, :class:`ClientPrivacyBudgetSpent` ends the run there, so the last round run is the last one under
+  budget. Spent releases are journalled (:mod:`server.privacy_accountant`), so a resumed run continues them.
 * **Client-side clipping is checked.** In ``client-*`` modes the server measures every update and clips again any
   that exceeds ``C`` (a site without the clipping mod), with a warning.
 
@@ -73,12 +77,14 @@ from shared.metric_names import (
     PRIVACY,
     metric_key,
 )
+from shared.privacy.ledger import exceeds_budget
 from shared.protocol import ARRAYS, METRICS
 
 __all__ = [
     "CLIENT_DP_WRAPPERS",
     "DP_STRATEGIES",
     "ClientDPHooks",
+    "ClientPrivacyBudgetSpent",
     "FixedDenominatorMean",
     "DP_LORA_AGGREGATION",
     "check_client_dp",
@@ -160,6 +166,12 @@ def check_client_dp(
             "sites' clipping mod measures the update on the arrays as they travel, which are encoded. Use "
             "federation.compression = 'none' with site-side clipping, or a server-side mode (server-fixed, "
             "server-adaptive)."
+        )
+    budget = privacy.client_epsilon_budget
+    if z == 0 and budget > 0:
+        raise ConfigError(
+            f"privacy.client-epsilon-budget = {budget!r} with privacy.client-noise-multiplier = 0: without noise "
+            "one release already spends ε = inf, so no round fits the budget; set a noise multiplier > 0"
         )
     if z == 0:
         log(
@@ -244,6 +256,37 @@ class FixedDenominatorMean:
         return arrays, metrics
 
 
+# ------------------------------------------------------------------------------------------ the budget stop
+class ClientPrivacyBudgetSpent(RuntimeError):
+    """Releasing round ``server_round`` would take the client-level ε above ``privacy.client-epsilon-budget``;
+    raised before any message of that round is sent, so the run ends after round ``server_round − 1``."""
+
+    reason = "client-privacy-budget"
+
+    def __init__(
+        self, *, server_round: int, epsilon_spent: float, epsilon_after: float, budget: float, delta: float
+    ) -> None:
+        self.server_round, self.epsilon_spent, self.epsilon_after = server_round, epsilon_spent, epsilon_after
+        self.budget, self.delta = budget, delta
+        super().__init__(
+            f"Client-level DP budget: round {server_round} is not started; its release would take ε from "
+            f"{epsilon_spent:.4g} to {epsilon_after:.4g} (δ = {delta:g}), above privacy.client-epsilon-budget = "
+            f"{budget:g}. The run ends after round {server_round - 1} with ε = {epsilon_spent:.4g} spent."
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The stop as JSON values (``summary.json`` ``stopped``, MLflow tags)."""
+        return {
+            "reason": self.reason,
+            "round": self.server_round,
+            "epsilon_spent": self.epsilon_spent,
+            "epsilon_after_round": self.epsilon_after,
+            "budget": self.budget,
+            "delta": self.delta,
+            "message": str(self),
+        }
+
+
 # ------------------------------------------------------------------------------------------ the wrapper
 @dataclass(frozen=True)
 class _RoundPlan:
@@ -282,6 +325,8 @@ class ClientDPHooks:
     #: The configured σ (the adaptive wrappers keep their larger update-noise multiplier in noise_multiplier).
     client_noise_multiplier: float = 0.0
     client_accountant: ClientPrivacyAccountant
+    #: ``privacy.client-epsilon-budget`` (``inf``: no budget).
+    client_epsilon_budget: float = math.inf
     noise_rng: np.random.Generator
     last_noise_std: float | None = None
     last_clipping_norm: float | None = None
@@ -311,9 +356,34 @@ class ClientDPHooks:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         population = self.strategy.last_sample_population or len(messages)
         rate = min(1.0, len(messages) / population) if messages else 0.0
+        if messages:
+            self._check_budget(self.rounds.federation(server_round), rate)
         self.num_sampled_clients = max(1, len(messages))
         self._plan = _RoundPlan(arrays, clipping_norm, rate)
         return messages
+
+    def _check_budget(self, server_round: int, sample_rate: float) -> None:
+        """Raise :class:`ClientPrivacyBudgetSpent` when the release of ``server_round`` at sampling rate ``q``
+        would take ε above :attr:`client_epsilon_budget` (tolerance of :func:`~shared.privacy.ledger.exceeds_budget`)."""
+        if math.isinf(self.client_epsilon_budget):
+            return
+        accountant = self.client_accountant
+        after = accountant.epsilon_after(self.client_noise_multiplier, sample_rate)
+        if exceeds_budget(after, self.client_epsilon_budget):
+            raise ClientPrivacyBudgetSpent(
+                server_round=server_round,
+                epsilon_spent=accountant.epsilon(),
+                epsilon_after=after,
+                budget=self.client_epsilon_budget,
+                delta=accountant.delta,
+            )
+        log(
+            INFO,
+            "Round %d: client-level ε will be %.4g after it, within privacy.client-epsilon-budget = %g",
+            server_round,
+            after,
+            self.client_epsilon_budget,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -495,5 +565,6 @@ def wrap_with_client_dp(strategy: Any, privacy: PrivacyConfig, *, num_sampled_si
     wrapped.client_dp_mode = mode
     wrapped.client_noise_multiplier = float(z)
     wrapped.client_accountant = ClientPrivacyAccountant(privacy.client_delta)
+    wrapped.client_epsilon_budget = privacy.client_epsilon_budget or math.inf
     wrapped.noise_rng = np.random.default_rng()
     return wrapped

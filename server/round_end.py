@@ -113,6 +113,15 @@ class RoundEnd:
         self._log_progress(report, flower_round, actual)
         return None
 
+    def record_stop(self, stop: dict[str, Any]) -> None:
+        """The run ends before round ``stop["round"]`` for ``stop["reason"]`` (e.g. ``client-privacy-budget``):
+        a WARNING with ``stop["message"]``, ``stopped`` in ``summary.json`` and the parent run's
+        ``fedabus.stop_*`` tags (:meth:`~server.tracking.FederationTracker.log_stop`)."""
+        log(WARNING, "%s", stop["message"])
+        self.summary["stopped"] = dict(stop)
+        write_json(self.summary_path, self.summary)
+        self.tracker.log_stop(stop)
+
     def _evaluate_start(self, arrays: ArrayRecord) -> None:
         """Round 0 of a fresh run: every site evaluates the starting adapter on validation (a candidate like any
         round)."""

@@ -14,7 +14,9 @@ What ends up where (experiment ``fedabus`` by default)::
                  federation/round; step = round; after the last round global/test/<metric>_mean at the step
                  of each tested adapter
       tags       fedabus.refused_updates.round-<r>: "site: reason; ..." in a round where admission refused
-                 updates (also under "refused" in summary/rounds.json)
+                 updates (also under "refused" in summary/rounds.json); fedabus.stop_reason,
+                 fedabus.stopped_before_round, fedabus.stop_message when the run ended early (e.g. at the
+                 client-level DP budget; also "stopped" in the work folder's summary.json)
       artifacts  config/run_config.json, summary/rounds.json (updated every round), plots/dice.png,
                  plots/auc.png, adapters/final.{safetensors,json}, adapters/best.{safetensors,json}
     nested run per site (tags fedabus.site=<site>, mlflow.parentRunId=<parent>), created when the site
@@ -96,6 +98,10 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_TESTED = "fedabus.tested_rounds"
 #: Parent-run tag ``fedabus.refused_updates.round-<r>``: the sites whose update admission refused, with reasons.
 TAG_REFUSED = "fedabus.refused_updates"
+#: Parent-run tags of a run that ended before its last round (:meth:`FederationTracker.log_stop`).
+TAG_STOP_REASON = "fedabus.stop_reason"
+TAG_STOPPED_BEFORE = "fedabus.stopped_before_round"
+TAG_STOP_MESSAGE = "fedabus.stop_message"
 ROLE_FEDERATION = "federation"
 ROLE_SITE = "site"
 
@@ -465,6 +471,18 @@ class FederationTracker:
         manifest = dict(adapter.manifest)
         manifest["metadata"] = {**manifest.get("metadata", {}), **dict(metadata or {})}
         save_adapter(Adapter(adapter.tensors, manifest), folder / name)
+
+    def log_stop(self, stop: Mapping[str, Any]) -> None:
+        """Tag the parent run with why and before which round the run ended early (``stop``: ``reason``,
+        ``round``, ``message``, as :meth:`server.round_end.RoundEnd.record_stop` receives it)."""
+        from mlflow.entities import RunTag
+
+        tags = {
+            TAG_STOP_REASON: str(stop["reason"]),
+            TAG_STOPPED_BEFORE: str(stop["round"]),
+            TAG_STOP_MESSAGE: str(stop["message"])[:MAX_TAG_VALUE],
+        }
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def finish(
         self,

@@ -369,6 +369,16 @@ class PrivacyConfig:
     client_clip_norm: float = 1.0
     #: δ of client-level DP (choose below 1 / number of sites).
     client_delta: float = 1e-5
+    #: Client-level ε budget of the federation across rounds (and resumes, through the server's journal): a round
+    #: whose release would take ε above it is not started and the run ends there (docs/privacy.md). 0: no budget.
+    client_epsilon_budget: float = 0.0
+
+    def __post_init__(self) -> None:
+        budget = self.client_epsilon_budget
+        if not (math.isfinite(budget) and budget >= 0):
+            raise ConfigError(
+                f"privacy.client-epsilon-budget = {budget!r} must be a finite number >= 0 (0: no budget)"
+            )
 
 
 @dataclass(frozen=True)

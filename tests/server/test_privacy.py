@@ -18,8 +18,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from server.privacy import update_norm
-from server.privacy_accountant import ClientPrivacyAccountant
+from server.privacy import ClientPrivacyBudgetSpent, update_norm
+from server.privacy_accountant import ClientPrivacyAccountant, ClientPrivacyJournalError
 from server.round_numbering import RoundNumbering
 from server.strategies import FedabusHooks, build_strategy
 from shared.config import ConfigError, FederationConfig, PrivacyConfig
@@ -357,17 +357,22 @@ def test_rounds_are_accounted_at_sampled_over_eligible_sites():
     assert 0 < metrics["privacy/client_epsilon"] < metrics["privacy/client_epsilon_no_amplification"]
 
 
+def clipped_reply(node: int, msg: Message) -> Message:
+    """A site's train reply: the global adapter plus a fixed update of norm 0.5 (clipped at the site)."""
+    sent = msg.content[ARRAYS]
+    update = {k: sent[k].numpy() + direction(node, 0.5)[k] for k in SIZES}
+    site = ConfigRecord({"site-id": f"s{node}", "server-round": msg.content[CONFIG]["server-round"]})
+    content = {METRICS: MetricRecord({NUM_EXAMPLES: node}), ARRAYS: packed(update), SITE: site}
+    return Message(RecordDict(content), reply_to=msg)
+
+
 def test_federation_loop_reports_epsilon_after_every_round():
     strategy = dp_strategy("client-fixed", sigma=1.0, clip=0.5, min_sites=2)
     strategy.noise_rng = np.random.default_rng(0)
 
     def train_reply(node, msg):
         assert msg.content[CONFIG][KEY_CLIPPING_NORM] == pytest.approx(0.5)
-        sent = msg.content[ARRAYS]
-        update = {k: sent[k].numpy() + direction(node, 0.5)[k] for k in SIZES}
-        site = ConfigRecord({"site-id": f"s{node}", "server-round": msg.content[CONFIG]["server-round"]})
-        content = {METRICS: MetricRecord({NUM_EXAMPLES: node}), ARRAYS: packed(update), SITE: site}
-        return Message(RecordDict(content), reply_to=msg)
+        return clipped_reply(node, msg)
 
     epsilons = []
 
@@ -441,3 +446,152 @@ def test_the_journal_keeps_releases_the_checkpoint_missed(tmp_path):
     with pytest.raises(ValueError, match="unreadable client-level DP journal"):
         ClientPrivacyAccountant(1e-5).keep_journal(journal)
     assert journal.read_text(encoding="utf-8") == "not json"
+
+
+# ------------------------------------------------------------------------------------------ budget stop
+def epsilons_after_rounds(rounds: int, sigma: float = 1.0, delta: float = 1e-5) -> list[float]:
+    """ε after 1, 2, ..., ``rounds`` releases at rate 1 (every site sampled), straight from the accountant."""
+    accountant = ClientPrivacyAccountant(delta)
+    out = []
+    for _ in range(rounds):
+        accountant.compose(sigma, 1.0)
+        out.append(accountant.epsilon())
+    return out
+
+
+def budget_strategy(budget: float, journal: Path | None = None, done_before: int = 0):
+    """Server-fixed client DP (σ 1, two sites) with ``privacy.client-epsilon-budget = budget``."""
+    privacy = PrivacyConfig(
+        client_dp="server-fixed", client_noise_multiplier=1.0, client_epsilon_budget=budget
+    )
+    strategy = build_strategy(FederationConfig(min_sites=2), privacy=privacy)
+    strategy.noise_rng = np.random.default_rng(0)
+    if journal is not None:
+        strategy.keep_privacy_journal(journal)
+    strategy.rounds = RoundNumbering(done_before=done_before)
+    return strategy
+
+
+def run_rounds(strategy, num_rounds: int) -> list[int]:
+    """Run Flower's loop on two fake sites; the federation rounds whose adapter was released."""
+    done = []
+    strategy.start(
+        grid=FakeGrid([1, 2], clipped_reply),
+        initial_arrays=packed(0.0),
+        num_rounds=num_rounds,
+        evaluate_fn=lambda r, _: done.append(strategy.rounds.federation(r)) if r else None,
+    )
+    return done
+
+
+@pytest.mark.parametrize("where", ["at", "between"])
+def test_budget_stop_round_is_the_last_round_under_budget(where):
+    eps = epsilons_after_rounds(4)
+    budget = eps[2] if where == "at" else (eps[2] + eps[3]) / 2  # round 3 fits (exactly, or with room)
+    strategy = budget_strategy(budget)
+    done = []
+    with pytest.raises(ClientPrivacyBudgetSpent) as stop:
+        strategy.start(
+            grid=FakeGrid([1, 2], clipped_reply),
+            initial_arrays=packed(0.0),
+            num_rounds=10,
+            evaluate_fn=lambda r, _: done.append(r) if r else None,
+        )
+    assert done == [1, 2, 3] and strategy.client_accountant.releases == 3
+    assert stop.value.server_round == 4
+    assert stop.value.epsilon_spent == pytest.approx(eps[2]) and stop.value.epsilon_spent <= budget * (
+        1 + 1e-9
+    )
+    assert stop.value.epsilon_after == pytest.approx(eps[3]) and stop.value.epsilon_after > budget
+    record = stop.value.record()
+    assert record["reason"] == "client-privacy-budget" and record["round"] == 4
+    message = str(stop.value)
+    assert "round 4 is not started" in message and f"privacy.client-epsilon-budget = {budget:g}" in message
+    assert f"{eps[2]:.4g}" in message and f"{eps[3]:.4g}" in message
+
+
+def test_no_budget_and_a_budget_no_round_fits():
+    assert run_rounds(budget_strategy(0.0), 3) == [1, 2, 3]  # 0: no budget, as before
+    with pytest.raises(ClientPrivacyBudgetSpent, match="round 1 is not started"):
+        run_rounds(budget_strategy(epsilons_after_rounds(1)[0] / 2), 3)
+
+
+def test_resume_continues_the_spent_budget_from_the_journal(tmp_path):
+    journal = tmp_path / "client_privacy_journal.json"
+    eps = epsilons_after_rounds(4)
+    budget = (eps[2] + eps[3]) / 2
+    first = budget_strategy(budget, journal)
+    assert run_rounds(first, 2) == [1, 2]
+    checkpoint = first.get_state()
+
+    resumed = budget_strategy(budget, journal, done_before=2)
+    resumed.set_state(checkpoint)
+    with pytest.raises(ClientPrivacyBudgetSpent) as stop:
+        assert run_rounds(resumed, 8) == [3]
+    assert stop.value.server_round == 4 and stop.value.epsilon_spent == pytest.approx(eps[2])
+    saved = json.loads(journal.read_text(encoding="utf-8"))
+    assert saved["format"] == "fedabus-client-privacy-journal" and saved["releases"] == [[1.0, 1.0]] * 3
+
+
+def test_resume_without_the_journal_is_refused_and_names_the_file(tmp_path):
+    journal = tmp_path / "client_privacy_journal.json"
+    first = budget_strategy(100.0, journal)
+    run_rounds(first, 2)
+    checkpoint = first.get_state()
+    journal.unlink()
+
+    resumed = budget_strategy(100.0, journal, done_before=2)
+    with pytest.raises(ClientPrivacyJournalError, match=re.escape(f"{journal}: missing")):
+        resumed.set_state(checkpoint)
+    assert not journal.exists()
+    draft = tmp_path / "client_privacy_journal.json.from-checkpoint"
+    assert json.loads(draft.read_text(encoding="utf-8"))["releases"] == [[1.0, 1.0]] * 2
+    draft.rename(journal)  # the operator's deliberate act: no release after the checkpoint
+    resumed.set_state(checkpoint)
+    assert resumed.client_accountant.releases == 2
+
+    fresh = budget_strategy(100.0, tmp_path / "other.json")  # a checkpoint without releases needs no journal
+    fresh.set_state({**checkpoint, "client-dp/ledger": []})
+    assert fresh.client_accountant.releases == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("not json", "Expecting value"),
+        ('{"format": "fedabus-privacy-ledger", "releases": []}', "format 'fedabus-privacy-ledger'"),
+        ('{"format_version": 99, "releases": []}', "format_version 99"),
+        ('{"releases": [[-1.0, 1.0]]}', "noise multiplier -1.0"),
+        ('{"releases": [[1.0, 0.0]]}', "sampling rate 0.0"),
+        ('{"delta": 1e-05}', "'releases'"),
+    ],
+)
+def test_a_corrupt_journal_is_a_clear_error_naming_the_file_and_is_kept(tmp_path, content, problem):
+    journal = tmp_path / "client_privacy_journal.json"
+    journal.write_text(content, encoding="utf-8")
+    with pytest.raises(ClientPrivacyJournalError) as error:
+        budget_strategy(3.0, journal)
+    assert str(error.value).startswith(f"{journal}: unreadable client-level DP journal")
+    assert problem in str(error.value) and "restore it from a backup" in str(error.value)
+    assert journal.read_text(encoding="utf-8") == content
+
+
+@pytest.mark.parametrize("budget", [-1.0, math.inf, math.nan])
+def test_invalid_budgets_are_refused(budget):
+    with pytest.raises(ConfigError, match=re.escape(f"privacy.client-epsilon-budget = {budget!r}")):
+        PrivacyConfig(client_epsilon_budget=budget)
+
+
+def test_the_budget_key_is_read_from_the_run_config_and_needs_noise():
+    from shared.config import load_run_config
+
+    config = load_run_config({"privacy.client-dp": "server-fixed", "privacy.client-epsilon-budget": 2.5})
+    assert config.privacy.client_epsilon_budget == 2.5
+    dp_strategy("server-fixed", sigma=0.0)  # σ 0 without a budget: allowed (clipping only, with a warning)
+    with pytest.raises(ConfigError, match="no round fits the budget"):
+        build_strategy(
+            FederationConfig(min_sites=1),
+            privacy=PrivacyConfig(
+                client_dp="server-fixed", client_noise_multiplier=0.0, client_epsilon_budget=1.0
+            ),
+        )

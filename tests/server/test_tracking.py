@@ -603,3 +603,42 @@ def test_refused_updates_are_a_parent_metric_and_a_tag_with_site_and_reason(expe
     parent = tracker.client.get_run(tracker.run_id)
     assert parent.data.metrics["federation/refused_updates"] == 1.0
     assert parent.data.tags["fedabus.refused_updates.round-1"] == "site-b: array 'seg' holds NaN or Inf"
+
+
+def test_an_early_stop_is_a_warning_a_summary_entry_and_parent_tags(experiment: str, tmp_path: Path):
+    from flwr.app import ConfigRecord
+
+    from server.round_end import RoundEnd
+
+    tracker = start(experiment, upload_summary_every_round=False)
+    adapter = Adapter({"seg.w": torch.zeros(2)})
+    end = RoundEnd(
+        grid=None,
+        strategy=None,
+        tracker=tracker,
+        checkpoints=None,
+        initial=adapter,
+        global_adapter=adapter,
+        best=None,
+        flat_config={},
+        resumable_keys=(),
+        select_metric="dice_1click",
+        num_rounds=5,
+        round_timeout=1.0,
+        evaluate_config=ConfigRecord({}),
+        summary_path=tmp_path / "summary.json",
+        summary={"rounds_done": 3},
+    )
+    stop = {
+        "reason": "client-privacy-budget",
+        "round": 4,
+        "epsilon_spent": 2.9,
+        "message": "round 4 is not started",
+    }
+    end.record_stop(stop)
+    assert json.loads(end.summary_path.read_text()) == {"rounds_done": 3, "stopped": stop}
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert (
+        tags["fedabus.stop_reason"] == "client-privacy-budget" and tags["fedabus.stopped_before_round"] == "4"
+    )
+    assert tags["fedabus.stop_message"] == "round 4 is not started"
