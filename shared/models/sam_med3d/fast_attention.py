@@ -147,7 +147,8 @@ def _attention_mask(
 ) -> torch.Tensor | None:
     """Float additive mask (N, h, n, n [+1]): rel-pos bias on the n real keys, ``logS`` on the virtual key.
 
-    Computed with autocast off in float32 (float64 for float64 inputs); None when there is nothing to add.
+    Computed with autocast off in float32 (float64 for float64 inputs), rows aligned for CUDA's fused kernel
+    (:func:`_aligned_mask`); None when there is nothing to add.
     """
     n = math.prod(real)
     padded_keys = window_size**3 - n
@@ -156,14 +157,30 @@ def _attention_mask(
         if not attn.use_rel_pos:
             if not padded_keys:
                 return None
-            mask = torch.zeros(n, n + 1, dtype=dtype, device=q.device)
-            mask[:, n] = math.log(padded_keys)
-            return mask
+            bias = torch.zeros(n, n, dtype=dtype, device=q.device)
+            return _aligned_mask(bias, torch.full((n, 1), math.log(padded_keys), dtype=dtype, device=q.device))
         t1, g2, g3 = _rel_pos_terms(attn, q.to(dtype), q0.to(dtype), real, window_size)
         bias = _real_key_bias(t1, g2, g3, real)
         if not padded_keys:
-            return bias
-        return torch.cat([bias, _padded_log_mass(t1, g2, g3, real, window_size)], dim=-1)
+            return _aligned_mask(bias)
+        return _aligned_mask(bias, _padded_log_mass(t1, g2, g3, real, window_size))
+
+
+#: Row stride (in elements) at which CUDA's memory-efficient SDPA kernel reads a float mask in place; torch copies
+#: a mask with any other row stride into a padded one before every call (``preprocess_mask`` in ATen).
+MASK_ALIGNMENT = 8
+
+
+def _aligned_mask(*blocks: torch.Tensor) -> torch.Tensor:
+    """The key-column blocks (..., n, k_i) side by side as one mask (..., n, Σk_i) whose rows start at multiples
+    of :data:`MASK_ALIGNMENT` elements: a view of a zero-padded buffer, built with the one concatenation the mask
+    needs anyway. The values are exactly those of ``torch.cat(blocks, -1)``."""
+    width = sum(block.shape[-1] for block in blocks)
+    pad = -width % MASK_ALIGNMENT
+    if not pad:
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+    filler = blocks[0].new_zeros(*blocks[0].shape[:-1], pad)
+    return torch.cat([*blocks, filler], dim=-1)[..., :width]
 
 
 def _rel_pos_terms(
