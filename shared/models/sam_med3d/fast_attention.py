@@ -158,7 +158,9 @@ def _attention_mask(
             if not padded_keys:
                 return None
             bias = torch.zeros(n, n, dtype=dtype, device=q.device)
-            return _aligned_mask(bias, torch.full((n, 1), math.log(padded_keys), dtype=dtype, device=q.device))
+            return _aligned_mask(
+                bias, torch.full((n, 1), math.log(padded_keys), dtype=dtype, device=q.device)
+            )
         t1, g2, g3 = _rel_pos_terms(attn, q.to(dtype), q0.to(dtype), real, window_size)
         bias = _real_key_bias(t1, g2, g3, real)
         if not padded_keys:

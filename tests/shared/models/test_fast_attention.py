@@ -293,4 +293,6 @@ def test_masks_reach_sdpa_with_rows_aligned_for_the_fused_cuda_kernel(monkeypatc
     checked = [m for m in masks if m is not None]
     assert masks and (checked or not use_rel_pos)
     for mask in checked:
-        assert mask.stride(-1) == 1 and all(s % fast_attention.MASK_ALIGNMENT == 0 for s in mask.stride()[:-1])
+        assert mask.stride(-1) == 1 and all(
+            s % fast_attention.MASK_ALIGNMENT == 0 for s in mask.stride()[:-1]
+        )
