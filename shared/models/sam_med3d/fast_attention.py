@@ -40,7 +40,7 @@ from torch import nn
 
 from .common import get_rel_pos
 
-__all__ = ["padded_window_attention"]
+__all__ = ["MASK_ALIGNMENT", "fused_kernel_layout", "padded_window_attention"]
 
 #: One run of equal windows along an axis: (first token index, number of windows, real extent in tokens).
 _Segment = tuple[int, int, int]
@@ -173,12 +173,24 @@ def _attention_mask(
 MASK_ALIGNMENT = 8
 
 
+def fused_kernel_layout(device: torch.device) -> bool:
+    """Whether to shape the attention for the fused SDPA kernels of ``device``: row-aligned masks here, and global
+    blocks through this module (:meth:`~shared.models.sam_med3d.image_encoder.Block3D._global_attention`).
+
+    Off CPU only. CPU training runs SDPA's math kernel whatever the layout, and there both measured slower in a
+    training step (the aligned view's backward, the global block's rel-pos terms): the CPU path stays as it was.
+    """
+    return device.type != "cpu"
+
+
 def _aligned_mask(*blocks: torch.Tensor) -> torch.Tensor:
-    """The key-column blocks (..., n, k_i) side by side as one mask (..., n, Σk_i) whose rows start at multiples
-    of :data:`MASK_ALIGNMENT` elements: a view of a zero-padded buffer, built with the one concatenation the mask
-    needs anyway. The values are exactly those of ``torch.cat(blocks, -1)``."""
+    """The key-column blocks (..., n, k_i) side by side as one mask (..., n, Σk_i), exactly ``torch.cat``'s values.
+
+    Where :func:`fused_kernel_layout` holds, its rows start at multiples of :data:`MASK_ALIGNMENT` elements: a view
+    of a zero-padded buffer, built with the one concatenation the mask needs anyway.
+    """
     width = sum(block.shape[-1] for block in blocks)
-    pad = -width % MASK_ALIGNMENT
+    pad = -width % MASK_ALIGNMENT if fused_kernel_layout(blocks[0].device) else 0
     if not pad:
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
     filler = blocks[0].new_zeros(*blocks[0].shape[:-1], pad)

@@ -10,7 +10,7 @@ on purpose because the released weights were trained with them (see ../shared/DE
 
 ``attention_impl`` selects how windowed blocks compute this: ``reference`` runs the padded computation
 literally; ``fast`` computes exactly the same function without materialising padded tokens
-(:mod:`.fast_attention`), and runs global blocks through the same SDPA path as one unpadded window.
+(:mod:`.fast_attention`), and off CPU runs global blocks through the same SDPA path as one unpadded window.
 """
 
 from __future__ import annotations
@@ -191,12 +191,13 @@ class Block3D(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def _global_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """``fast``: a global block over a cubic grid is one window of the whole grid without padding, so it runs
-        through the same SDPA path (fused kernels on CUDA, no explicit softmax); otherwise :class:`Attention`."""
-        D, H, W = x.shape[1:4]
-        if self.attention_impl == "fast" and D == H == W:
-            from .fast_attention import padded_window_attention
+        """``fast`` off CPU (:func:`.fast_attention.fused_kernel_layout`): a global block over a cubic grid is one
+        window of the whole grid without padding, so it runs through the same SDPA path (fused kernels, no
+        explicit softmax); otherwise :class:`Attention`."""
+        from .fast_attention import fused_kernel_layout, padded_window_attention
 
+        D, H, W = x.shape[1:4]
+        if self.attention_impl == "fast" and D == H == W and fused_kernel_layout(x.device):
             return padded_window_attention(self.attn, x, D)
         return self.attn(x)
 
@@ -267,7 +268,7 @@ class ImageEncoderViT3D(nn.Module):
 
     def set_attention_impl(self, impl: str) -> None:
         """Switch every block between ``reference`` and ``fast`` (same parameters, same outputs): windowed blocks,
-        and global blocks over a cubic grid (:meth:`Block3D._global_attention`)."""
+        and off CPU global blocks over a cubic grid (:meth:`Block3D._global_attention`)."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
         for block in self.blocks:
