@@ -43,6 +43,8 @@ __all__ = [
     "section_from_mapping",
     "to_flat_dict",
     "TrainConfig",
+    "PRECISIONS",
+    "check_precision",
     "FederationConfig",
     "LORA_AGGREGATION_MODES",
     "COMPRESSIONS",
@@ -245,8 +247,11 @@ class TrainConfig:
     select_metric: str = dice_click_name(1)
     #: FedProx proximal coefficient (0 disables); the federation sets it per round.
     proximal_mu: float = 0.0
-    #: bf16 autocast on CUDA (ignored on CPU).
-    bf16: bool = True
+    #: Mixed precision of training, evaluation and inference of both models (shared/precision.py,
+    #: docs/performance.md "GPU path"): ``fp32`` (no autocast), ``bf16`` (autocast to bfloat16 on CUDA or CPU) or
+    #: ``fp16`` (autocast to float16 with gradient scaling; CUDA only). Losses and metrics stay float32. Only
+    #: ``fp32`` under sample-level DP.
+    precision: str = "fp32"
     seed: int = 0
     #: Show progress bars (interactive command-line use). Always off inside the Flower apps
     #: (:func:`load_run_config`): many processes share one log there.
@@ -259,10 +264,33 @@ class TrainConfig:
             raise ConfigError(
                 f"train.select-metric = {self.select_metric!r}; allowed: {', '.join(SELECT_METRICS)}"
             )
+        check_precision(self.precision)
 
 
 #: Validation metrics that may select a model (all higher-is-better; see ``train.select-metric``).
 SELECT_METRICS: tuple[str, ...] = (dice_click_name(1), DICE, AUC, AUC + GT_PLANES)
+
+#: Values of ``train.precision``.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, *, device: str = "auto", sample_dp: bool = False) -> None:
+    """Raise ConfigError when ``train.precision`` cannot run: an unknown value, ``fp16`` on a CPU ``device``
+    (fp16 autocast and gradient scaling are for CUDA; CPU autocast is for bfloat16), or anything but ``fp32`` under sample-level
+    DP (Opacus would clip bf16/fp16 per-sample gradients by norms computed in that precision, so a clipped
+    gradient could exceed ``privacy.max-grad-norm`` and the noise would no longer bound the sensitivity)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision = {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.split(":")[0] not in ("auto", "cuda"):
+        raise ConfigError(
+            f"train.precision = 'fp16' needs a CUDA device (the model runs on {device!r}): use 'bf16' (CPU "
+            "autocast) or 'fp32'"
+        )
+    if precision != "fp32" and sample_dp:
+        raise ConfigError(
+            f"train.precision = {precision!r} with privacy.sample-dp = true: DP-SGD must clip per-sample "
+            "gradients computed in float32; set train.precision = 'fp32'"
+        )
 
 
 @dataclass(frozen=True)
@@ -393,15 +421,14 @@ class FedabusConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        check_precision(self.train.precision, device=self.model.device, sample_dp=self.privacy.sample_dp)
         method = self.adapter.method
-        if method == "lora":
-            return
-        if self.federation.lora_aggregation != "naive":
+        if method != "lora" and self.federation.lora_aggregation != "naive":
             raise ConfigError(
                 f"federation.lora-aggregation = {self.federation.lora_aggregation!r} works with adapter.method = "
                 f"'lora' only (it acts on LoRA's A and B matrices), not {method!r}; use 'naive' with {method!r}"
             )
-        if self.privacy.sample_dp:
+        if method != "lora" and self.privacy.sample_dp:
             raise ConfigError(
                 f"privacy.sample-dp = true works with adapter.method = 'lora' only: Opacus computes no correct "
                 f"per-sample gradients for PEFT's {method!r} layers; use 'lora', or client-level DP "

@@ -94,7 +94,8 @@ def predict_case(
     original = read_volume(image_path, site_config=site_config)
     processed: Preprocessed = preprocess_case(original, None, config.data)
     points = [file_index_to_processed(c, original, processed.grid) for c in clicks]
-    predictor = SamPredictor3D(models["seg"], device=device)
+    precision = config.train.precision
+    predictor = SamPredictor3D(models["seg"], device=device, precision=precision)
     predictor.set_image(processed.image, processed.spacing_mm, pad_value=processed.pad_value)
     result = predictor.predict_sequential(points, labels)
     probability, planes = None, None
@@ -107,7 +108,7 @@ def predict_case(
             pad_value=processed.pad_value,
         )
         cls = models["cls"].to(device).eval()
-        probability = float(predict_lesions(cls, planes[None], torch.device(device))[0])
+        probability = float(predict_lesions(cls, planes[None], torch.device(device), precision=precision)[0])
     mask = restore_geometry(
         result.mask.astype(np.uint8), processed=processed.grid, original=Grid.of(original)
     )

@@ -39,6 +39,7 @@ from torch import nn
 from shared.data.blocks import Block
 from shared.data.transforms import crop_or_pad
 from shared.metrics import lesion_volume_cm3
+from shared.precision import Precision
 from shared.training.seg import encode_images, patch_size_of, sam_parts, upsample_logits
 
 __all__ = ["Prediction", "SamPredictor3D"]
@@ -72,15 +73,23 @@ class SamPredictor3D:
         model: SAM-Med3D, plain or with an adapter (PEFT); moved to ``device`` and put in eval mode.
         patch_size: crop side P in voxels; None takes the model's input size, another value must equal it.
         device: where the model runs.
+        precision: ``train.precision`` of the encoder and decoder (:mod:`shared.precision`); the low-resolution
+            logits are kept in float32, so masks, IoU and volumes are float32 computations.
     """
 
     def __init__(
-        self, model: nn.Module, *, patch_size: int | None = None, device: torch.device | str = "cpu"
+        self,
+        model: nn.Module,
+        *,
+        patch_size: int | None = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
     ) -> None:
         model_patch = patch_size_of(model)
         if patch_size is not None and patch_size != model_patch:
             raise ValueError(f"patch_size = {patch_size} but the model takes {model_patch}³ crops")
         self.device = torch.device(device)
+        self._precision = Precision.on(precision, self.device)
         self.model = model.to(self.device).eval()
         self.patch_size = model_patch
         #: How many times the image encoder ran since construction (one per new crop of an image).
@@ -190,7 +199,7 @@ class SamPredictor3D:
     def _embedding(self, start: Click) -> torch.Tensor:
         if start not in self._embeddings:
             crop = crop_or_pad(self._require_image(), start, self.patch_size, pad_value=self._pad_value)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._precision.autocast():
                 self._embeddings[start] = encode_images(
                     self.model, torch.from_numpy(crop)[None, None].to(self.device)
                 )
@@ -205,8 +214,9 @@ class SamPredictor3D:
         )
         labels = torch.tensor([[lab for _, lab in used]], dtype=torch.int64, device=self.device)
         embedding = self._embedding(start)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._precision.autocast():
             low_res, iou = self._run_decoder(embedding, coords, labels, previous)
+        low_res, iou = low_res.float(), iou.float()
         history[used] = low_res
         return low_res, float(iou.reshape(-1)[0])
 

@@ -69,18 +69,35 @@ def is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "pre_step") and hasattr(optimizer, "original_optimizer")
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, pull: ProximalPull | None = None) -> None:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    pull: ProximalPull | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
     """One update from the current gradients, with the FedProx gradient added (after clipping and noising
-    for a DPOptimizer, whose accountant hook counts the step inside ``pre_step``)."""
+    for a DPOptimizer, whose accountant hook counts the step inside ``pre_step``).
+
+    With an fp16 ``scaler`` (never under DP) the gradients are unscaled first, so the pull is added to the true
+    gradients, and the step is skipped when they overflowed (the scaler then lowers its scale).
+    """
     if is_dp_optimizer(optimizer):
+        if scaler is not None:
+            raise ValueError("gradient scaling (train.precision = 'fp16') is not supported under DP-SGD")
         if optimizer.pre_step():
             if pull is not None:
                 pull.add_to_gradients()
             optimizer.original_optimizer.step()
         return
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if pull is not None:
         pull.add_to_gradients()
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def noise_only_step(optimizer: torch.optim.Optimizer, pull: ProximalPull | None = None) -> None:

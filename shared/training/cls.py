@@ -53,6 +53,7 @@ from torch import nn
 from shared.config import TrainConfig
 from shared.metrics import AucResult, BinaryMetrics, auc_with_ci, binary_metrics, classification_metrics_dict
 from shared.models.triplane import PLANES, frame_probabilities_to_lesion, malignant_probabilities
+from shared.precision import Precision
 from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, private_training
 from shared.privacy.steps import ProximalPull, proximal_pull
 from shared.training.cls_planes import (
@@ -206,15 +207,12 @@ def _train_epochs(
     progress: bool,
 ) -> dict[str, Any]:
     """The epochs of :func:`train_classifier` and its report."""
-    bf16 = config.bf16 and device.type == "cuda"
-    stepper = Stepper(optimizer, pull=pull)
+    stepper = Stepper(optimizer, pull=pull, precision=Precision.on(config.precision, device))
 
     def batch_loss(unpacked: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         frames = select_planes(unpacked[0].to(device, torch.float32), planes)
         labels = unpacked[1].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(frames)
-        return F.cross_entropy(logits.float(), labels), len(labels)
+        return F.cross_entropy(model(frames).float(), labels), len(labels)
 
     epochs = []
     bar = progress_bar(
@@ -263,7 +261,8 @@ def train_classifier(
             case (:func:`shared.privacy.sampling.poisson_loader` of a
             :class:`shared.privacy.sampling.OneFramePerCase`).
         config: ``cls-epochs``, ``cls-optimizer``, ``cls-lr``, ``cls-momentum``, ``cls-planes``,
-            ``proximal-mu``, ``bf16`` (used on CUDA only), ``progress``.
+            ``proximal-mu``, ``precision`` (:mod:`shared.precision`; only ``fp32`` under DP),
+            ``progress``.
         device: where to train.
         proximal_ref: FedProx reference {name: tensor} (:func:`trainable_snapshot` of the global model);
             used when ``proximal-mu > 0``.
@@ -300,12 +299,18 @@ def train_classifier(
 
 # ------------------------------------------------------------------------------------------------ inference
 def predict_frame_probabilities(
-    model: nn.Module, planes: np.ndarray | torch.Tensor, device: torch.device | str, *, batch_size: int = 64
+    model: nn.Module,
+    planes: np.ndarray | torch.Tensor,
+    device: torch.device | str,
+    *,
+    batch_size: int = 64,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Malignant probability of every frame-triplet: lesion planes (N, 3, F, S, S) -> (N, F) float64.
 
     Only the model's planes are fed (fewer-plane variants). The model is moved to ``device`` and run in eval
-    mode without gradients; its previous train/eval mode is restored.
+    mode without gradients, under ``precision``'s autocast (:mod:`shared.precision`; probabilities in float32);
+    its previous train/eval mode is restored.
     """
     frames = lesion_frames(planes)
     n_lesions = int(np.shape(planes)[0])
@@ -316,7 +321,7 @@ def predict_frame_probabilities(
     device = torch.device(device)
     model.to(device)
     outputs = []
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), Precision.on(precision, device).autocast():
         for start in range(0, frames.shape[0], batch_size):
             logits = model(frames[start : start + batch_size].to(device))
             outputs.append(malignant_probabilities(logits.float()).cpu())
@@ -324,11 +329,18 @@ def predict_frame_probabilities(
 
 
 def predict_lesions(
-    model: nn.Module, planes: np.ndarray | torch.Tensor, device: torch.device | str, *, batch_size: int = 64
+    model: nn.Module,
+    planes: np.ndarray | torch.Tensor,
+    device: torch.device | str,
+    *,
+    batch_size: int = 64,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Lesion malignancy probabilities (seed 003): planes (N, 3, F, S, S) -> (N,) float64 in [0, 1], each the
     mean of the lesion's F frame probabilities (:func:`predict_frame_probabilities`)."""
-    frame_probs = predict_frame_probabilities(model, planes, device, batch_size=batch_size)
+    frame_probs = predict_frame_probabilities(
+        model, planes, device, batch_size=batch_size, precision=precision
+    )
     if frame_probs.shape[0] == 0:
         return np.zeros(0)
     return frame_probabilities_to_lesion(torch.from_numpy(frame_probs)).numpy()
@@ -414,7 +426,9 @@ def _check_case(case: ClsCase) -> None:
         )
 
 
-def _case_probabilities(model: nn.Module, cases: Sequence[ClsCase], device: torch.device) -> np.ndarray:
+def _case_probabilities(
+    model: nn.Module, cases: Sequence[ClsCase], device: torch.device, precision: str
+) -> np.ndarray:
     """Lesion probabilities (N,) of ``cases`` (one source); empty masks score NO_LESION_PROBABILITY."""
     probs = np.full(len(cases), NO_LESION_PROBABILITY, dtype=np.float64)
     present = [i for i, case in enumerate(cases) if case.planes is not None]
@@ -423,7 +437,7 @@ def _case_probabilities(model: nn.Module, cases: Sequence[ClsCase], device: torc
         raise ValueError(f"cases of source {cases[0].source!r} have different plane shapes {sorted(shapes)}")
     if present:
         stacked = np.stack([np.asarray(cases[i].planes, dtype=np.float32) for i in present])
-        probs[present] = predict_lesions(model, stacked, device)
+        probs[present] = predict_lesions(model, stacked, device, precision=precision)
     return probs
 
 
@@ -448,7 +462,7 @@ def evaluate_classifier(
         if not group:
             continue
         labels = np.array([c.label for c in group], dtype=np.int64)
-        probs = _case_probabilities(model, group, torch.device(device))
+        probs = _case_probabilities(model, group, torch.device(device), config.precision)
         by_source[source] = SourceEvaluation(
             source=source,
             case_ids=tuple(c.case_id for c in group),

@@ -42,7 +42,6 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +54,7 @@ from torch import nn
 from shared.adapters import adapter_parameters
 from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_generator
 from shared.config import TrainConfig
+from shared.precision import Precision
 from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, frozen_parameters, private_training
 from shared.privacy.steps import ProximalPull, proximal_pull
 from shared.privacy.validation import PrivacyConfigError
@@ -63,7 +63,6 @@ from shared.training.stepper import Stepper, TrainResult, progress_bar
 __all__ = [
     "DP_FROZEN_PARAMETERS",
     "MASK_PROMPT_PARAMETERS",
-    "autocast_context",
     "decode_clicks",
     "dp_frozen_parameters",
     "encode_images",
@@ -163,13 +162,6 @@ def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
     if tuple(low_res.shape[-3:]) == (size,) * 3:
         return low_res
     return F.interpolate(low_res, size=(size,) * 3, mode="trilinear", align_corners=False)
-
-
-def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when ``enabled``; a no-op elsewhere (CPU bf16 is slow and not what sites use)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------- clicks of a batch
@@ -280,7 +272,7 @@ def seg_click_loss(
         length = max_prompt_clicks(iteration, config) if fixed_prompt_length else None
         coords, labels = clicks.prompts(images.device, length)
         low_res, _ = decode_clicks(model, embeddings, coords, labels, previous)
-        logits = upsample_logits(low_res, patch).float()
+        logits = upsample_logits(low_res.float(), patch)  # the loss is computed in float32
         total = total + loss_fn(logits, target)
         previous = low_res.detach()
         if iteration + 1 < iterations:
@@ -410,10 +402,9 @@ def _train(
 
     def batch_loss(tensors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         images, masks = tensors
-        with autocast_context(device, config.bf16):
-            loss = seg_click_loss(
-                model, images, masks, config=config, rng=rng, loss_fn=loss_fn, fixed_prompt_length=stepper.dp
-            )
+        loss = seg_click_loss(
+            model, images, masks, config=config, rng=rng, loss_fn=loss_fn, fixed_prompt_length=stepper.dp
+        )
         return loss, int(images.shape[0])
 
     epochs = []
@@ -464,8 +455,8 @@ def train_segmentation(
             ``seg_lr_decay`` at each epoch in ``seg_lr_milestones``; ``seg_grad_accumulation`` micro-batches
             per optimiser step (each loss scaled by 1/accumulation; a partial accumulation at the end of an
             epoch is applied as is; refused under DP); FedProx when ``proximal_mu > 0`` (its gradient
-            ``mu * (w - w_ref)`` is added at each step, after clipping and noising under DP); bf16 autocast on
-            CUDA when ``bf16``; click streams seeded by ``seed``.
+            ``mu * (w - w_ref)`` is added at each step, after clipping and noising under DP); autocast by
+            ``precision`` (:mod:`shared.precision`; only ``fp32`` under DP); click streams seeded by ``seed``.
         proximal_ref: FedProx reference by :func:`trainable_parameters` names (see
             :func:`snapshot_parameters`); None takes the weights the model has when the call starts (the
             global weights a federated round begins with).
@@ -482,9 +473,12 @@ def train_segmentation(
     device = torch.device(device)
     show = config.progress if progress is None else progress
     accumulation = config.seg_grad_accumulation
+    precision = Precision.on(config.precision, device)
     if privacy is None:
         optimizer, scheduler, pull = _optimisation(model, config, proximal_ref)
-        stepper = Stepper(optimizer, pull=pull, accumulation=accumulation, scheduler=scheduler)
+        stepper = Stepper(
+            optimizer, pull=pull, accumulation=accumulation, scheduler=scheduler, precision=precision
+        )
         return _train(model, loader, config=config, device=device, stepper=stepper, show=show)
     check_poisson_loader(loader, privacy)
     if accumulation != 1:
@@ -500,6 +494,7 @@ def train_segmentation(
                 pull=pull,
                 scheduler=scheduler,
                 before_step=private.check_per_sample_gradients,
+                precision=precision,
             )
             result = _train(private.module, loader, config=config, device=device, stepper=stepper, show=show)
             return {**result, "privacy_history": private.history()}

@@ -54,7 +54,8 @@ from shared.metrics import (
     stratify,
     volume_bin,
 )
-from shared.training.seg import autocast_context, decode_clicks, encode_images, patch_size_of, upsample_logits
+from shared.precision import Precision
+from shared.training.seg import decode_clicks, encode_images, patch_size_of, upsample_logits
 
 __all__ = ["CaseResult", "PredictedMask", "SegCase", "SegEvaluation", "evaluate_segmentation"]
 
@@ -228,7 +229,7 @@ class _BlockEpisode:
             return self.probabilities  # exact prediction or click budget spent: nothing changes
         coords, labels = self.session.prompts(self.device)
         self.low_res, _ = decode_clicks(self.model, self.embedding, coords, labels, self.low_res)
-        logits = upsample_logits(self.low_res, self.image.shape[-1]).float()[0, 0]
+        logits = upsample_logits(self.low_res.float(), self.image.shape[-1])[0, 0]  # metrics in float32
         self.prediction = (logits > 0).cpu().numpy()
         self.probabilities = torch.sigmoid(logits).cpu().numpy()
         return self.probabilities
@@ -352,7 +353,7 @@ def evaluate_segmentation(
         cases: :class:`SegCase` s or items of :func:`shared.data.loaders.seg_eval_loader` (converted by
             :meth:`SegCase.from_item`), iterated once: a loader or generator keeps one case in memory at a time.
         config: ``eval_clicks`` (rounds when ``n_clicks`` is None), ``seed`` (click streams: case ``i`` block
-            ``j`` uses ``SeedSequence(seed)`` child ``i``, grandchild ``j``), ``bf16`` (autocast on CUDA).
+            ``j`` uses ``SeedSequence(seed)`` child ``i``, grandchild ``j``), ``precision`` (autocast, :mod:`shared.precision`).
         data_config: ``patch_size`` (must equal the model's input size) and ``block_min_lesion_voxels``.
         n_clicks: number of click rounds (the length of every Dice curve).
         clicks_per_round: cap on the clicks a round adds per block (1: one click per round; None: one per
@@ -378,7 +379,7 @@ def evaluate_segmentation(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast_context(settings.device, config.bf16):
+        with torch.inference_mode(), Precision.on(config.precision, settings.device).autocast():
             for case in _progress(cases, config.progress if progress is None else progress):
                 seg_case = case if isinstance(case, SegCase) else SegCase.from_item(case)
                 rng = np.random.default_rng(seeds.spawn(1)[0])

@@ -5,9 +5,12 @@ A :class:`Stepper` owns what both loops do around their loss: it zeroes the grad
 full window (and one for a partial window at the end of an epoch) with the FedProx gradient added
 (:func:`shared.privacy.steps.optimizer_step`: after clipping and noising under Opacus), turns an empty batch
 into a noise-only step under DP or skips it otherwise, steps the learning-rate schedule once per epoch, and
-counts steps, samples and losses. One :meth:`Stepper.epoch` returns a frozen :class:`EpochResult`; the loops
-collect them into a :class:`TrainResult` and report from it. What differs between the loops stays with them:
-how a batch is unpacked, the loss, autocast, the optimiser and its schedule, the DP set-up.
+counts steps, samples and losses. It also owns mixed precision (:class:`shared.precision.Precision`): each
+batch's forward and loss run under autocast, the loss is cast to float32, backward runs outside autocast, and
+under ``fp16`` a GradScaler scales the loss and skips steps whose gradients overflowed. One
+:meth:`Stepper.epoch` returns a frozen :class:`EpochResult`; the loops collect them into a :class:`TrainResult`
+and report from it. What differs between the loops stays with them: how a batch is unpacked, the loss, the
+optimiser and its schedule, the DP set-up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shared.config import check_precision
+from shared.precision import FP32, Precision
 from shared.privacy.steps import ProximalPull, is_dp_optimizer, noise_only_step, optimizer_step
 
 __all__ = ["EpochResult", "Stepper", "TrainResult", "progress_bar"]
@@ -108,6 +113,8 @@ class Stepper:
         scheduler: stepped once at the end of every epoch, or None.
         before_step: called before every step that follows a backward pass (e.g. a check that every
             parameter got a per-sample gradient).
+        precision: autocast around each ``loss(batch)`` and, for ``fp16``, gradient scaling (fp32: neither);
+            only ``fp32`` with a DPOptimizer (ConfigError otherwise, see :func:`shared.config.check_precision`).
     """
 
     def __init__(
@@ -118,12 +125,15 @@ class Stepper:
         accumulation: int = 1,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         before_step: Callable[[], None] | None = None,
+        precision: Precision = FP32,
     ) -> None:
         if accumulation < 1:
             raise ValueError(f"gradient accumulation {accumulation} must be >= 1")
         self.optimizer, self.pull, self.accumulation = optimizer, pull, accumulation
         self.scheduler, self.before_step = scheduler, before_step
         self.dp = is_dp_optimizer(optimizer)
+        check_precision(precision.name, device=precision.device_type, sample_dp=self.dp)
+        self.precision, self.scaler = precision, precision.grad_scaler()
 
     @property
     def lr(self) -> float:
@@ -133,8 +143,11 @@ class Stepper:
     def _step(self) -> None:
         if self.before_step is not None:
             self.before_step()
-        optimizer_step(self.optimizer, self.pull)
+        optimizer_step(self.optimizer, self.pull, scaler=self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def epoch(
         self,
@@ -143,7 +156,8 @@ class Stepper:
         *,
         after_batch: Callable[[float], None] | None = None,
     ) -> EpochResult:
-        """One pass: ``loss(batch)`` gives a batch's scalar mean loss (graph attached) and its sample count.
+        """One pass: ``loss(batch)`` gives a batch's scalar mean loss (graph attached) and its sample count;
+        it runs under the precision's autocast.
 
         ``batches`` yields unpacked batches, None for an empty one (Poisson sampling can draw none).
         ``after_batch(loss)`` is called with each trained batch's loss, e.g. to update a progress bar.
@@ -164,8 +178,10 @@ class Stepper:
                 continue
             if not window:  # the caller's stale gradients never reach the first step
                 self.optimizer.zero_grad(set_to_none=True)
-            value, size = loss(batch)
-            (value / self.accumulation).backward()
+            with self.precision.autocast():
+                value, size = loss(batch)
+            value = value.float()
+            self._backward(value / self.accumulation)
             losses.append(float(value.detach()))
             sizes.append(size)
             window.append(losses[-1])

@@ -27,7 +27,7 @@ CONFIG = {
     "num-server-rounds": 5,
     "train.seg-lr": 0.0002,
     "federation.strategy": "fedadam",
-    "train.bf16": True,
+    "train.precision": "fp32",
 }
 
 

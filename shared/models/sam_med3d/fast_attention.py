@@ -40,7 +40,7 @@ from torch import nn
 
 from .common import get_rel_pos
 
-__all__ = ["padded_window_attention"]
+__all__ = ["MASK_ALIGNMENT", "fused_kernel_layout", "padded_window_attention"]
 
 #: One run of equal windows along an axis: (first token index, number of windows, real extent in tokens).
 _Segment = tuple[int, int, int]
@@ -147,7 +147,8 @@ def _attention_mask(
 ) -> torch.Tensor | None:
     """Float additive mask (N, h, n, n [+1]): rel-pos bias on the n real keys, ``logS`` on the virtual key.
 
-    Computed with autocast off in float32 (float64 for float64 inputs); None when there is nothing to add.
+    Computed with autocast off in float32 (float64 for float64 inputs), rows aligned for CUDA's fused kernel
+    (:func:`_aligned_mask`); None when there is nothing to add.
     """
     n = math.prod(real)
     padded_keys = window_size**3 - n
@@ -156,14 +157,44 @@ def _attention_mask(
         if not attn.use_rel_pos:
             if not padded_keys:
                 return None
-            mask = torch.zeros(n, n + 1, dtype=dtype, device=q.device)
-            mask[:, n] = math.log(padded_keys)
-            return mask
+            bias = torch.zeros(n, n, dtype=dtype, device=q.device)
+            return _aligned_mask(
+                bias, torch.full((n, 1), math.log(padded_keys), dtype=dtype, device=q.device)
+            )
         t1, g2, g3 = _rel_pos_terms(attn, q.to(dtype), q0.to(dtype), real, window_size)
         bias = _real_key_bias(t1, g2, g3, real)
         if not padded_keys:
-            return bias
-        return torch.cat([bias, _padded_log_mass(t1, g2, g3, real, window_size)], dim=-1)
+            return _aligned_mask(bias)
+        return _aligned_mask(bias, _padded_log_mass(t1, g2, g3, real, window_size))
+
+
+#: Row stride (in elements) at which CUDA's memory-efficient SDPA kernel reads a float mask in place; torch copies
+#: a mask with any other row stride into a padded one before every call (``preprocess_mask`` in ATen).
+MASK_ALIGNMENT = 8
+
+
+def fused_kernel_layout(device: torch.device) -> bool:
+    """Whether to shape the attention for the fused SDPA kernels of ``device``: row-aligned masks here, and global
+    blocks through this module (:meth:`~shared.models.sam_med3d.image_encoder.Block3D._global_attention`).
+
+    Off CPU only. CPU training runs SDPA's math kernel whatever the layout, and there both measured slower in a
+    training step (the aligned view's backward, the global block's rel-pos terms): the CPU path stays as it was.
+    """
+    return device.type != "cpu"
+
+
+def _aligned_mask(*blocks: torch.Tensor) -> torch.Tensor:
+    """The key-column blocks (..., n, k_i) side by side as one mask (..., n, Σk_i), exactly ``torch.cat``'s values.
+
+    Where :func:`fused_kernel_layout` holds, its rows start at multiples of :data:`MASK_ALIGNMENT` elements: a view
+    of a zero-padded buffer, built with the one concatenation the mask needs anyway.
+    """
+    width = sum(block.shape[-1] for block in blocks)
+    pad = -width % MASK_ALIGNMENT if fused_kernel_layout(blocks[0].device) else 0
+    if not pad:
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+    filler = blocks[0].new_zeros(*blocks[0].shape[:-1], pad)
+    return torch.cat([*blocks, filler], dim=-1)[..., :width]
 
 
 def _rel_pos_terms(

@@ -10,7 +10,7 @@ on purpose because the released weights were trained with them (see ../shared/DE
 
 ``attention_impl`` selects how windowed blocks compute this: ``reference`` runs the padded computation
 literally; ``fast`` computes exactly the same function without materialising padded tokens
-(:mod:`.fast_attention`).
+(:mod:`.fast_attention`), and off CPU runs global blocks through the same SDPA path as one unpadded window.
 """
 
 from __future__ import annotations
@@ -186,12 +186,20 @@ class Block3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
-            x = self._windowed_attention(x)
-        else:
-            x = self.attn(x)
+        x = self._windowed_attention(x) if self.window_size > 0 else self._global_attention(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
+
+    def _global_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """``fast`` off CPU (:func:`.fast_attention.fused_kernel_layout`): a global block over a cubic grid is one
+        window of the whole grid without padding, so it runs through the same SDPA path (fused kernels, no
+        explicit softmax); otherwise :class:`Attention`."""
+        from .fast_attention import fused_kernel_layout, padded_window_attention
+
+        D, H, W = x.shape[1:4]
+        if self.attention_impl == "fast" and D == H == W and fused_kernel_layout(x.device):
+            return padded_window_attention(self.attn, x, D)
+        return self.attn(x)
 
     def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
         if self.attention_impl == "fast":
@@ -259,7 +267,8 @@ class ImageEncoderViT3D(nn.Module):
         self.set_attention_impl(attention_impl)
 
     def set_attention_impl(self, impl: str) -> None:
-        """Switch every windowed block between ``reference`` and ``fast`` (same parameters, same outputs)."""
+        """Switch every block between ``reference`` and ``fast`` (same parameters, same outputs): windowed blocks,
+        and off CPU global blocks over a cubic grid (:meth:`Block3D._global_attention`)."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
         for block in self.blocks:

@@ -252,3 +252,82 @@ def test_gradients_with_peft_lora_on_qkv_match(window_size):
     got = run_and_backward(model, encoder, "fast")
     assert all(grad.abs().max() > 0 for grad in want.values())
     assert_same_grads(got, want, 5e-5)
+
+
+# ------------------------------------------------------------------- global blocks and the fused-kernel layout
+
+
+@pytest.fixture
+def cuda_layout(monkeypatch) -> None:
+    """The layout ``fast`` takes on CUDA (aligned masks, global blocks through SDPA), forced on this CPU."""
+    monkeypatch.setattr(fast_attention, "fused_kernel_layout", lambda device: True)
+
+
+@pytest.mark.usefixtures("cuda_layout")
+@pytest.mark.parametrize("grid", [(8, 8, 8), (5, 5, 5)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_global_blocks_run_as_one_unpadded_window_and_equal_reference(monkeypatch, grid, dtype, atol):
+    """``fast`` (CUDA layout) runs a global block over a cubic grid through the same SDPA path (no explicit
+    softmax); it equals the explicit form."""
+    calls = []
+    monkeypatch.setattr(fast_attention, "_window_class_attention", _counting(calls))
+    torch.manual_seed(11)
+    block = Block3D(dim=16, num_heads=2, window_size=0, use_rel_pos=True, input_size=grid).to(dtype)
+    perturb(block, rel_pos_std=1.0, qkv_bias_std=2.0, seed=12)
+    x = torch.randn(2, *grid, 16, generator=torch.Generator().manual_seed(13)).to(dtype)
+    with torch.no_grad():
+        block.attention_impl = "fast"
+        got = block._global_attention(x)
+        block.attention_impl = "reference"
+        want = block._global_attention(x)
+    assert len(calls) == 1  # fast only
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+def _counting(calls: list) -> object:
+    original = fast_attention._window_class_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.usefixtures("cuda_layout")
+@pytest.mark.parametrize("window_size", [3, 10])
+def test_gradients_match_in_the_cuda_layout(window_size):
+    encoder = small_encoder(window_size)
+    assert_same_grads(
+        run_and_backward(encoder, encoder, "fast"), run_and_backward(encoder, encoder, "reference"), 5e-5
+    )
+
+
+@pytest.mark.parametrize("grid,ws", [((8, 8, 8), 14), ((5, 5, 5), 5), ((8, 6, 5), 4)])
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+@pytest.mark.usefixtures("cuda_layout")
+def test_masks_reach_sdpa_with_rows_aligned_for_the_fused_cuda_kernel(monkeypatch, grid, ws, use_rel_pos):
+    """CUDA's memory-efficient kernel reads a float mask in place only when every stride but the last is a
+    multiple of 8 (else torch copies it, padded, on every call): there the masks come as views of padded
+    buffers, with the same outputs."""
+    masks = []
+    sdpa = fast_attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(fast_attention.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(14)
+    block = Block3D(dim=16, num_heads=2, window_size=ws, use_rel_pos=use_rel_pos, input_size=grid)
+    x = torch.randn(1, *grid, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            windowed(block, x, "fast"), windowed(block, x, "reference"), rtol=0, atol=1e-5
+        )
+    checked = [m for m in masks if m is not None]
+    assert masks and (checked or not use_rel_pos)
+    for mask in checked:
+        assert mask.stride(-1) == 1 and all(
+            s % fast_attention.MASK_ALIGNMENT == 0 for s in mask.stride()[:-1]
+        )

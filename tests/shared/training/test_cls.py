@@ -143,7 +143,7 @@ def test_metrics_on_a_hand_made_case_agree_with_scikit_learn(monkeypatch: pytest
     scores = [0.9, 0.6, 0.4, 0.3, 0.55, 0.1, 0.5, 0.5, 0.2]  # 0.5 is not "> 0.5": predicted benign
     score_of = {i: s for i, s in enumerate(scores)}
 
-    def fake_predict(model: object, planes: np.ndarray, device: object) -> np.ndarray:
+    def fake_predict(model: object, planes: np.ndarray, device: object, **options: object) -> np.ndarray:
         return np.array([score_of[int(p[0, 0, 0, 0])] for p in planes])
 
     monkeypatch.setattr(cls, "predict_lesions", fake_predict)
