@@ -9,6 +9,10 @@
   as a deployment); the round is chosen on the sites' validation splits by the server.
 * ``loso``: for every site, a federation of the other sites (external generalisation to the left-out one).
 
+An arm may run in several variants side by side: ``KIND@LABEL`` (``federated@product``, ``local@dora``) is arm
+``KIND`` under its own config (``--set federated@product:federation.lora-aggregation=product``), and its models
+are named after it (``federated@product``, ``local@dora:site_a``).
+
 An arm returns :class:`TrainedModel` s; the study tests each on every site (:mod:`shared.study.evaluation`).
 """
 
@@ -32,9 +36,22 @@ from shared.study.sites import StudyError, StudySite, pooled_site, write_fold_si
 from shared.training.selection import train_with_selection
 from shared.training.site import SiteData
 
-__all__ = ["ARMS", "ArmContext", "TrainedModel", "train_arm"]
+__all__ = ["ARMS", "ArmContext", "TrainedModel", "arm_kind", "train_arm"]
 
 ARMS = ("zero-shot", "local", "pooled", "federated", "loso")
+_VARIANT = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+def arm_kind(arm: str) -> str:
+    """The kind (one of :data:`ARMS`) of ``arm``, which is ``KIND`` or ``KIND@LABEL`` (module docstring); raises
+    :class:`StudyError` naming the arm otherwise."""
+    kind, at, label = arm.partition("@")
+    if kind not in ARMS or (at and not _VARIANT.fullmatch(label)):
+        raise StudyError(
+            f"unknown arm {arm!r}: an arm is one of {', '.join(ARMS)}, or KIND@LABEL for a variant with its own "
+            "config (LABEL: lower-case letters, digits and dashes, e.g. federated@product)"
+        )
+    return kind
 
 
 @dataclass(frozen=True)
@@ -80,11 +97,9 @@ def _save(models: dict[str, Any], fingerprints: dict[str, str], path: Path, name
     return tensors
 
 
-def _zero_shot(context: ArmContext) -> list[TrainedModel]:
+def _zero_shot(context: ArmContext, arm: str) -> list[TrainedModel]:
     models, fingerprints = _fresh_models(context)
-    return [
-        TrainedModel("zero-shot", (), _save(models, fingerprints, context.out / "zero-shot", "zero-shot"))
-    ]
+    return [TrainedModel(arm, (), _save(models, fingerprints, context.out / arm, arm))]
 
 
 def _trained(context: ArmContext, name: str, data: SiteData, trained_on: tuple[str, ...]) -> TrainedModel:
@@ -110,13 +125,13 @@ def _trained(context: ArmContext, name: str, data: SiteData, trained_on: tuple[s
     return TrainedModel(name, trained_on, path, {**chosen, "note": selection.note})
 
 
-def _local(context: ArmContext) -> list[TrainedModel]:
-    return [_trained(context, f"local:{view.name}", view, (view.name,)) for view in context.views]
+def _local(context: ArmContext, arm: str) -> list[TrainedModel]:
+    return [_trained(context, f"{arm}:{view.name}", view, (view.name,)) for view in context.views]
 
 
-def _pooled(context: ArmContext) -> list[TrainedModel]:
+def _pooled(context: ArmContext, arm: str) -> list[TrainedModel]:
     names = tuple(view.name for view in context.views)
-    return [_trained(context, "pooled", pooled_site(context.views), names)]
+    return [_trained(context, arm, pooled_site(context.views), names)]
 
 
 def _federation(context: ArmContext, name: str, include: Sequence[str]) -> TrainedModel:
@@ -178,20 +193,20 @@ def _changed_keys(config: FedabusConfig) -> dict[str, Any]:
     return {k: v for k, v in to_flat_dict(config).items() if defaults.get(k) != v}
 
 
-def _federated(context: ArmContext) -> list[TrainedModel]:
-    return [_federation(context, "federated", [view.name for view in context.views])]
+def _federated(context: ArmContext, arm: str) -> list[TrainedModel]:
+    return [_federation(context, arm, [view.name for view in context.views])]
 
 
-def _loso(context: ArmContext) -> list[TrainedModel]:
+def _loso(context: ArmContext, arm: str) -> list[TrainedModel]:
     names = [view.name for view in context.views]
     if len(names) < 3:
         raise StudyError(
             f"loso needs at least 3 sites (a federation of 2 for each left-out site), got {len(names)}"
         )
-    return [_federation(context, f"loso:-{left}", [n for n in names if n != left]) for left in names]
+    return [_federation(context, f"{arm}:-{left}", [n for n in names if n != left]) for left in names]
 
 
-_TRAINERS: dict[str, Callable[[ArmContext], list[TrainedModel]]] = {
+_TRAINERS: dict[str, Callable[[ArmContext, str], list[TrainedModel]]] = {
     "zero-shot": _zero_shot,
     "local": _local,
     "pooled": _pooled,
@@ -201,11 +216,8 @@ _TRAINERS: dict[str, Callable[[ArmContext], list[TrainedModel]]] = {
 
 
 def train_arm(arm: str, context: ArmContext) -> list[TrainedModel]:
-    """Train the models of ``arm`` (one of :data:`ARMS`) in ``context``; adapters are written under
-    ``context.out``."""
-    try:
-        trainer = _TRAINERS[arm]
-    except KeyError:
-        raise StudyError(f"unknown arm {arm!r}; expected some of {', '.join(ARMS)}") from None
+    """Train the models of ``arm`` (one of :data:`ARMS`, or a ``KIND@LABEL`` variant) in ``context``; adapters
+    are written under ``context.out``."""
+    trainer = _TRAINERS[arm_kind(arm)]
     context.out.mkdir(parents=True, exist_ok=True)
-    return trainer(context)
+    return trainer(context, arm)

@@ -147,7 +147,7 @@ def _representative(models: Iterable[str], arm: str, site: str) -> str | None:
     """The model of ``arm`` that speaks for it at ``site``: its own local model, the LOSO model that left the
     site out, or the arm's single model."""
     names = [m for m in models if m.split(":", 1)[0] == arm]
-    for wanted in (f"local:{site}", f"loso:-{site}"):
+    for wanted in (f"{arm}:{site}", f"{arm}:-{site}"):  # a local model, a LOSO model (also as KIND@LABEL)
         if wanted in names:
             return wanted
     return names[0] if len(names) == 1 else None

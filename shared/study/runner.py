@@ -27,7 +27,7 @@ import torch
 from shared.base import load_base
 from shared.config import FedabusConfig, load_config, to_flat_dict
 from shared.inference import adapted_models
-from shared.study.arms import ARMS, ArmContext, TrainedModel, train_arm
+from shared.study.arms import ArmContext, TrainedModel, arm_kind, train_arm
 from shared.study.evaluation import compare_arms, result_rows, test_on_sites
 from shared.study.sites import StudyError, StudySite, fold_site
 
@@ -104,14 +104,14 @@ class Study:
     say: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown:
-            raise StudyError(f"unknown arm(s) {unknown}; expected some of {', '.join(ARMS)}")
+        kinds = {arm_kind(arm) for arm in self.arms}  # refuses an unknown arm, naming it
+        if len(set(self.arms)) != len(self.arms):
+            raise StudyError(f"an arm is listed twice in {self.arms}")
         if self.folds < 1 or self.repeats < 1 or self.rounds < 1:
             raise StudyError(
                 f"--folds, --repeats and --rounds must be >= 1 (got {self.folds}, {self.repeats}, {self.rounds})"
             )
-        if len(self.sites) < 2 and {"federated", "loso"} & set(self.arms):
+        if len(self.sites) < 2 and {"federated", "loso"} & kinds:
             raise StudyError("the federated and loso arms need at least 2 sites")
 
     def config_of(self, arm: str) -> FedabusConfig:
@@ -247,10 +247,14 @@ def run_study(study: Study) -> dict[str, Any]:
 
 
 def _reference(arms: Sequence[str]) -> str:
-    """The arm the others are compared with: federated when present (the consortium's question)."""
-    for arm in ("federated", "loso", "pooled", "local", "zero-shot"):
-        if arm in arms:
-            return arm
+    """The arm the others are compared with: federated when present (the consortium's question), the plain arm
+    before its variants."""
+    for kind in ("federated", "loso", "pooled", "local", "zero-shot"):
+        if kind in arms:
+            return kind
+        variants = [arm for arm in arms if arm_kind(arm) == kind]
+        if variants:
+            return variants[0]
     return arms[0]
 
 
@@ -276,7 +280,7 @@ def _write_outputs(study: Study, done, cases, results, comparisons) -> dict[str,
     _write_csv(study.out / "cases.csv", cases, CASE_COLUMNS)
     rule = SELECTION_RULE.format(metric=study.config.train.select_metric)
     notes = []
-    if "pooled" in study.arms:
+    if any(arm_kind(arm) == "pooled" for arm in study.arms):
         notes.append(
             "pooled is a research upper bound: it needs every site's data in one place, which a real "
             "consortium cannot do; it exists here because the study sees every folder."
@@ -404,8 +408,10 @@ def load_study_config(
     for key, value in sets.items():
         if ":" in key:
             arm, _, name = key.partition(":")
-            if arm not in ARMS:
-                raise StudyError(f"--set {key}=...: {arm!r} is not an arm ({', '.join(ARMS)})")
+            try:
+                arm_kind(arm)
+            except StudyError as error:
+                raise StudyError(f"--set {key}=...: {error}") from None
             per_arm.setdefault(arm, {})[name] = value
     config = load_config(common, path=path, ignore=FLOWER_KEYS)
     arm_configs = {

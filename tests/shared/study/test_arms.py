@@ -81,5 +81,9 @@ def test_loso_needs_three_sites_and_a_failed_federation_names_its_log(setup, mon
     monkeypatch.setattr("shared.simulation.run_simulation", lambda *a, **k: 1)
     with pytest.raises(StudyError, match=r"federated: the federation failed \(exit 1\); its log: .*flwr.log"):
         arms.train_arm("federated", context)
+    with pytest.raises(StudyError, match=r"federated@int8: the federation failed .*federated@int8.flwr.log"):
+        arms.train_arm("federated@int8", context)  # a variant's models and folders are named after it
+    [model] = arms.train_arm("zero-shot@fresh", context)
+    assert model.name == "zero-shot@fresh" and model.adapter_path.name.startswith("zero-shot@fresh")
     with pytest.raises(StudyError, match="unknown arm"):
         arms.train_arm("centralised", context)

@@ -11,7 +11,9 @@ import pytest
 
 from shared.config import load_config
 from shared.data.synth import generate_consortium
+from shared.study.arms import arm_kind
 from shared.study.evaluation import compare_arms, result_rows
+from shared.study.runner import load_study_config
 from shared.study.sites import StudyError, fold_site, open_study_sites, write_fold_sites
 from shared.training.site import open_site
 
@@ -87,6 +89,37 @@ def test_comparisons_pair_federated_with_each_sites_own_local_model():
     for row in dice:  # federated is 0.05 better than the internal local model at every site
         assert row["diff"] == pytest.approx(0.05, abs=0.02) and row["ci_low"] > 0 and row["p_value"] < 0.05
     assert {r["metric"] for r in rows} == {"dice_1click", "hd95_mm", "auc"}
+
+
+def test_variants_are_compared_with_the_plain_arm_model_for_model():
+    cases = _study_cases()
+    for site in SITES:
+        cases += _cases("federated@product", "federated@product", site, 0, 0.05, seed=hash((site, 0)) % 100)
+        for local in SITES:
+            shift = -0.05 if local != site else 0.0
+            cases += _cases(f"local@dora:{local}", "local@dora", site, 0, shift, seed=hash((site, 0)) % 100)
+    rows = [r for r in compare_arms(cases, "federated", n_boot=200) if r["metric"] == "dice_1click"]
+    pairs = {(r["test_site"], r["model_b"]) for r in rows}
+    assert pairs == {(s, m) for s in SITES for m in (f"local:{s}", f"local@dora:{s}", "federated@product")}
+    for row in rows:
+        if row["model_b"] == "federated@product":
+            assert row["diff"] == pytest.approx(0.05, abs=0.02)
+
+
+def test_arm_variants_take_their_own_config_and_bad_names_are_refused():
+    arms = ["federated", "federated@product", "local@dora"]
+    sets = {"federated@product:federation.lora-aggregation": "product", "local@dora:adapter.method": "dora",
+            "train.seed": 3}  # fmt: skip
+    config, per_arm = load_study_config(None, sets, arms)
+    assert config.federation.lora_aggregation == "naive" and config.adapter.method == "lora"
+    assert per_arm["federated@product"].federation.lora_aggregation == "product"
+    assert per_arm["local@dora"].adapter.method == "dora" and per_arm["local@dora"].train.seed == 3
+    assert [arm_kind(a) for a in arms] == ["federated", "federated", "local"]
+    for bad in ("federal", "federated@", "federated@Product", "federated@a b", "@x"):
+        with pytest.raises(StudyError, match="unknown arm"):
+            arm_kind(bad)
+    with pytest.raises(StudyError, match="--set locl@x:train.seed=...: unknown arm 'locl@x'"):
+        load_study_config(None, {"locl@x:train.seed": 1}, arms)
 
 
 def test_bad_site_folders_are_all_named_before_anything_trains(tmp_path: Path):
