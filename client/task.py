@@ -6,6 +6,12 @@ adapter, so a record built from another base or other adapter settings is refuse
 (:func:`shared.adapters.ffa_lora_a`, from ``train.seed`` and the base fingerprint) and freezes it: the record
 holds no A, and the update sends none.
 
+A site may train at its own LoRA rank (node config ``lora-rank``; ``federation.lora-aggregation = product`` and
+``federation.compression = none`` only): it decodes the global adapter at the run's rank, projects it to its own
+(:func:`shared.lora_aggregation.project`, the optimal rank-r approximation of the global ΔW, alpha kept, so the
+scaling is alpha / r) and sends its update at that rank; the server reads the rank from the record's sizes.
+Evaluation always uses the global adapter at the run's rank.
+
 Train messages travel as ``federation.compression`` says (:mod:`shared.protocol`, "Compression"): the global
 adapter is decoded with it, and under ``fp16``/``int8`` the update goes back as the difference from the adapter
 received plus the residual kept in the site's state folder (:mod:`client.error_feedback`). Evaluate messages
@@ -14,7 +20,7 @@ always carry the exact float32 adapter (``none``)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +39,9 @@ from shared.adapters import (
     set_ffa_lora_a,
 )
 from shared.base import BaseModels, check_filled, working_copy, wrap_for_training
-from shared.config import FedabusConfig
+from shared.config import ConfigError, FedabusConfig
 from shared.device import resolve_device
+from shared.lora_aggregation import project, rank_layout, scaling_at_rank
 from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.planning import RoundPlan, plan_private_round
@@ -87,6 +94,8 @@ class SiteSettings:
     threads: int = 0
     #: Name shown in reports and MLflow (node config ``site-id``; empty: the site config's name or the folder's).
     site_id: str = ""
+    #: This site's LoRA rank (node config ``lora-rank``; 0: the run's ``adapter.lora-rank``).
+    lora_rank: int = 0
 
     def apply_threads(self) -> None:
         """Limit torch's CPU threads when the node config asks (several sites sharing one machine)."""
@@ -96,7 +105,7 @@ class SiteSettings:
 
 def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSettings:
     """Deployment: ``--node-config 'data-path="..." [site-config="..."] [base-path="..."] [device="cuda"]
-    [state-dir="..."] [epsilon-budget=3.0] [threads=4] [site-id="..."]'``. Simulation: the
+    [state-dir="..."] [epsilon-budget=3.0] [threads=4] [site-id="..."] [lora-rank=8]'``. Simulation: the
     ``partition-id``-th sub-folder (name order) of
     ``federation.sites-dir``."""
     if "data-path" in node_config:
@@ -135,6 +144,13 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
             "node config epsilon-budget / threads must be numbers, got "
             f"{node_config.get('epsilon-budget')!r} / {node_config.get('threads')!r}"
         ) from None
+    try:
+        lora_rank = int(node_config.get("lora-rank", 0))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"node config lora-rank = {node_config.get('lora-rank')!r} must be an integer"
+        ) from None
+    check_site_rank(lora_rank, config)
     return SiteSettings(
         site_dir,
         Path(str(site_config)) if site_config else None,
@@ -144,7 +160,23 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
         budget,
         threads,
         str(node_config.get("site-id", "")),
+        lora_rank,
     )
+
+
+def check_site_rank(rank: int, config: FedabusConfig) -> None:
+    """A site's own ``lora-rank`` (0: the run's) is allowed only with ``federation.lora-aggregation = product``
+    (the only mode that aggregates ΔW across ranks), and ``federation.compression = none``; raises :class:`~shared.config.ConfigError` naming the keys otherwise."""
+    if rank == 0 or rank == config.adapter.lora_rank:
+        return
+    federation = config.federation
+    if rank < 0 or federation.lora_aggregation != "product" or federation.compression != "none":
+        raise ConfigError(
+            f"node config lora-rank = {rank} differs from the run's adapter.lora-rank = "
+            f"{config.adapter.lora_rank}: a site may train at its own rank (>= 1) only with "
+            "federation.lora-aggregation = 'product' and federation.compression = 'none' (this run: "
+            f"{federation.lora_aggregation!r}, {federation.compression!r})"
+        )
 
 
 def base_of(settings: SiteSettings, config: FedabusConfig, *, trust_stamp: bool = True) -> BaseModels:
@@ -178,11 +210,19 @@ def open_site_of(settings: SiteSettings, config: FedabusConfig, *, run: str = ""
 
 
 def _models(
-    base: BaseModels, config: FedabusConfig, global_record: ArrayRecord, *, compression: str = "none"
+    base: BaseModels,
+    config: FedabusConfig,
+    global_record: ArrayRecord,
+    *,
+    compression: str = "none",
+    rank: int = 0,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The site's models with the global adapter applied, and the adapter tensors received (float32, decoded
-    from ``compression``): the ones that travel under ``federation.lora-aggregation``."""
-    specs = lora_specs_from_config(config.adapter)
+    from ``compression``): the ones that travel under ``federation.lora-aggregation``. ``rank`` (0: the run's):
+    the site's own LoRA rank; the global adapter is then projected to it (module docstring)."""
+    global_rank = config.adapter.lora_rank
+    rank = rank or global_rank
+    specs = lora_specs_from_config(replace(config.adapter, lora_rank=rank))
     # The global adapter overwrites every fully trained parameter: they are allocated, not copied.
     working = working_copy(base, specs, empty=True)
     models = wrap_for_training(working, specs)
@@ -196,7 +236,14 @@ def _models(
     )
     if mode == "ffa":
         set_ffa_lora_a(models, seed=config.train.seed, base_fingerprints=base.fingerprints, freeze=True)
-    tensors = record_to_adapter(global_record, layout, mode=mode, compression=compression)
+    if rank == global_rank:
+        tensors = record_to_adapter(global_record, layout, mode=mode, compression=compression)
+    else:
+        received = record_to_adapter(global_record, rank_layout(layout, global_rank), mode=mode)
+        own = {p: spec.scaling for p, spec in specs.items()}
+        tensors = project(
+            received, rank=rank, scaling=scaling_at_rank(own, rank, global_rank), to_scaling=own
+        )
     adapter = Adapter(tensors, {"base_fingerprint": dict(base.fingerprints)})
     apply_adapter(models, adapter, base_fingerprints=base.fingerprints)
     check_filled(working)
@@ -221,7 +268,7 @@ def run_train(
     base, site = _setup(settings, config, fingerprint, run)
     plan, ledger = _privacy_plan(settings, config, site, num_rounds, server_round, run)
     compression = config.federation.compression
-    models, received = _models(base, config, global_record, compression=compression)
+    models, received = _models(base, config, global_record, compression=compression, rank=settings.lora_rank)
     device = resolve_device(settings.device)
     seed = config.train.seed * 1_000_003 + server_round
     metrics = train_site(

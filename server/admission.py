@@ -8,13 +8,17 @@ refused, with a reason that names what is wrong, when
   holds other array or metric records than the one of each that Flower aggregates; under a
   ``federation.compression`` the update is decoded before (:meth:`server.strategies.FedabusHooks.admit_updates`)
   and one that cannot be (another encoding or layout) is refused with the decoder's reason;
+  a reply at another LoRA rank (a site's own ``adapter.lora-rank``: its arrays fit the global adapter's layout at
+  that rank exactly, :func:`shared.protocol.record_rank`) is admitted only under
+  ``federation.lora-aggregation = product``, and then checked against the global adapter projected to its rank
+  (:func:`shared.lora_aggregation.project`, what that site started from);
 * **values**: an array holds NaN or Inf;
 * **round**: it does not say which round it answers, or answers another round (stale or replayed), or the
   site already sent an update this round (a second reply from one site: replayed or impersonated);
 * **metrics**: ``num-examples`` is missing, negative or not finite; a Dice, AUC or other proportion lies
   outside [0, 1]; a loss is negative or infinite (NaN means "not measured" and passes, except for
   ``num-examples``);
-* **norm**: ``‖update − global‖`` (L2 over all arrays) exceeds ``federation.max-update-norm`` (0 = off), or
+* **norm**: ``‖update − global‖`` (for a reply at another rank: the projected global) (L2 over all arrays) exceeds ``federation.max-update-norm`` (0 = off), or
   ``federation.max-update-norm-ratio`` (0 = off) times the median norm of the round's updates that passed the
   other checks. The relative bound needs three updates or more to bite (with two, neither is ten times their
   median), and is skipped when that median is 0.
@@ -68,7 +72,10 @@ class Candidate:
     ``arrays``: the update's arrays by name (the packed adapter, one flat array per model); ``metrics``: its
     metric record; ``server_round``: the round the reply says it answers (None: it says none); ``records``:
     the names of the reply's array and metric records (Flower aggregates exactly one of each); ``problem``: why
-    its update could not be decoded (``federation.compression``), None when it was or needed no decoding."""
+    its update could not be decoded (``federation.compression``), None when it was or needed no decoding.
+    ``rank``: the LoRA rank its arrays fit when it is not the global adapter's (None: the global rank, or none);
+    ``reference``: what such an update is measured against (the global adapter projected to ``rank``; None
+    outside ``product`` mode)."""
 
     site: str
     server_round: int | None
@@ -76,6 +83,8 @@ class Candidate:
     metrics: Mapping[str, float]
     records: tuple[tuple[str, ...], tuple[str, ...]] = (("arrays",), ("metrics",))
     problem: str | None = None
+    rank: int | None = None
+    reference: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -130,11 +139,14 @@ def _layout_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np
 
 
 def update_norms(
-    candidates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray]
+    candidates: Sequence[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
 ) -> list[float]:
-    """``‖arrays − reference‖`` (L2 over all arrays, float64) of each candidate's arrays."""
+    """``‖arrays − reference‖`` (L2 over all arrays, float64) of each candidate's arrays; ``reference`` is one for
+    all, or one per candidate."""
+    references = [reference] * len(candidates) if isinstance(reference, Mapping) else list(reference)
     norms = []
-    for arrays in candidates:
+    for arrays, reference in zip(candidates, references, strict=True):
         total = 0.0
         for name, base in reference.items():
             diff = (
@@ -146,8 +158,25 @@ def update_norms(
     return norms
 
 
+def _rank_problem(candidate: Candidate, lora_aggregation: str) -> str | None:
+    if candidate.rank is None:
+        return None
+    if lora_aggregation != "product":
+        return (
+            f"the update is at LoRA rank {candidate.rank}, not the global adapter's: a site may train at its own "
+            f"adapter.lora-rank only with federation.lora-aggregation = 'product' (this run: {lora_aggregation!r})"
+        )
+    if candidate.reference is None:
+        return f"the update is at LoRA rank {candidate.rank} and no reference at that rank was given"
+    return None
+
+
 def _first_problem(
-    candidate: Candidate, reference: Mapping[str, np.ndarray], server_round: int, seen: set[str]
+    candidate: Candidate,
+    reference: Mapping[str, np.ndarray],
+    server_round: int,
+    seen: set[str],
+    lora_aggregation: str = "naive",
 ) -> str | None:
     arrays_records, metric_records = candidate.records
     if len(arrays_records) != 1 or len(metric_records) != 1:
@@ -159,8 +188,15 @@ def _first_problem(
     if candidate.site in seen:
         return f"a second update from this site in round {server_round} (replayed?)"
     return (
-        candidate.problem or _layout_problem(candidate.arrays, reference) or check_metrics(candidate.metrics)
+        candidate.problem
+        or _rank_problem(candidate, lora_aggregation)
+        or _layout_problem(candidate.arrays, _reference_of(candidate, reference))
+        or check_metrics(candidate.metrics)
     )
+
+
+def _reference_of(candidate: Candidate, reference: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    return candidate.reference if candidate.reference is not None else reference
 
 
 def admit(
@@ -170,24 +206,28 @@ def admit(
     server_round: int,
     limits: AdmissionLimits,
     seen: Iterable[str] = (),
+    lora_aggregation: str = "naive",
 ) -> Decision:
     """Decide which of one round's updates may be aggregated.
 
     ``reference``: the global adapter sent this round (arrays by name); ``server_round``: the round the replies
     must answer; ``seen``: sites whose update this round was already admitted (a later one is a replay). The
     first update of a site wins over later ones. Norm bounds apply to the updates that pass every other check.
+    ``lora_aggregation``: ``federation.lora-aggregation`` (a reply at another LoRA rank needs ``product``).
     """
     candidates = list(candidates)
     seen_sites = set(seen)
     problems: dict[int, str] = {}
     for index, candidate in enumerate(candidates):
-        problem = _first_problem(candidate, reference, server_round, seen_sites)
+        problem = _first_problem(candidate, reference, server_round, seen_sites, lora_aggregation)
         if problem is not None:
             problems[index] = problem
         else:
             seen_sites.add(candidate.site)
     sound = [i for i in range(len(candidates)) if i not in problems]
-    measured = update_norms([candidates[i].arrays for i in sound], reference)
+    measured = update_norms(
+        [candidates[i].arrays for i in sound], [_reference_of(candidates[i], reference) for i in sound]
+    )
     norms = [math.nan] * len(candidates)
     for index, norm in zip(sound, measured, strict=True):
         norms[index] = norm

@@ -2,7 +2,7 @@
 
 Just over 500 lines: the hooks every strategy shares (deadline sampling, update admission, round numbering,
 state) and the per-strategy subclasses stay together so that a new strategy is one subclass here; the maths
-lives elsewhere (server/admission.py, server/lora_aggregation.py, server/privacy.py).
+lives elsewhere (server/admission.py, shared/lora_aggregation.py, server/privacy.py).
 
 :func:`build_strategy` returns an instance of ``FedabusHooks`` mixed into the chosen Flower strategy. The hooks
 
@@ -29,7 +29,7 @@ Each strategy is a plain subclass (``FedabusFedAvg(FedabusHooks, FedAvg)``, ...)
 
 With ``federation.lora-aggregation = product`` (``fedavg`` and ``fedprox`` only) :class:`ProductLoraMixin` sits
 between the hooks and Flower's strategy: it keeps Flower's metric aggregation and replaces the arrays with the
-ΔW-space aggregate of :mod:`server.lora_aggregation`. Which strategy supports which mode is
+ΔW-space aggregate of :mod:`shared.lora_aggregation`. Which strategy supports which mode is
 :data:`LORA_AGGREGATION_SUPPORT`, checked by :func:`check_lora_aggregation` when the strategy is built.
 
 Strategy state that must survive a restart (FedAdam/Yogi/Adagrad moments) is exposed through
@@ -46,6 +46,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -57,12 +58,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
 
 from server import privacy as client_dp
-from server.admission import AdmissionLimits, admit
-from server.lora_aggregation import product_aggregate
+from server.admission import AdmissionLimits, Candidate, admit
 from server.replies import Recipients, candidate_of, metrics_by_site, site_of, updates_of
 from server.round_numbering import RoundNumbering
 from shared.adapters import AdapterMismatchError
 from shared.config import COMPRESSIONS, LORA_AGGREGATION_MODES, ConfigError, FederationConfig, PrivacyConfig
+from shared.lora_aggregation import (
+    layout_rank,
+    product_aggregate,
+    project,
+    rank_layout,
+    scaling_at_rank,
+)
 from shared.metric_names import DOWNLOAD_BYTES, LORA_DISCARDED_ENERGY, TRAIN, UPLOAD_BYTES, metric_key
 from shared.protocol import (
     ARRAYS,
@@ -72,6 +79,7 @@ from shared.protocol import (
     encode_record,
     payload_bytes,
     record_encoding,
+    record_rank,
     record_to_adapter,
     record_to_update,
 )
@@ -265,14 +273,18 @@ class FedabusHooks:
         if self._admitted[0] != server_round:
             self._admitted = (server_round, frozenset())
         undecodable = self._decode_updates(with_update)
-        candidates = [candidate_of(msg, self.recipients, undecodable.get(id(msg))) for msg in with_update]
         reference = {name: array.numpy() for name, array in self.admission_reference.items()}
+        candidates = [
+            self._at_rank(candidate_of(msg, self.recipients, undecodable.get(id(msg))), reference)
+            for msg in with_update
+        ]
         decision = admit(
             candidates,
             reference=reference,
             server_round=server_round,
             limits=self.admission_limits,
             seen=self._admitted[1],
+            lora_aggregation=self.lora_aggregation,
         )
         for index, site, reason in decision.refused:
             log(WARNING, "Round %d: update of site %s refused: %s", server_round, site, reason)
@@ -292,6 +304,35 @@ class FedabusHooks:
             )
             return []
         return admitted
+
+    def _reply_rank(self, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        """The LoRA rank of a reply's packed arrays when it is not the global adapter's (None: the global rank or
+        no rank fits; :func:`shared.protocol.record_rank`)."""
+        layout = self.adapter_layout
+        rank = record_rank(shapes, layout, self.lora_aggregation) if layout else None
+        return None if rank is None or rank == layout_rank(layout) else rank
+
+    def _at_rank(self, candidate: Candidate, reference: dict[str, np.ndarray]) -> Candidate:
+        """``candidate`` with its LoRA rank when it is another than the global one, and under ``product`` the
+        global adapter projected to that rank as its reference (what that site started from)."""
+        if candidate.problem is not None:
+            return candidate
+        rank = self._reply_rank({name: tuple(a.shape) for name, a in candidate.arrays.items()})
+        if rank is None or self.lora_aggregation != "product" or self.lora_scaling is None:
+            return replace(candidate, rank=rank)
+        layout = self.adapter_layout or {}
+        global_rank = layout_rank(layout)
+        tensors = record_to_adapter(
+            ArrayRecord(dict(self.admission_reference.items())), layout, mode="product"
+        )
+        projected = project(
+            tensors,
+            rank=rank,
+            scaling=self.lora_scaling,
+            to_scaling=scaling_at_rank(self.lora_scaling, global_rank, rank),
+        )
+        packed = adapter_to_record(projected, mode="product")
+        return replace(candidate, rank=rank, reference={name: a.numpy() for name, a in packed.items()})
 
     def _decode_updates(self, with_update: list[Message]) -> dict[int, str]:
         """Replace each update in place by the packed float32 adapter it encodes (``federation.compression``,
@@ -401,23 +442,28 @@ class ProductLoraMixin:
     """``federation.lora-aggregation = product``: placed between :class:`FedabusHooks` and FedAvg/FedProx.
 
     Flower's ``aggregate_train`` still aggregates the metrics; the arrays are replaced by
-    :func:`server.lora_aggregation.product_aggregate` of the sites' unpacked adapters, weighted by ``num-examples``.
+    :func:`shared.lora_aggregation.product_aggregate` of the sites' unpacked adapters, weighted by ``num-examples``.
     A reply whose record does not fit the global layout is left out with a warning naming the site."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None:
-            return arrays, metrics
+        # Not FedAvg's aggregate_train: its element-wise mean cannot take replies at different LoRA ranks.
+        replies, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not replies:
+            return None, None
+        metrics = self.train_metrics_aggr_fn([msg.content for msg in replies], self.weighted_by_key)
         if self.adapter_layout is None or self.lora_scaling is None:
             raise RuntimeError(
                 "federation.lora-aggregation = 'product' needs the global adapter layout and LoRA scaling on the "
                 "strategy (adapter_layout, lora_scaling); FederationRun.prepare sets them"
             )
-        updates, weights = [], []
+        updates, weights, site_scaling = [], [], []
+        global_rank = layout_rank(self.adapter_layout)
         for msg in replies:
+            record = msg.content[ARRAYS]
+            rank = self._reply_rank({key: tuple(record[key].shape) for key in record.keys()}) or global_rank
             try:
-                updates.append(record_to_adapter(msg.content[ARRAYS], self.adapter_layout, mode="product"))
+                layout = rank_layout(self.adapter_layout, rank)
+                updates.append(record_to_adapter(record, layout, mode="product"))
             except AdapterMismatchError as exc:
                 log(
                     WARNING,
@@ -428,9 +474,12 @@ class ProductLoraMixin:
                 )
                 continue
             weights.append(float(msg.content[METRICS][NUM_EXAMPLES]))
+            site_scaling.append(scaling_at_rank(self.lora_scaling, global_rank, rank))
         if not updates:
             return None, metrics
-        result = product_aggregate(updates, weights, layout=self.adapter_layout, scaling=self.lora_scaling)
+        result = product_aggregate(
+            updates, weights, layout=self.adapter_layout, scaling=self.lora_scaling, site_scaling=site_scaling
+        )
         self.last_aggregation_metrics = {LORA_DISCARDED_ENERGY: result.discarded_energy}
         log(
             INFO,

@@ -47,6 +47,7 @@ from flwr.app import Array, ArrayRecord
 
 from shared.adapters import AdapterMismatchError, is_lora_a
 from shared.config import COMPRESSIONS, LORA_AGGREGATION_MODES
+from shared.lora_aggregation import layout_rank, lora_modules, rank_layout
 from shared.metric_names import NUM_EXAMPLES
 from shared.tensor_files import describe_mismatch
 
@@ -69,6 +70,7 @@ __all__ = [
     "num_cases_key",
     "payload_bytes",
     "record_encoding",
+    "record_rank",
     "record_to_adapter",
     "record_to_update",
     "travelling_layout",
@@ -132,6 +134,37 @@ def travelling_layout(layout: Layout, mode: str = "naive") -> dict[str, tuple[in
             f"federation.lora-aggregation = {mode!r}; allowed: {', '.join(LORA_AGGREGATION_MODES)}"
         )
     return {name: tuple(shape) for name, shape in layout.items() if not (mode == "ffa" and is_lora_a(name))}
+
+
+def record_rank(found: Mapping[str, tuple[int, ...]], layout: Layout, mode: str = "naive") -> int | None:
+    """The LoRA rank at which a packed float32 record whose arrays have shapes ``found`` fits ``layout`` exactly
+    (:func:`shared.lora_aggregation.rank_layout`, under ``mode``), or None when it fits no rank.
+
+    A model's packed size is ``n₁ + (r − 1)·k`` (``k``: the elements one rank adds to its LoRA A and B), strictly
+    increasing in ``r``, so a record decodes at one rank at most; both models must give the same rank (a site has
+    one ``adapter.lora-rank``). Heterogeneous ranks are for uncompressed records only."""
+    try:
+        if not lora_modules(layout):
+            return None
+    except ValueError:  # not a LoRA layout
+        return None
+    one = _packed_sizes(travelling_layout(rank_layout(layout, 1), mode))
+    two = _packed_sizes(travelling_layout(rank_layout(layout, 2), mode))
+    ranks = set()
+    for prefix, (size_one,) in one.items():
+        shape = tuple(found.get(prefix, ()))
+        step = two[prefix][0] - size_one
+        if len(shape) != 1 or step == 0:
+            continue  # a missing model, or one without LoRA: the exact comparison below decides
+        extra = shape[0] - size_one
+        if extra < 0 or extra % step:
+            return None
+        ranks.add(1 + extra // step)
+    if len(ranks) != 1:
+        return None
+    rank = ranks.pop()
+    wanted = _wire_shapes(travelling_layout(rank_layout(layout, rank), mode), "none")
+    return rank if {key: tuple(shape) for key, shape in found.items()} == wanted else None
 
 
 def _packed_sizes(layout: Layout) -> dict[str, tuple[int, ...]]:
@@ -352,7 +385,13 @@ def _mode_hint(layout: Layout, mode: str, found: Mapping[str, tuple[int, ...]], 
         if other != mode and _wire_shapes(travelling_layout(layout, other), compression) == dict(found)
     ]
     if not fits:
-        return ""
+        rank = record_rank(found, layout, mode) if compression == "none" and mode != "product" else None
+        if rank is None:
+            return ""
+        return (
+            f"; the record fits this adapter at LoRA rank {rank}, not {layout_rank(layout)}: a site may train at "
+            "its own adapter.lora-rank only with federation.lora-aggregation = 'product'"
+        )
     return (
         f"; the record fits federation.lora-aggregation = {' or '.join(map(repr, fits))}: the server and every "
         "site must run with the same federation.lora-aggregation"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.lora_aggregation import (
+from shared.lora_aggregation import (
     delta_weight,
     lora_modules,
     product_aggregate,

@@ -16,7 +16,15 @@ singular values come from an ``R × R`` core (a dense SVD only when ``r > R`` or
 (``ΔW`` of rank below ``r``) get ``B`` = 0 and an ``A`` row along a singular vector at PEFT's initial row norm,
 so they are not dead for the next round's training (``B`` = ``A`` = 0 would have zero gradient forever).
 
-Plain torch (float64 internally, float32 out); no Flower. :class:`server.strategies.ProductLoraMixin` calls it.
+Heterogeneous ranks (a site's own ``adapter.lora-rank``, product mode only): a site of rank ``rᵢ`` keeps the run's
+``adapter.lora-alpha``, so its scaling is PEFT's ``sᵢ = alpha / rᵢ`` (:func:`scaling_at_rank`); its ``Bᵢ Aᵢ`` simply
+has another inner size, and the sum above is exact whatever the ranks. The global adapter stays at the global rank;
+a site of another rank receives it and projects it to its own (:func:`project`: the optimal rank-``rᵢ``
+approximation of the global ΔW, Eckart–Young, exact when ``rᵢ`` ≥ the global rank); the server computes the same
+projection as the reference its norm bound measures that site's update against.
+
+Plain torch (float64 internally, float32 out); no Flower. :class:`server.strategies.ProductLoraMixin`, the
+server's admission and the site (``client/task.py``) call it.
 """
 
 from __future__ import annotations
@@ -30,9 +38,13 @@ import torch
 __all__ = [
     "LoraAggregate",
     "delta_weight",
+    "layout_rank",
     "lora_modules",
     "product_aggregate",
+    "project",
+    "rank_layout",
     "refactorise",
+    "scaling_at_rank",
     "weighted_mean",
 ]
 
@@ -180,3 +192,52 @@ def product_aggregate(
         total += energy
     ratio = discarded / total if total > 0 else 0.0
     return LoraAggregate(out, ratio, discarded, total)
+
+
+def layout_rank(layout: Mapping[str, Sequence[int]]) -> int:
+    """The LoRA rank of an adapter layout (the first dimension of every A). Raises ValueError when it has no LoRA
+    module or modules of different ranks."""
+    ranks = {tuple(layout[a])[0] for a, _ in lora_modules(layout).values()}
+    if len(ranks) != 1:
+        raise ValueError(f"adapter layout has LoRA ranks {sorted(ranks)}; exactly one expected")
+    return ranks.pop()
+
+
+def rank_layout(layout: Mapping[str, Sequence[int]], rank: int) -> dict[str, tuple[int, ...]]:
+    """``layout`` at LoRA rank ``rank``: every A ``(r, in, ...)`` -> ``(rank, in, ...)``, every B ``(out, r, ...)``
+    -> ``(out, rank, ...)``; every other tensor unchanged."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    out = {name: tuple(shape) for name, shape in layout.items()}
+    for a_name, b_name in lora_modules(layout).values():
+        a, b = out[a_name], out[b_name]
+        out[a_name] = (rank, *a[1:])
+        out[b_name] = (b[0], rank, *b[2:])
+    return out
+
+
+def scaling_at_rank(scaling: Mapping[str, float], rank: int, to_rank: int) -> dict[str, float]:
+    """Model prefix -> LoRA scaling at ``to_rank`` given ``scaling`` at ``rank``: alpha is the run's
+    (``adapter.lora-alpha``) at every rank, so ``alpha / to_rank = scaling · rank / to_rank`` (PEFT's rule)."""
+    return {prefix: s * rank / to_rank for prefix, s in scaling.items()}
+
+
+def project(
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    rank: int,
+    scaling: Mapping[str, float],
+    to_scaling: Mapping[str, float],
+) -> dict[str, torch.Tensor]:
+    """The adapter at LoRA rank ``rank``: each module's ``ΔW = s · B A`` (``scaling`` per model prefix) replaced by
+    its optimal rank-``rank`` approximation, factorised for the scaling ``to_scaling`` (:func:`refactorise`; exact
+    when ``rank`` ≥ the module's rank). Every other tensor is kept. Float32 out, in :func:`rank_layout`."""
+    out = {name: tensor.float().clone() for name, tensor in tensors.items()}
+    for module, (a_name, b_name) in lora_modules(tensors).items():
+        prefix = module.split(".", 1)[0]
+        a, b = tensors[a_name], tensors[b_name]
+        a2, b2 = _matrices(a, b)
+        new_b, new_a, _, _ = refactorise([(scaling[prefix] * b2, a2)], rank=rank, scaling=to_scaling[prefix])
+        out[a_name] = new_a.reshape(rank, *a.shape[1:]).float()
+        out[b_name] = new_b.reshape(b.shape[0], rank, *b.shape[2:]).float()
+    return out
