@@ -28,7 +28,7 @@ from shared.base import load_base
 from shared.config import FedabusConfig, load_config, to_flat_dict
 from shared.inference import adapted_models
 from shared.study.arms import ARMS, ArmContext, TrainedModel, train_arm
-from shared.study.evaluation import compare_arms, result_rows, test_on_sites
+from shared.study.evaluation import OVERLAP_COLUMNS, compare_arms, result_rows, test_on_sites
 from shared.study.sites import StudyError, StudySite, fold_site
 
 __all__ = ["Study", "StudyJob", "run_study"]
@@ -59,7 +59,9 @@ CASE_COLUMNS = (
     "label",
     "prob",
     "prob_gt",
+    "pred",
     "dice_curve",
+    *OVERLAP_COLUMNS,
     "hd95_mm",
     "birads",
     "volume_bin",
