@@ -29,9 +29,11 @@ def _cases(model: str, arm: str, site: str, fold, shift: float, n: int = 24, see
                 "arm": arm, "model": model, "fold": fold, "repeat": 0, "test_site": site, "case_id": f"{site}-{fold}-{i}",
                 "label": int(labels[i]), "prob": float(np.clip(0.5 + (labels[i] - 0.5) * (0.4 + shift) + rng.normal(0, 0.2), 0, 1)),
                 "prob_gt": 0.5, "dice_curve": [dice, dice + 0.01], "hd95_mm": 5.0 - 10 * shift, "birads": "4A",
-                "volume_bin": "0-1",
+                "volume_bin": "0-1", "iou_1click": dice / (2 - dice), "iou": (dice + 0.01) / (1.99 - dice),
+                "seg_precision_1click": 0.9, "seg_precision": 0.9, "seg_recall_1click": dice, "seg_recall": dice,
             }
         )  # fmt: skip
+        rows[-1]["pred"] = int(rows[-1]["prob"] > 0.5)
     return rows
 
 
@@ -61,7 +63,8 @@ def test_the_matrix_has_every_model_at_every_site_with_internal_cells_marked():
     assert internal == {("federated", s) for s in SITES} | {(f"local:{s}", s) for s in SITES}
     metrics = {r["metric"] for r in rows}
     assert {"dice_1click", "dice_2click", "dice", "hd95_mm", "auc", "sensitivity", "specificity", "ppv", "npv",
-            "f1", "accuracy", "brier", "ece"} <= metrics  # fmt: skip
+            "f1", "accuracy", "brier", "ece", "iou_1click", "iou", "seg_precision_1click", "seg_precision",
+            "seg_recall_1click", "seg_recall"} <= metrics  # fmt: skip
     for r in rows:
         if math.isfinite(r["value"]) and math.isfinite(r["ci_low"]):
             assert r["ci_low"] <= r["value"] <= r["ci_high"], r
@@ -86,7 +89,18 @@ def test_comparisons_pair_federated_with_each_sites_own_local_model():
     assert {(r["test_site"], r["model_b"]) for r in dice} == {(s, f"local:{s}") for s in SITES}
     for row in dice:  # federated is 0.05 better than the internal local model at every site
         assert row["diff"] == pytest.approx(0.05, abs=0.02) and row["ci_low"] > 0 and row["p_value"] < 0.05
-    assert {r["metric"] for r in rows} == {"dice_1click", "hd95_mm", "auc"}
+    assert {r["metric"] for r in rows} == {"dice_1click", "hd95_mm", "auc", "accuracy"}
+    cases = {(c["model"], c["case_id"]): c for c in _study_cases()}
+    for row in (r for r in rows if r["metric"] == "accuracy"):  # McNemar at each arm's threshold
+        ids = [i for m, i in cases if m == "federated" and i.startswith(row["test_site"])]
+        right = {
+            m: [cases[(m, i)]["pred"] == cases[(m, i)]["label"] for i in ids]
+            for m in ("federated", row["model_b"])
+        }
+        pairs = list(zip(right["federated"], right[row["model_b"]], strict=True))
+        assert (row["only_a"], row["only_b"]) == (pairs.count((True, False)), pairs.count((False, True)))
+        assert row["method"].startswith(("exact McNemar", "McNemar chi-square")) and 0 <= row["p_value"] <= 1
+    assert all(r["only_a"] is None for r in rows if r["metric"] != "accuracy")
 
 
 def test_bad_site_folders_are_all_named_before_anything_trains(tmp_path: Path):
