@@ -49,6 +49,7 @@ __all__ = [
     "NOISE_MULTIPLIER_SEG",
     "NPV",
     "NUM_EXAMPLES",
+    "OVERLAP_NAMES",
     "NAMESPACES",
     "N_CASES_CLS",
     "N_CASES_SEG",
@@ -192,6 +193,13 @@ def first_click_name(name: str) -> str:
     """The name of metric ``name`` after the first click round: ``{name}_1click`` (``iou_1click``); for Dice
     it equals ``dice_click_name(1)``."""
     return f"{_check_name_part(name, 'name')}{_FIRST_CLICK}"
+
+
+#: The overlap metrics of a case and a split, each after the first and the last click: ``iou_1click``, ``iou``,
+#: ``seg_precision_1click``, ``seg_precision``, ``seg_recall_1click``, ``seg_recall``.
+OVERLAP_NAMES: tuple[str, ...] = tuple(
+    name for base in (IOU, SEG_PRECISION, SEG_RECALL) for name in (first_click_name(base), base)
+)
 
 
 def dice_click_key(n_clicks: int, *, split: str = TEST) -> str:

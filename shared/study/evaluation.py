@@ -4,8 +4,8 @@ Every trained model is tested once on every site's test split. Per case, the Dic
 precision and recall after the first and the last click, the HD95 (mm), the lesion's label, BI-RADS and volume
 stratum, the malignancy probability (end to end: planes cut from the predicted mask; and from the ground-truth
 mask) and the end-to-end call at the arm's ``train.cls-threshold`` (``pred``, 1 = malignant) are kept as
-**case rows** (they stay in the study's own output folder). From them come the **result rows** (one per model, test site and metric, with a 95%
-case-bootstrap or DeLong CI) and the **comparisons** (paired tests between two arms on the same test cases).
+**case rows** (they stay in the study's own output folder). From them come the **result rows** (one per
+model, test site and metric, with a 95% case-bootstrap or DeLong CI) and the **comparisons** (paired tests between two arms on the same test cases).
 """
 
 from __future__ import annotations
@@ -18,16 +18,7 @@ import numpy as np
 import torch
 
 from shared.config import FedabusConfig
-from shared.metric_names import (
-    ACCURACY,
-    AUC,
-    HD95_MM,
-    IOU,
-    SEG_PRECISION,
-    SEG_RECALL,
-    dice_click_name,
-    first_click_name,
-)
+from shared.metric_names import ACCURACY, AUC, HD95_MM, OVERLAP_NAMES, dice_click_name
 from shared.statistics import (
     Estimate,
     classification_estimates,
@@ -39,13 +30,9 @@ from shared.statistics import (
 )
 from shared.training.site import SiteData, evaluate_site
 
-__all__ = ["OVERLAP_COLUMNS", "compare_arms", "result_rows", "test_on_sites"]
+__all__ = ["compare_arms", "result_rows", "test_on_sites"]
 
 Row = dict[str, Any]
-#: The overlap metrics of a case row, after the first and the last click (:meth:`shared.metrics.Overlap.named`).
-OVERLAP_COLUMNS = tuple(
-    name for base in (IOU, SEG_PRECISION, SEG_RECALL) for name in (first_click_name(base), base)
-)
 
 
 def test_on_sites(
@@ -79,7 +66,7 @@ def test_on_sites(
                     "prob_gt": probs.get(("gt", case_id)),
                     "pred": calls.get(case_id),
                     "dice_curve": [float(v) for v in case["dice_curve"]],
-                    **{name: float(case[name]) for name in OVERLAP_COLUMNS},
+                    **{name: float(case[name]) for name in OVERLAP_NAMES},
                     "hd95_mm": float(case["hd95_mm"]),
                     "birads": case["birads"],
                     "volume_bin": case["volume_bin"],
@@ -105,7 +92,7 @@ def _estimates(cases: Sequence[Row], *, n_boot: int, seed: int) -> dict[str, Est
         segmentation_estimates(
             [c["dice_curve"] for c in cases],
             [c["hd95_mm"] for c in cases],
-            overlaps={name: [c.get(name, math.nan) for c in cases] for name in OVERLAP_COLUMNS},
+            overlaps={name: [c.get(name, math.nan) for c in cases] for name in OVERLAP_NAMES},
             n_boot=n_boot,
             seed=seed,
         )

@@ -27,8 +27,9 @@ import torch
 from shared.base import load_base
 from shared.config import FedabusConfig, load_config, to_flat_dict
 from shared.inference import adapted_models
+from shared.metric_names import OVERLAP_NAMES
 from shared.study.arms import ARMS, ArmContext, TrainedModel, train_arm
-from shared.study.evaluation import OVERLAP_COLUMNS, compare_arms, result_rows, test_on_sites
+from shared.study.evaluation import compare_arms, result_rows, test_on_sites
 from shared.study.sites import StudyError, StudySite, fold_site
 
 __all__ = ["Study", "StudyJob", "run_study"]
@@ -61,7 +62,7 @@ CASE_COLUMNS = (
     "prob_gt",
     "pred",
     "dice_curve",
-    *OVERLAP_COLUMNS,
+    *OVERLAP_NAMES,
     "hd95_mm",
     "birads",
     "volume_bin",

@@ -12,6 +12,7 @@ from monai.metrics import DiceMetric, compute_hausdorff_distance, compute_iou
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
 from shared.metric_names import (
+    OVERLAP_NAMES,
     dice_click_key,
     dice_click_name,
     first_click_name,
@@ -84,6 +85,7 @@ def test_overlap_metrics_on_a_hand_example() -> None:
     assert overlap == Overlap(dice=6 / 10, iou=3 / 7, precision=3 / 4, recall=3 / 6)
     assert overlap.named() == {"iou": 3 / 7, "seg_precision": 3 / 4, "seg_recall": 3 / 6}
     assert set(overlap.named(first_click_name)) == {"iou_1click", "seg_precision_1click", "seg_recall_1click"}
+    assert {**overlap.named(first_click_name), **overlap.named()}.keys() == set(OVERLAP_NAMES)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -11,6 +11,7 @@ import pytest
 
 from shared.config import load_config
 from shared.data.synth import generate_consortium
+from shared.metric_names import OVERLAP_NAMES
 from shared.study.evaluation import compare_arms, result_rows
 from shared.study.sites import StudyError, fold_site, open_study_sites, write_fold_sites
 from shared.training.site import open_site
@@ -131,3 +132,26 @@ def test_a_fold_written_for_flower_reads_back_as_the_same_splits(tmp_path: Path)
                 c.case_id for c in view.cases(split)
             ), split
         assert back.name == site.name
+
+
+def test_case_rows_carry_the_overlaps_and_the_call_at_the_arms_threshold(monkeypatch):
+    from types import SimpleNamespace
+
+    from shared.study import evaluation
+
+    overlaps = {name: 0.5 for name in OVERLAP_NAMES}
+    seg_case = {"case_id": "c1", "label": 1, "dice_curve": [0.6, 0.7], "hd95_mm": 3.0, "birads": "4A",
+                "volume_bin": "0-5", **overlaps}  # fmt: skip
+    calls = [
+        {"case_id": "c1", "source": "pred", "label": 1, "probability": 0.4, "predicted_malignant": False},
+        {"case_id": "c1", "source": "gt", "label": 1, "probability": 0.9, "predicted_malignant": True},
+    ]
+
+    def fake_evaluate_site(models, site, config, *, device, split, details):
+        details.update(segmentation={"cases": [seg_case]}, classification=calls)
+
+    monkeypatch.setattr(evaluation, "evaluate_site", fake_evaluate_site)
+    site = SimpleNamespace(name="site_a")
+    (row,) = evaluation.test_on_sites({}, [site], None, device=None, tags={"arm": "local"})
+    assert row["pred"] == 0 and row["prob"] == 0.4 and row["prob_gt"] == 0.9  # the end-to-end call
+    assert {name: row[name] for name in OVERLAP_NAMES} == overlaps
