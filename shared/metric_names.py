@@ -42,12 +42,14 @@ __all__ = [
     "GT_PLANES",
     "HD95_MM",
     "HD95_UNDEFINED",
+    "IOU",
     "LORA_DISCARDED_ENERGY",
     "LOSS",
     "NOISE_MULTIPLIER_CLS",
     "NOISE_MULTIPLIER_SEG",
     "NPV",
     "NUM_EXAMPLES",
+    "OVERLAP_NAMES",
     "NAMESPACES",
     "N_CASES_CLS",
     "N_CASES_SEG",
@@ -58,6 +60,8 @@ __all__ = [
     "SENSITIVITY",
     "SEG_EPSILON",
     "SEG_LOSS",
+    "SEG_PRECISION",
+    "SEG_RECALL",
     "SPECIFICITY",
     "TEST",
     "TEST_WEIGHT_METRIC",
@@ -71,6 +75,7 @@ __all__ = [
     "dice_click_count",
     "dice_click_key",
     "dice_click_name",
+    "first_click_name",
     "metric_direction",
     "metric_key",
 ]
@@ -117,6 +122,12 @@ HD95_MM = "hd95_mm"
 #: Number of cases whose HD95 is undefined (empty prediction), i.e. left out of ``hd95_mm``.
 HD95_UNDEFINED = "hd95_undefined"
 N_CASES_SEG = "n_cases_seg"
+#: Voxel overlap of the predicted mask with the ground truth (:func:`shared.metrics.overlap_metrics`): mean
+#: Jaccard index |P∩G|/|P∪G|, precision |P∩G|/|P| and recall |P∩G|/|G| over cases, after the last click; with
+#: :func:`first_click_name` (``iou_1click``) after the first click, as ``dice_1click`` is for Dice.
+IOU = "iou"
+SEG_PRECISION = "seg_precision"
+SEG_RECALL = "seg_recall"
 AUC = "auc"
 AUC_CI_LOW = "auc_ci_low"
 AUC_CI_HIGH = "auc_ci_high"
@@ -153,6 +164,7 @@ CLIENT_NOISE_STD = "client_noise_std"
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _CI_BOUNDS = ("_ci_low", "_ci_high")
+_FIRST_CLICK = "_1click"
 
 
 def _check_name_part(value: str, what: str) -> str:
@@ -175,6 +187,19 @@ def dice_click_name(n_clicks: int) -> str:
     if n_clicks < 1:
         raise ValueError(f"n_clicks must be >= 1 (round 1 is the first click), got {n_clicks}")
     return f"dice_{n_clicks}click"
+
+
+def first_click_name(name: str) -> str:
+    """The name of metric ``name`` after the first click round: ``{name}_1click`` (``iou_1click``); for Dice
+    it equals ``dice_click_name(1)``."""
+    return f"{_check_name_part(name, 'name')}{_FIRST_CLICK}"
+
+
+#: The overlap metrics of a case and a split, each after the first and the last click: ``iou_1click``, ``iou``,
+#: ``seg_precision_1click``, ``seg_precision``, ``seg_recall_1click``, ``seg_recall``.
+OVERLAP_NAMES: tuple[str, ...] = tuple(
+    name for base in (IOU, SEG_PRECISION, SEG_RECALL) for name in (first_click_name(base), base)
+)
 
 
 def dice_click_key(n_clicks: int, *, split: str = TEST) -> str:
@@ -207,6 +232,9 @@ DIRECTIONS: dict[str, Direction] = {
     HD95_MM: "lower",
     HD95_UNDEFINED: "count",
     N_CASES_SEG: "count",
+    IOU: "higher",
+    SEG_PRECISION: "higher",
+    SEG_RECALL: "higher",
     AUC: "higher",
     SENSITIVITY: "higher",
     SPECIFICITY: "higher",
@@ -263,7 +291,7 @@ def _base_direction(name: str) -> Direction | None:
     name = _cut_suffix(name, _SOURCE_SUFFIXES)[0]
     if dice_click_count(name) is not None:
         return "higher"
-    return DIRECTIONS.get(name)
+    return DIRECTIONS.get(_cut_suffix(name, (_FIRST_CLICK,))[0])
 
 
 def dice_click_count(name: str) -> int | None:

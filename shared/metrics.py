@@ -1,6 +1,6 @@
 """The metrics of fedabus: segmentation and classification values, and the flat dicts they are logged as.
 
-Segmentation (seed 000): Dice, HD95 in millimetres (MONAI, with the voxel spacing), lesion volume in cm³, the
+Segmentation (seed 000): Dice, the voxel overlap (Jaccard/IoU, precision, recall), HD95 in millimetres (MONAI, with the voxel spacing), lesion volume in cm³, the
 volume bins 0–5, 5–20 and 20–100 cm³, per-group summaries (BI-RADS category or volume bin, Tables 4–5) and the
 Dice-vs-clicks curve. Classification (seed 003): ROC AUC with a 95% confidence interval, sensitivity,
 specificity, PPV, NPV, accuracy and F1 at a threshold.
@@ -37,10 +37,13 @@ from shared.metric_names import (
     F1,
     HD95_MM,
     HD95_UNDEFINED,
+    IOU,
     N_CASES_CLS,
     N_CASES_SEG,
     NPV,
     PPV,
+    SEG_PRECISION,
+    SEG_RECALL,
     SENSITIVITY,
     SPECIFICITY,
     dice_click_key,
@@ -51,6 +54,7 @@ __all__ = [
     "AucResult",
     "BinaryMetrics",
     "GroupStats",
+    "Overlap",
     "VOLUME_BIN_EDGES_CM3",
     "VOLUME_BIN_LABELS",
     "as_binary_mask",
@@ -61,6 +65,7 @@ __all__ = [
     "dice_vs_clicks",
     "hd95_mm",
     "lesion_volume_cm3",
+    "overlap_metrics",
     "padded_dice_curves",
     "segmentation_metrics_dict",
     "stratified_metrics_dict",
@@ -103,17 +108,49 @@ def _same_shape_masks(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
     return pred_b, gt_b
 
 
+@dataclass(frozen=True)
+class Overlap:
+    """Voxel overlap of a predicted mask P with the ground truth G (fractions in [0, 1]).
+
+    dice = 2|P∩G| / (|P| + |G|), iou = |P∩G| / |P∪G| (Jaccard), precision = |P∩G| / |P|, recall = |P∩G| / |G|.
+    Empty masks: both empty is a perfect prediction, every value 1.0 (as MONAI's ``DiceMetric(ignore_empty=
+    False)``); exactly one empty (an empty prediction of a lesion, or a prediction where there is none) is a
+    failure, every value 0.0. So every value is finite and the four agree on both conventions.
+    """
+
+    dice: float
+    iou: float
+    precision: float
+    recall: float
+
+    def named(self, rename: Callable[[str], str] = str) -> dict[str, float]:
+        """``{iou, seg_precision, seg_recall}`` (the metric names of :mod:`shared.metric_names`) passed
+        through ``rename``, e.g. :func:`shared.metric_names.first_click_name`; Dice has its own curve."""
+        values = {IOU: self.iou, SEG_PRECISION: self.precision, SEG_RECALL: self.recall}
+        return {rename(name): value for name, value in values.items()}
+
+
+def overlap_metrics(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> Overlap:
+    """Dice, IoU, precision and recall of two binary masks of the same shape (all voxels pooled; see
+    :class:`Overlap` for the formulas and the empty-mask conventions)."""
+    pred_b, gt_b = _same_shape_masks(pred, gt)
+    tp = int(np.logical_and(pred_b, gt_b).sum())
+    n_pred, n_gt = int(pred_b.sum()), int(gt_b.sum())
+    if n_pred == 0 and n_gt == 0:
+        return Overlap(1.0, 1.0, 1.0, 1.0)
+    if n_pred == 0 or n_gt == 0:
+        return Overlap(0.0, 0.0, 0.0, 0.0)
+    return Overlap(2.0 * tp / (n_pred + n_gt), tp / (n_pred + n_gt - tp), tp / n_pred, tp / n_gt)
+
+
 def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> float:
     """Dice coefficient ``2|P∩G| / (|P| + |G|)`` of two binary masks of the same shape (all voxels pooled).
 
     When both masks are empty the prediction is perfect and the Dice is defined as 1.0 (as MONAI's
-    ``DiceMetric(ignore_empty=False)``); an empty prediction of a non-empty lesion gives 0.0.
+    ``DiceMetric(ignore_empty=False)``); an empty prediction of a non-empty lesion gives 0.0
+    (:func:`overlap_metrics`).
     """
-    pred_b, gt_b = _same_shape_masks(pred, gt)
-    total = int(pred_b.sum()) + int(gt_b.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(pred_b, gt_b).sum()) / total
+    return overlap_metrics(pred, gt).dice
 
 
 def _check_spacing(spacing_mm: Sequence[float], ndim: int) -> list[float]:
@@ -413,21 +450,30 @@ def binary_metrics(
 
 # ---------------------------------------------------------------------------------------------- flat dicts
 def segmentation_metrics_dict(
-    dice_curves: Sequence[Sequence[float]], hd95_values_mm: Sequence[float], *, split: str = "test"
+    dice_curves: Sequence[Sequence[float]],
+    hd95_values_mm: Sequence[float],
+    *,
+    overlaps: Mapping[str, Sequence[float]] | None = None,
+    split: str = "test",
 ) -> dict[str, float]:
     """Flat segmentation metrics of one split for logging.
 
     ``dice_curves[c]`` is case ``c``'s Dice after each click round; ``hd95_values_mm[c]`` its final HD95
-    (NaN when undefined). Keys: ``{split}/dice_{n}click`` for every round n (see :func:`dice_vs_clicks`),
-    ``{split}/dice`` (last round), ``{split}/hd95_mm`` (mean over defined values, NaN if none),
-    ``{split}/hd95_undefined`` and ``{split}/n_cases_seg``.
+    (NaN when undefined); ``overlaps[name][c]`` its value of an overlap metric such as ``iou`` or
+    ``iou_1click`` (:meth:`Overlap.named`). Keys: ``{split}/dice_{n}click`` for every round n (see
+    :func:`dice_vs_clicks`), ``{split}/dice`` (last round), ``{split}/{name}`` (mean over cases) for each
+    overlap, ``{split}/hd95_mm`` (mean over defined values, NaN if none), ``{split}/hd95_undefined`` and
+    ``{split}/n_cases_seg``.
     """
-    if len(hd95_values_mm) != len(dice_curves):
-        raise ValueError(f"{len(dice_curves)} Dice curves but {len(hd95_values_mm)} HD95 values")
+    overlaps = dict(overlaps or {})
+    lengths = {len(hd95_values_mm), *(len(values) for values in overlaps.values())}
+    if lengths != {len(dice_curves)}:
+        raise ValueError(f"{len(dice_curves)} Dice curves but {sorted(lengths)} HD95 / overlap values")
     curve = dice_vs_clicks(dice_curves)
     hd95 = _group_stats(hd95_values_mm)
     out = {dice_click_key(r + 1, split=split): float(value) for r, value in enumerate(curve)}
     out[metric_key(DICE, split=split)] = float(curve[-1])
+    out.update({metric_key(name, split=split): float(np.mean(v)) for name, v in overlaps.items()})
     out[metric_key(HD95_MM, split=split)] = hd95.mean
     out[metric_key(HD95_UNDEFINED, split=split)] = float(hd95.n_undefined)
     out[metric_key(N_CASES_SEG, split=split)] = float(len(dice_curves))

@@ -2,7 +2,7 @@
 
 Builds on :mod:`shared.metrics` and :mod:`shared.calibration`: case bootstrap (:func:`bootstrap_ci`,
 :func:`paired_bootstrap`), DeLong (:func:`delong_auc`, :func:`delong_test`; mid-rank algorithm of Sun & Xu,
-2014), :func:`mcnemar`, and whole-split tables (:func:`classification_estimates`,
+2014), :func:`mcnemar`, decision curves (:func:`decision_curve`), and whole-split tables (:func:`classification_estimates`,
 :func:`segmentation_estimates`) keyed by the metric names of :mod:`shared.metric_names`. The unit of resampling is the case (lesion / patient): per-case values are
 rows of an ``(n_cases,)`` or ``(n_cases, k)`` array; resamples come from ``numpy.random.default_rng(seed)``.
 Undefined results are NaN with a ``note`` saying why, not exceptions: a small site's test split may lack a
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import binom, norm, rankdata
+from scipy.stats import binom, chi2, norm, rankdata
 
 from shared.calibration import brier_score, expected_calibration_error, labels_and_probabilities
 from shared.metric_names import (
@@ -48,9 +48,14 @@ from shared.metrics import (
 
 __all__ = [
     "Comparison",
+    "DECISION_THRESHOLDS",
+    "DecisionCurve",
     "Estimate",
+    "MCNEMAR_EXACT_BELOW",
+    "McNemar",
     "bootstrap_ci",
     "classification_estimates",
+    "decision_curve",
     "delong_auc",
     "delong_test",
     "mcnemar",
@@ -380,6 +385,7 @@ def segmentation_estimates(
     dice_curves: Sequence[Sequence[float]],
     hd95_mm: ArrayLike,
     *,
+    overlaps: Mapping[str, ArrayLike] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -389,7 +395,9 @@ def segmentation_estimates(
     ``dice_curves[c][r]`` is case ``c``'s Dice after click round ``r + 1``; shorter curves are padded with
     their last Dice (:func:`shared.metrics.padded_dice_curves`). ``hd95_mm`` has shape ``(n_cases,)``, NaN
     where undefined (empty prediction): those cases are left out of the mean (``np.nanmean``) and counted in
-    the note. Keys: ``dice_{n}click`` for n = 1..R (R = longest curve), ``dice`` (round R) and ``hd95_mm``.
+    the note. ``overlaps`` maps overlap names (``iou``, ``iou_1click``, ``seg_precision`` …, see
+    :meth:`shared.metrics.Overlap.named`) to per-case values, shape ``(n_cases,)``. Keys: ``dice_{n}click`` for
+    n = 1..R (R = longest curve), ``dice`` (round R), ``hd95_mm`` and every overlap name (mean over cases).
     Every key uses the same seed, hence the same resampled cases.
     """
     padded = padded_dice_curves(dice_curves)
@@ -407,10 +415,30 @@ def segmentation_estimates(
         )
         hd95_estimate = replace(hd95_estimate, note=_join(why, hd95_estimate.note))
     out[HD95_MM] = hd95_estimate
+    for name, values in (overlaps or {}).items():
+        if np.shape(values) != hd95.shape:
+            raise ValueError(f"{padded.shape[0]} Dice curves but {name} has shape {np.shape(values)}")
+        out[name] = bootstrap_ci(values, np.mean, **options)
     return out
 
 
 # ------------------------------------------------------------------------------------------------ McNemar
+#: McNemar's p-value is the exact binomial one below this many discordant cases, and the continuity-corrected
+#: chi-square from it on (the chi-square approximation needs b + c >= 25; statsmodels gives the same advice).
+MCNEMAR_EXACT_BELOW = 25
+
+
+@dataclass(frozen=True)
+class McNemar(Comparison):
+    """A :class:`Comparison` of two classifiers' accuracies with McNemar's discordant counts: ``only_a`` cases
+    only A classifies correctly, ``only_b`` only B; ``statistic`` is ``min(only_a, only_b)`` (exact test) or
+    the chi-square value (1 degree of freedom)."""
+
+    only_a: int = 0
+    only_b: int = 0
+    statistic: float = math.nan
+
+
 def _correct(labels: np.ndarray, pred: ArrayLike, name: str) -> np.ndarray:
     predicted = as_binary_mask(pred, name=name)
     if predicted.shape != labels.shape:
@@ -423,21 +451,81 @@ def mcnemar(
     pred_a: ArrayLike,
     pred_b: ArrayLike,
     *,
+    exact: bool | None = None,
     alpha: float = 0.05,
-) -> Comparison:
-    """Exact McNemar test of two classifiers' 0/1 predictions on the same cases (all shape ``(n_cases,)``).
+) -> McNemar:
+    """McNemar test of two classifiers' 0/1 predictions on the same cases (all shape ``(n_cases,)``).
 
-    With ``n_ab`` cases only A gets right and ``n_ba`` only B, ``diff = acc_A - acc_B = (n_ab - n_ba) / n``
-    and the p-value is the exact two-sided binomial test of ``n_ab`` out of ``n_ab + n_ba`` at 1/2 (1 when
-    there is no discordant pair). CI: Wald interval of a paired difference of proportions, clipped to [-1, 1].
+    ``pred_a[i]`` and ``pred_b[i]`` are both classifiers' calls (1 = malignant, each at its own threshold) for
+    case ``i``, whose truth is ``y_true[i]``; the caller pairs them by case id. With ``b`` cases only A gets
+    right and ``c`` only B, ``diff = acc_A - acc_B = (b - c) / n``. p-value (two-sided): with ``exact`` None,
+    the exact binomial test of ``min(b, c)`` out of ``b + c`` at 1/2 when ``b + c <``
+    :data:`MCNEMAR_EXACT_BELOW`, else the continuity-corrected chi-square ``(|b - c| - 1)² / (b + c)`` with 1
+    degree of freedom (Edwards); ``exact`` True or False forces one. No discordant case: p = 1. CI: Wald
+    interval of a paired difference of proportions, clipped to [-1, 1].
     """
     _check_alpha(alpha)
     labels = _binary_labels(y_true)
     right_a, right_b = _correct(labels, pred_a, "pred_a"), _correct(labels, pred_b, "pred_b")
-    n, n_ab, n_ba = labels.size, int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
-    discordant = n_ab + n_ba
-    p_value = min(1.0, 2.0 * float(binom.cdf(min(n_ab, n_ba), discordant, 0.5))) if discordant else 1.0
-    diff = (n_ab - n_ba) / n
-    half = float(norm.ppf(1 - alpha / 2)) * math.sqrt(max(discordant - (n_ab - n_ba) ** 2 / n, 0.0)) / n
-    note = f"{n_ab} cases right only by A, {n_ba} right only by B"
-    return Comparison(diff, max(-1.0, diff - half), min(1.0, diff + half), p_value, n, "exact McNemar", note)
+    n, b, c = labels.size, int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    discordant = b + c
+    use_exact = discordant < MCNEMAR_EXACT_BELOW if exact is None else exact
+    if use_exact:
+        method, statistic = "exact McNemar (binomial)", float(min(b, c))
+        p_value = min(1.0, 2.0 * float(binom.cdf(min(b, c), discordant, 0.5))) if discordant else 1.0
+    else:
+        method = "McNemar chi-square (continuity-corrected)"
+        statistic = (abs(b - c) - 1) ** 2 / discordant if discordant else 0.0
+        p_value = float(chi2.sf(statistic, 1)) if discordant else 1.0
+    diff = (b - c) / n
+    half = float(norm.ppf(1 - alpha / 2)) * math.sqrt(max(discordant - (b - c) ** 2 / n, 0.0)) / n
+    note = f"{b} cases right only by A, {c} right only by B"
+    low, high = max(-1.0, diff - half), min(1.0, diff + half)
+    return McNemar(diff, low, high, p_value, n, method, note, only_a=b, only_b=c, statistic=statistic)
+
+
+# ------------------------------------------------------------------------------------------ decision curves
+#: Threshold probabilities of a decision curve: 0.01, 0.02, …, 0.99.
+DECISION_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
+
+
+@dataclass(frozen=True)
+class DecisionCurve:
+    """Net benefit (true positives per case, net of the false positives weighed by the odds of the threshold)
+    at each threshold probability ``thresholds`` (shape ``(k,)``): of the model, of treating (biopsying)
+    every lesion, and of treating none (0 everywhere), over ``n`` cases with malignant fraction ``prevalence``."""
+
+    thresholds: np.ndarray
+    model: np.ndarray
+    treat_all: np.ndarray
+    treat_none: np.ndarray
+    n: int
+    prevalence: float
+
+
+def decision_curve(y_true: ArrayLike, prob: ArrayLike, thresholds: ArrayLike | None = None) -> DecisionCurve:
+    """Decision-curve analysis (Vickers & Elkin, 2006) of malignancy probabilities ``prob`` against ``y_true``.
+
+    At threshold probability ``pt`` a lesion is treated when ``prob > pt`` (strictly, as
+    :func:`shared.metrics.binary_metrics`), and ``NB(pt) = TP/n - FP/n · pt / (1 - pt)``: the benefit of the
+    malignant lesions found, less the harm of the benign ones treated, at the exchange rate a clinician who
+    treats from risk ``pt`` on accepts. Treat-all: ``prevalence - (1 - prevalence) · pt / (1 - pt)``;
+    treat-none: 0. ``thresholds`` must lie in (0, 1) (default :data:`DECISION_THRESHOLDS`).
+    """
+    labels, probs = labels_and_probabilities(y_true, prob)
+    pts = np.asarray(DECISION_THRESHOLDS if thresholds is None else thresholds, dtype=np.float64)
+    if pts.ndim != 1 or pts.size == 0 or not np.all((pts > 0) & (pts < 1)):
+        raise ValueError("thresholds must be a non-empty 1-D array of probabilities in (0, 1)")
+    n, odds = labels.size, pts / (1 - pts)
+    treated = probs[None, :] > pts[:, None]
+    tp = np.sum(treated & labels[None, :], axis=1)
+    fp = np.sum(treated & ~labels[None, :], axis=1)
+    prevalence = float(labels.mean())
+    return DecisionCurve(
+        thresholds=pts,
+        model=tp / n - fp / n * odds,
+        treat_all=prevalence - (1 - prevalence) * odds,
+        treat_none=np.zeros_like(pts),
+        n=n,
+        prevalence=prevalence,
+    )

@@ -1,10 +1,11 @@
 """Testing a study's models on every site, and the numbers a reviewer accepts.
 
-Every trained model is tested once on every site's test split. Per case, the Dice after each click, the HD95
-(mm), the lesion's label, BI-RADS and volume stratum, and the malignancy probability (end to end: planes cut
-from the predicted mask; and from the ground-truth mask) are kept as **case rows** (they stay in the study's
-own output folder). From them come the **result rows** (one per model, test site and metric, with a 95%
-case-bootstrap or DeLong CI) and the **comparisons** (paired tests between two arms on the same test cases).
+Every trained model is tested once on every site's test split. Per case, the Dice after each click, IoU,
+precision and recall after the first and the last click, the HD95 (mm), the lesion's label, BI-RADS and volume
+stratum, the malignancy probability (end to end: planes cut from the predicted mask; and from the ground-truth
+mask) and the end-to-end call at the arm's ``train.cls-threshold`` (``pred``, 1 = malignant) are kept as
+**case rows** (they stay in the study's own output folder). From them come the **result rows** (one per
+model, test site and metric, with a 95% case-bootstrap or DeLong CI) and the **comparisons** (paired tests between two arms on the same test cases).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 
 from shared.config import FedabusConfig
-from shared.metric_names import AUC, HD95_MM, dice_click_name
+from shared.metric_names import ACCURACY, AUC, HD95_MM, OVERLAP_NAMES, dice_click_name
 from shared.statistics import (
     Estimate,
     classification_estimates,
     delong_auc,
     delong_test,
+    mcnemar,
     paired_bootstrap,
     segmentation_estimates,
 )
@@ -47,6 +49,11 @@ def test_on_sites(
         details: dict[str, Any] = {}
         evaluate_site(models, site, config, device=device, split="test", details=details)
         probs = {(c["source"], c["case_id"]): c["probability"] for c in details["classification"]}
+        calls = {
+            c["case_id"]: int(c["predicted_malignant"])
+            for c in details["classification"]
+            if c["source"] == "pred"
+        }
         for case in details["segmentation"]["cases"]:
             case_id = str(case["case_id"])
             rows.append(
@@ -57,7 +64,9 @@ def test_on_sites(
                     "label": case["label"],
                     "prob": probs.get(("pred", case_id)),
                     "prob_gt": probs.get(("gt", case_id)),
+                    "pred": calls.get(case_id),
                     "dice_curve": [float(v) for v in case["dice_curve"]],
+                    **{name: float(case[name]) for name in OVERLAP_NAMES},
                     "hd95_mm": float(case["hd95_mm"]),
                     "birads": case["birads"],
                     "volume_bin": case["volume_bin"],
@@ -81,7 +90,11 @@ def _row(tags: Row, metric: str, estimate: Estimate) -> Row:
 def _estimates(cases: Sequence[Row], *, n_boot: int, seed: int) -> dict[str, Estimate]:
     out = dict(
         segmentation_estimates(
-            [c["dice_curve"] for c in cases], [c["hd95_mm"] for c in cases], n_boot=n_boot, seed=seed
+            [c["dice_curve"] for c in cases],
+            [c["hd95_mm"] for c in cases],
+            overlaps={name: [c.get(name, math.nan) for c in cases] for name in OVERLAP_NAMES},
+            n_boot=n_boot,
+            seed=seed,
         )
     )
     labelled = [c for c in cases if c["label"] is not None and c["prob"] is not None]
@@ -157,8 +170,9 @@ def compare_arms(
     cases: Sequence[Row], reference: str = "federated", *, n_boot: int = 2000, seed: int = 0
 ) -> list[Row]:
     """Paired comparisons of ``reference`` against every other arm at every test site, on the same test cases
-    (pooled over folds, per repeat): Dice@1 by paired case bootstrap, HD95 likewise, AUC by DeLong's test.
-    ``diff`` is reference minus the other arm."""
+    (pooled over folds, per repeat): Dice@1 by paired case bootstrap, HD95 likewise, AUC by DeLong's test,
+    accuracy at each arm's threshold by McNemar's test (rows with ``only_a``/``only_b``, the discordant
+    counts). ``diff`` is reference minus the other arm."""
     index: dict[tuple, dict[str, Row]] = {}
     for case in cases:
         index.setdefault((case["repeat"], case["test_site"], case["model"]), {})[
@@ -193,8 +207,8 @@ def compare_arms(
 
 
 def _comparison_row(tags: Row, metric: str, result: Any) -> Row:
-    fields = ("diff", "ci_low", "ci_high", "p_value", "n", "method")
-    return {**tags, "metric": metric, **{name: getattr(result, name) for name in fields}}
+    fields = ("diff", "ci_low", "ci_high", "p_value", "n", "method", "only_a", "only_b")
+    return {**tags, "metric": metric, **{name: getattr(result, name, None) for name in fields}}
 
 
 def _compare(a: dict[str, Row], b: dict[str, Row], *, n_boot: int, seed: int, tags: Row) -> list[Row]:
@@ -223,4 +237,12 @@ def _compare(a: dict[str, Row], b: dict[str, Row], *, n_boot: int, seed: int, ta
             np.array([b[k]["prob"] for k in labelled]),
         )
         out.append(_comparison_row(tags, AUC, result))
+    called = [k for k in labelled if a[k].get("pred") is not None and b[k].get("pred") is not None]
+    if called:
+        result = mcnemar(
+            np.array([int(a[k]["label"]) for k in called]),
+            np.array([int(a[k]["pred"]) for k in called]),
+            np.array([int(b[k]["pred"]) for k in called]),
+        )
+        out.append(_comparison_row(tags, ACCURACY, result))
     return out

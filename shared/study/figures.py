@@ -3,7 +3,7 @@
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas (no pyplot, so no global state
 and no display). Every function returns ``None`` when it has nothing to draw; the report then says "n/a".
 
-Per-case figures (ROC, Dice vs clicks, box plots, calibration) read :class:`CaseRow` s, built from the
+Per-case figures (ROC, Dice vs clicks, box plots, calibration, decision curves, confusion matrices) read :class:`CaseRow` s, built from the
 study's per-case rows by :func:`case_rows`. Curves are grouped by arm; where an arm holds both models that saw
 a site's training data and models that did not (``local``, ``loso``), the two are drawn separately as
 ``"arm · internal"`` (solid) and ``"arm · external"`` (dashed).
@@ -27,12 +27,15 @@ from matplotlib.patches import Patch, Rectangle
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from shared.calibration import calibration_curve, ece_of
+from shared.statistics import decision_curve
 
 __all__ = [
     "CALIBRATION_BINS",
     "CaseRow",
     "calibration_figure",
     "case_rows",
+    "confusion_matrix_figure",
+    "decision_curve_figure",
     "dice_vs_clicks_figure",
     "heatmap_figure",
     "roc_figure",
@@ -55,6 +58,7 @@ class CaseRow:
     case_id: str
     label: int | None  # 1 = malignant, 0 = benign
     prob: float  # malignancy probability
+    pred: int | None  # the call at the arm's threshold: 1 = malignant, 0 = benign
     dice_curve: tuple[float, ...]  # Dice after click 1..N
     birads: str | None
     volume_bin: str | None
@@ -107,6 +111,7 @@ def case_rows(
                 case_id=_text(case.get("case_id")),
                 label=_label(case.get("label")),
                 prob=_float(case.get("prob")),
+                pred=_label(case.get("pred")),
                 dice_curve=curve,
                 birads=_category(case.get("birads")),
                 volume_bin=_category(case.get("volume_bin")),
@@ -344,4 +349,62 @@ def calibration_figure(rows: Sequence[CaseRow], arms: Sequence[str]) -> str | No
         confidence, observed, ece = _reliability(labels, np.array([row.prob for row in mine]))
         ax.plot(confidence, observed, marker="o", color=_colour(arms, arm))
         ax.set_title(f"{arm} ({len(mine)} predictions, ECE {ece:.3f})", fontsize=10)
+    return _data_uri(fig)
+
+
+def decision_curve_figure(rows: Sequence[CaseRow], arms: Sequence[str]) -> str | None:
+    """Net benefit against the threshold probability (:func:`shared.statistics.decision_curve`) per arm over
+    all test sites, with the treat-all and treat-none references of the test cases (each counted once)."""
+    labelled = _labelled(rows)
+    if not labelled:
+        return None
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    labels = [label for label in _unique_cases(labelled).values() if label is not None]
+    reference = decision_curve(labels, [0.5] * len(labels))
+    ax.plot(reference.thresholds, reference.treat_all, color="black", lw=1.0, label="treat all")
+    ax.plot(reference.thresholds, reference.treat_none, color="grey", lw=1.0, ls="--", label="treat none")
+    for name, arm, style, group in _grouped(labelled, arms):
+        curve = decision_curve([row.label for row in group], [row.prob for row in group])
+        ax.plot(
+            curve.thresholds,
+            curve.model,
+            ls=style,
+            color=_colour(arms, arm),
+            label=f"{name} (n={len(group)})",
+        )
+    top = max(reference.prevalence, 0.05)
+    ax.set(xlim=(0, 1), ylim=(-0.1 * top - 0.02, 1.1 * top + 0.02), xlabel="threshold probability")
+    ax.set(ylabel="net benefit (true positives per case)", title="Decision curves (all test sites)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return _data_uri(fig)
+
+
+def confusion_matrix_figure(rows: Sequence[CaseRow], arms: Sequence[str]) -> str | None:
+    """A 2 × 2 confusion matrix per arm at its operating threshold (cases of all its models, sites, folds and
+    repeats pooled), from the labelled cases with a call."""
+    called = [row for row in _labelled(rows) if row.pred is not None]
+    if not called:
+        return None
+    fig, axes = _panel_grid(len(arms), width=3.7, height=3.2)
+    for ax, arm in zip(axes, arms, strict=True):
+        mine = [row for row in called if row.arm == arm]
+        counts = np.zeros((2, 2), dtype=int)  # rows: truth benign/malignant; columns: call benign/malignant
+        for row in mine:
+            counts[row.label, row.pred] += 1
+        ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
+        for (r, c), count in np.ndenumerate(counts):
+            bright = count > counts.max() / 2
+            ax.text(
+                c, r, str(count), ha="center", va="center", fontsize=12, color="white" if bright else "black"
+            )
+        ticks = ["benign", "malignant"]
+        ax.set_xticks([0, 1], labels=ticks)
+        ax.set_yticks([0, 1], labels=ticks)
+        ax.set(xlabel="called", ylabel="truth")
+        tp, fn, tn, fp = counts[1, 1], counts[1, 0], counts[0, 0], counts[0, 1]
+        sens = f"{tp / (tp + fn):.2f}" if tp + fn else "n/a"
+        spec = f"{tn / (tn + fp):.2f}" if tn + fp else "n/a"
+        ax.set_title(f"{arm} (n={len(mine)}): sens {sens}, spec {spec}", fontsize=9)
     return _data_uri(fig)

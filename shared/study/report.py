@@ -12,11 +12,13 @@ Input contract (rows are mappings such as plain dicts; a missing key, ``None`` o
     ``value``, ``ci_low``, ``ci_high`` float (NaN allowed); ``n`` int test cases.
 ``cases`` (:data:`CASE_COLUMNS`): one row per test case of one model in one fold and repeat.
     ``arm, model, fold, repeat, test_site, case_id``; ``label`` 0 benign / 1 malignant / None; ``prob`` float
-    malignancy probability or None; ``dice_curve`` list of Dice after click 1..N; ``hd95_mm`` float (NaN
-    allowed); ``birads`` str or None; ``volume_bin`` str ("0-5", "5-20", "20-100" cm³).
+    malignancy probability or None; ``pred`` 1 / 0 / None, the call at the arm's threshold; ``dice_curve``
+    list of Dice after click 1..N; ``hd95_mm`` float (NaN allowed); ``birads`` str or None; ``volume_bin`` str
+    ("0-5", "5-20", "20-100" cm³).
 ``comparisons`` (:data:`COMPARISON_COLUMNS`): paired tests between arms on the same test cases.
     ``test_site, metric, arm_a, arm_b`` str; ``diff`` (arm_a - arm_b), ``ci_low``, ``ci_high``, ``p_value``
-    float; ``method`` str.
+    float; ``method`` str; McNemar's rows (metric ``accuracy``) also ``n`` and ``only_a``, ``only_b``, the
+    cases only arm_a and only arm_b call correctly (None in other rows): the McNemar table.
 ``meta`` (:data:`META_KEYS`): ``title``, ``created`` (ISO time), ``sites`` and ``arms`` (lists, their order is
     the report's order), ``selection_rule`` str, ``notes`` list of str.
 
@@ -46,13 +48,18 @@ from shared.metric_names import (
     ECE,
     F1,
     HD95_MM,
+    IOU,
     NPV,
     PPV,
+    SEG_PRECISION,
+    SEG_RECALL,
     SENSITIVITY,
     SPECIFICITY,
     dice_click_name,
+    first_click_name,
     metric_direction,
 )
+from shared.statistics import MCNEMAR_EXACT_BELOW
 from shared.study import figures
 from shared.study.figures import CaseRow
 
@@ -72,11 +79,12 @@ RESULT_COLUMNS = (
     "arm", "model", "fold", "repeat", "test_site", "internal", "metric", "value", "ci_low", "ci_high", "n",
 )  # fmt: skip
 CASE_COLUMNS = (
-    "arm", "model", "fold", "repeat", "test_site", "case_id", "label", "prob", "dice_curve", "hd95_mm",
+    "arm", "model", "fold", "repeat", "test_site", "case_id", "label", "prob", "pred", "dice_curve", "hd95_mm",
     "birads", "volume_bin",
 )  # fmt: skip
 COMPARISON_COLUMNS = (
-    "test_site", "metric", "arm_a", "arm_b", "diff", "ci_low", "ci_high", "p_value", "method",
+    "test_site", "metric", "arm_a", "arm_b", "diff", "ci_low", "ci_high", "p_value", "method", "n", "only_a",
+    "only_b",
 )  # fmt: skip
 META_KEYS = ("title", "created", "sites", "arms", "selection_rule", "notes")
 
@@ -85,6 +93,12 @@ METRIC_LABELS = {
     dice_click_name(1): "Dice@1",
     dice_click_name(5): "Dice@5",
     DICE: "Dice",
+    first_click_name(IOU): "IoU@1",
+    IOU: "IoU",
+    first_click_name(SEG_PRECISION): "Precision@1",
+    SEG_PRECISION: "Precision",
+    first_click_name(SEG_RECALL): "Recall@1",
+    SEG_RECALL: "Recall",
     HD95_MM: "HD95 (mm)",
     AUC: "AUC",
     SENSITIVITY: "Sensitivity",
@@ -284,6 +298,39 @@ def _findings_section(cells: Cells, sites: Sequence[str], pairs: Pairs, comparis
     return "\n".join([*out, "</ul>"])
 
 
+def _mcnemar_section(comparisons: Sequence[Row]) -> str:
+    """Each arm against the reference arm at every test site: McNemar's discordant counts and p-value."""
+    rows = [row for row in comparisons if _text(row, "metric") == ACCURACY and row.get("only_a") is not None]
+    if not rows:
+        return '<p class="na">n/a: no McNemar tests (no cases with a label and a call from both arms).</p>'
+    e = html.escape
+    heads = [
+        "Test site",
+        "Arm A",
+        "Arm B",
+        "Cases",
+        "Only A right",
+        "Only B right",
+        "Accuracy A − B",
+        "Test",
+        "p",
+    ]
+    out = ['<div class="table-wrap"><table class="mcnemar">', "<thead><tr>"]
+    out += [*(f"<th>{e(h)}</th>" for h in heads), "</tr></thead><tbody>"]
+    for row in rows:
+        p = _float(row.get("p_value"))
+        diff = _num(_float(row.get("diff")), 3, sign=True)
+        diff += _interval(_float(row.get("ci_low")), _float(row.get("ci_high")), 3)
+        texts = [_text(row, k) for k in ("test_site", "arm_a", "arm_b")]
+        numbers = [_text(row, k) or "n/a" for k in ("n", "only_a", "only_b")] + [diff]
+        css = ' class="sig"' if math.isfinite(p) and p < ALPHA else ""
+        tds = "".join(f"<td>{e(t)}</td>" for t in texts) + "".join(
+            f'<td class="num">{e(t)}</td>' for t in numbers
+        )
+        out.append(f"<tr{css}>{tds}<td>{e(_text(row, 'method'))}</td><td>{e(_p_value(p))}</td></tr>")
+    return "\n".join([*out, "</tbody></table></div>"])
+
+
 def _table_section(cells: Cells, sites: Sequence[str], pairs: Pairs, metrics: Sequence[str]) -> str:
     e = html.escape
     if not metrics or not pairs:
@@ -372,6 +419,13 @@ def _figure_sections(
          boxes(lambda r: r.volume_bin, "Dice by lesion volume (cm³)"), per_case, "no volume bins."),
         ("Calibration", "Calibration", lambda: figures.calibration_figure(rows, arms),
          f"{figures.CALIBRATION_BINS} equal-width probability bins; dashed: perfect calibration.", no_probs),
+        ("Decision curves", "Decision curves", lambda: figures.decision_curve_figure(rows, arms),
+         "Net benefit = TP/n − FP/n · pt/(1 − pt) of biopsying the lesions whose probability exceeds the "
+         "threshold pt; an arm is useful where it lies above both treat-all and treat-none. "
+         f"{split}", no_probs),
+        ("Confusion matrices", "Confusion matrices", lambda: figures.confusion_matrix_figure(rows, arms),
+         "Calls at each arm's threshold (train.cls-threshold); cases of all an arm's models, test sites, "
+         "folds and repeats pooled.", "no cases with a label, a probability and a call."),
     ]  # fmt: skip
     out = []
     for heading, name, draw, caption, missing in specs:
@@ -398,6 +452,12 @@ def build_html(results: Sequence[Row], cases: Sequence[Row], comparisons: Sequen
         _meta_section(meta, sites, arms),
         "<h2>Findings</h2>",
         _findings_section(cells, sites, pairs, comparisons),
+        "<h2>McNemar tests at the operating point</h2>",
+        "<p>Each arm against the reference arm on the same labelled test cases, with every model calling "
+        "malignant above its threshold: the exact binomial test when fewer than "
+        f"{MCNEMAR_EXACT_BELOW} cases are called right by only one of the two, else the continuity-corrected "
+        "chi-square.</p>",
+        _mcnemar_section(comparisons),
         *_figure_sections(cells, sites, arms, pairs, rows),
         "<h2>Table of numbers</h2>",
         "<p>Mean over folds and repeats [mean of the runs' 95% CI bounds]; HD95 in mm. Shaded rows: internal "

@@ -27,6 +27,7 @@ import torch
 from shared.base import load_base
 from shared.config import FedabusConfig, load_config, to_flat_dict
 from shared.inference import adapted_models
+from shared.metric_names import OVERLAP_NAMES
 from shared.study.arms import ArmContext, TrainedModel, arm_kind, train_arm
 from shared.study.evaluation import compare_arms, result_rows, test_on_sites
 from shared.study.sites import StudyError, StudySite, fold_site
@@ -59,7 +60,9 @@ CASE_COLUMNS = (
     "label",
     "prob",
     "prob_gt",
+    "pred",
     "dice_curve",
+    *OVERLAP_NAMES,
     "hd95_mm",
     "birads",
     "volume_bin",

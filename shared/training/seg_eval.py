@@ -11,7 +11,9 @@ Per case (a preprocessed full volume with its mask):
 3. after every click round the blocks' probabilities are stitched (overlaps averaged,
    :func:`shared.data.blocks.stitch`) and thresholded at 0.5 into the full-volume prediction, and its Dice
    against the full ground truth is recorded: the Dice-vs-clicks curve;
-4. after the last round: Dice, HD95 in mm (MONAI, with the voxel spacing) and the lesion volume in cm³.
+4. after the first and the last round: IoU, precision and recall of the prediction
+   (:func:`shared.metrics.overlap_metrics`);
+5. after the last round: Dice, HD95 in mm (MONAI, with the voxel spacing) and the lesion volume in cm³.
 
 A click round adds at most ``clicks_per_round`` clicks per block (default 1: round ``r`` has exactly ``r``
 clicks unless a block's prediction became exact, so ``dice_5click`` is the Dice after 5 clicks); ``None``
@@ -23,7 +25,8 @@ blocks and the lesion (plus one voxel), which gives the same Dice, HD95 and volu
 fraction of the memory. :class:`PredictedMask` holds that region and rebuilds the full mask on request.
 
 Aggregates (:class:`SegEvaluation`): the flat metrics of :func:`shared.metrics.segmentation_metrics_dict`
-(``test/dice_1click`` … ``test/dice_{n}click``, ``test/dice``, ``test/hd95_mm`` …) plus the strata by BI-RADS
+(``test/dice_1click`` … ``test/dice_{n}click``, ``test/dice``, ``test/iou_1click``, ``test/iou``,
+``test/seg_precision[_1click]``, ``test/seg_recall[_1click]``, ``test/hd95_mm`` …) plus the strata by BI-RADS
 category and by lesion-volume bin (0–5, 5–20, 20–100 cm³) of seed 000 Tables 4–5
 (``test/birads/4A/dice_mean``, ``test/volume/0-5/hd95_mm_std`` …).
 """
@@ -42,13 +45,13 @@ from shared.clicks import ClickSession
 from shared.config import DataConfig, TrainConfig
 from shared.data.blocks import Block, covering_blocks, extract_blocks, lesion_bbox, stitch
 from shared.data.transforms import Preprocessed
-from shared.metric_names import DICE, HD95_MM
+from shared.metric_names import DICE, HD95_MM, first_click_name
 from shared.metrics import (
     GroupStats,
-    dice,
     dice_vs_clicks,
     hd95_mm,
     lesion_volume_cm3,
+    overlap_metrics,
     segmentation_metrics_dict,
     stratified_metrics_dict,
     stratify,
@@ -142,7 +145,8 @@ class CaseResult:
     """Evaluation of one case.
 
     ``dice_curve[r]`` is the full-volume Dice after click round ``r + 1``; ``dice`` and ``hd95_mm`` (NaN when
-    the prediction is empty) are those of the last round; ``volume_cm3`` is the ground-truth lesion volume;
+    the prediction is empty) are those of the last round; ``overlaps`` the IoU, precision and recall after the
+    first (``iou_1click`` …) and the last round (``iou`` …); ``volume_cm3`` is the ground-truth lesion volume;
     ``clicks_per_block`` the clicks each block received; ``prediction`` the final mask (None when the caller
     asked not to keep it).
     """
@@ -158,6 +162,7 @@ class CaseResult:
     n_blocks: int
     clicks_per_block: list[int]
     prediction: PredictedMask | None
+    overlaps: dict[str, float]
 
     def record(self) -> dict[str, Any]:
         """JSON-ready per-case values (no mask), also the input of :func:`shared.metrics.stratify`."""
@@ -165,6 +170,7 @@ class CaseResult:
             "case_id": self.case_id,
             DICE: self.dice,
             HD95_MM: self.hd95_mm,
+            **self.overlaps,
             "dice_curve": list(self.dice_curve),
             "volume_cm3": self.volume_cm3,
             "volume_bin": self.volume_bin,
@@ -299,10 +305,14 @@ def _evaluate_case(
     episodes = _episodes(model, case, blocks, rng, settings)
     start, region_shape, shifted = _region(blocks, mask)
     gt = mask[tuple(slice(a, a + n) for a, n in zip(start, region_shape, strict=True))]
-    curve = []
-    for _ in range(settings.n_rounds):
+    curve, overlaps = [], {}
+    for round_index in range(settings.n_rounds):
         predicted = stitch([e.advance() for e in episodes], shifted, region_shape).values > 0.5
-        curve.append(dice(predicted, gt))
+        overlap = overlap_metrics(predicted, gt)
+        curve.append(overlap.dice)
+        if round_index == 0:
+            overlaps.update(overlap.named(first_click_name))
+    overlaps.update(overlap.named())
     volume = lesion_volume_cm3(mask, case.spacing_mm)
     return CaseResult(
         case_id=case.case_id,
@@ -316,6 +326,7 @@ def _evaluate_case(
         n_blocks=len(blocks),
         clicks_per_block=[e.n_clicks for e in episodes],
         prediction=PredictedMask(tuple(int(v) for v in mask.shape), start, predicted),
+        overlaps=overlaps,
     )
 
 
@@ -325,7 +336,8 @@ def _aggregate(results: list[CaseResult], split: str) -> SegEvaluation:
     curves = [r.dice_curve for r in results]
     records = [r.record() for r in results]
     strata = {"birads": stratify(records, "birads"), "volume": stratify(records, "volume_bin")}
-    metrics = segmentation_metrics_dict(curves, [r.hd95_mm for r in results], split=split)
+    overlaps = {name: [r.overlaps[name] for r in results] for name in results[0].overlaps}
+    metrics = segmentation_metrics_dict(curves, [r.hd95_mm for r in results], overlaps=overlaps, split=split)
     for by, groups in strata.items():
         metrics.update(stratified_metrics_dict(groups, by=by, split=split))
     return SegEvaluation(results, [float(v) for v in dice_vs_clicks(curves)], metrics, strata)

@@ -8,11 +8,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from monai.metrics import DiceMetric, compute_hausdorff_distance
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+from monai.metrics import DiceMetric, compute_hausdorff_distance, compute_iou
+from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
-from shared.metric_names import dice_click_key, metric_key
+from shared.metric_names import (
+    OVERLAP_NAMES,
+    dice_click_key,
+    dice_click_name,
+    first_click_name,
+    metric_direction,
+    metric_key,
+)
 from shared.metrics import (
+    Overlap,
     _bootstrap_aucs,
     auc_with_ci,
     binary_metrics,
@@ -21,6 +29,7 @@ from shared.metrics import (
     dice_vs_clicks,
     hd95_mm,
     lesion_volume_cm3,
+    overlap_metrics,
     segmentation_metrics_dict,
     stratified_metrics_dict,
     stratify,
@@ -64,6 +73,40 @@ def test_dice_of_empty_masks() -> None:
     assert dice(empty, empty) == 1.0 == _monai_dice(empty, empty)
     assert dice(empty, full) == 0.0
     assert dice(full, full) == 1.0
+
+
+def test_overlap_metrics_on_a_hand_example() -> None:
+    # |P| = 4, |G| = 6, |P∩G| = 3, |P∪G| = 7
+    pred = np.zeros(10, dtype=bool)
+    gt = np.zeros(10, dtype=bool)
+    pred[[0, 1, 2, 9]] = True
+    gt[[0, 1, 2, 3, 4, 5]] = True
+    overlap = overlap_metrics(pred, gt)
+    assert overlap == Overlap(dice=6 / 10, iou=3 / 7, precision=3 / 4, recall=3 / 6)
+    assert overlap.named() == {"iou": 3 / 7, "seg_precision": 3 / 4, "seg_recall": 3 / 6}
+    assert set(overlap.named(first_click_name)) == {"iou_1click", "seg_precision_1click", "seg_recall_1click"}
+    assert {**overlap.named(first_click_name), **overlap.named()}.keys() == set(OVERLAP_NAMES)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_overlap_metrics_agree_with_monai(seed: int) -> None:
+    pred, gt = _random_masks(seed)
+    overlap = overlap_metrics(pred, gt)
+    iou = compute_iou(torch.from_numpy(pred[None, None]), torch.from_numpy(gt[None, None]))
+    assert overlap.iou == pytest.approx(float(iou.item()), abs=1e-6)
+    assert overlap.dice == pytest.approx(_monai_dice(pred, gt), abs=1e-6) and overlap.dice == dice(pred, gt)
+    assert overlap.precision == pytest.approx(precision_score(gt.ravel(), pred.ravel()))
+    assert overlap.recall == pytest.approx(recall_score(gt.ravel(), pred.ravel()))
+    # Dice and IoU are one monotone function of each other: D = 2J / (1 + J)
+    assert overlap.dice == pytest.approx(2 * overlap.iou / (1 + overlap.iou))
+
+
+def test_overlap_metrics_of_empty_masks_follow_dice() -> None:
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    full = np.ones_like(empty)
+    assert overlap_metrics(empty, empty) == Overlap(1.0, 1.0, 1.0, 1.0)
+    assert overlap_metrics(empty, full) == Overlap(0.0, 0.0, 0.0, 0.0)  # missed lesion
+    assert overlap_metrics(full, empty) == Overlap(0.0, 0.0, 0.0, 0.0)  # lesion where there is none
 
 
 def test_dice_refuses_probabilities_and_shape_mismatch() -> None:
@@ -307,11 +350,19 @@ def test_metric_names() -> None:
         metric_key("auc", split="te/st")
     with pytest.raises(ValueError, match="n_clicks"):
         dice_click_key(0)
+    assert first_click_name("iou") == "iou_1click" and first_click_name("dice") == dice_click_name(1)
+    for name in ("iou", "seg_precision_1click", "seg_recall", "iou_1click"):
+        assert metric_direction(f"val/{name}") == "higher"
+        assert metric_direction(f"global/test/{name}_mean") == "higher"
+    assert metric_direction("test/iou_1click_ci_low") is None
 
 
 def test_segmentation_metrics_dict() -> None:
-    out = segmentation_metrics_dict([[0.5, 0.7], [0.3, 0.9]], [10.0, math.nan])
+    overlaps = {"iou_1click": [0.2, 0.4], "iou": [0.5, 0.9]}
+    out = segmentation_metrics_dict([[0.5, 0.7], [0.3, 0.9]], [10.0, math.nan], overlaps=overlaps)
     assert out == {
+        "test/iou_1click": pytest.approx(0.3),
+        "test/iou": pytest.approx(0.7),
         "test/dice_1click": pytest.approx(0.4),
         "test/dice_2click": pytest.approx(0.8),
         "test/dice": pytest.approx(0.8),
@@ -319,6 +370,8 @@ def test_segmentation_metrics_dict() -> None:
         "test/hd95_undefined": 1.0,
         "test/n_cases_seg": 2.0,
     }
+    with pytest.raises(ValueError, match="overlap"):
+        segmentation_metrics_dict([[0.5]], [1.0], overlaps={"iou": [0.5, 0.6]})
 
 
 def test_classification_and_stratified_dicts() -> None:

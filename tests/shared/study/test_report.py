@@ -24,7 +24,8 @@ VOLUME_BINS = ["0-5", "5-20", "20-100"]
 # Federated is best everywhere: the findings must say so.
 DICE_1 = {"local": 0.70, "federated": 0.80, "pooled": 0.78}
 AUC = {"local": 0.72, "federated": 0.86, "pooled": 0.83}
-FIGURES = 7  # two heatmaps, ROC, Dice vs clicks, two box plots, calibration
+FIGURES = 9  # two heatmaps, ROC, Dice vs clicks, two box plots, calibration, decision curves, confusion
+PER_CASE_CLS_FIGURES = 4  # ROC, calibration, decision curves, confusion matrices: need labelled cases
 DATA_PNG = re.compile(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -69,7 +70,7 @@ def _study(cases_per_site: int = 20, folds: int = 2, seed: int = 0) -> tuple[lis
                         curve = [min(0.99, start + 0.03 * k) for k in range(clicks)]
                         cases.append({
                             **common, "case_id": f"{site}-{i:03d}", "label": label,
-                            "prob": float(1 / (1 + math.exp(-logit))), "dice_curve": curve,
+                            "prob": float(1 / (1 + math.exp(-logit))), "pred": int(logit > 0), "dice_curve": curve,
                             "hd95_mm": float(rng.uniform(3, 20)), "birads": BIRADS[i % 4],
                             "volume_bin": VOLUME_BINS[i % 3],
                         })  # fmt: skip
@@ -80,6 +81,9 @@ def _study(cases_per_site: int = 20, folds: int = 2, seed: int = 0) -> tuple[lis
                             "ci_high": 0.071, "p_value": 0.012, "method": "paired bootstrap"})  # fmt: skip
         comparisons.append({**pair, "metric": "auc", "arm_b": "pooled", "diff": 0.03, "ci_low": -0.02,
                             "ci_high": 0.08, "p_value": 0.31, "method": "DeLong"})  # fmt: skip
+        comparisons.append({**pair, "metric": "accuracy", "arm_b": "local", "diff": 0.15, "ci_low": 0.02,
+                            "ci_high": 0.28, "p_value": 0.0213, "method": "exact McNemar (binomial)", "n": 40,
+                            "only_a": 9, "only_b": 3})  # fmt: skip
     meta = {
         "title": "Synthetic cross-site study",
         "created": "2025-01-02T03:04:05+00:00",
@@ -151,6 +155,33 @@ def test_the_findings_name_the_best_arm_and_the_significant_differences(page: tu
         )
 
 
+def test_the_mcnemar_table_has_each_arm_against_the_reference_with_discordant_counts(
+    page: tuple[Path, str],
+) -> None:
+    section = _section(page[1], "McNemar tests at the operating point")
+    numbers = '<td class="num">40</td><td class="num">9</td><td class="num">3</td>'
+    numbers += '<td class="num">+0.150 [0.020, 0.280]</td>'
+    for site in SITES:
+        names = f"<td>{site}</td><td>federated</td><td>local</td>"
+        assert f"{names}{numbers}<td>exact McNemar (binomial)</td><td>p = 0.021</td>" in section
+    assert section.count('<tr class="sig">') == len(SITES) and "p = 0.021" in section
+    assert "fewer than 25 cases" in section
+
+
+def test_decision_curves_and_confusion_matrices_are_drawn(page: tuple[Path, str]) -> None:
+    for heading in ("Decision curves", "Confusion matrices"):
+        section = _section(page[1], heading)
+        assert len(DATA_PNG.findall(section)) == 1 and f'alt="{heading}"' in section
+    assert "treat-all and treat-none" in _section(page[1], "Decision curves")
+
+
+def test_without_mcnemar_rows_the_table_says_n_a(tmp_path: Path) -> None:
+    results, _, comparisons, meta = _study(cases_per_site=6, folds=1)
+    kept = [row for row in comparisons if row["metric"] != "accuracy"]
+    text = render_report(results, [], kept, meta, tmp_path / "r.html").read_text()
+    assert "n/a: no McNemar tests" in _section(text, "McNemar tests at the operating point")
+
+
 def test_every_string_from_the_study_is_escaped(tmp_path: Path) -> None:
     results, _, comparisons, meta = _study(cases_per_site=6, folds=1)
     meta = {**meta, "title": "<script>alert(1)</script>", "notes": ["a < b & c"]}
@@ -213,14 +244,18 @@ def _nothing(study):
         (_one_arm, FIGURES, ["the best Dice@1 is federated", "n/a: no paired comparisons"]),
         (_one_site, FIGURES, ["At site_b, the best AUC is federated"]),
         (_one_class, FIGURES, ["No ROC at site_a: one class only."]),  # ROC image with titled, empty panels
-        (_no_labels, FIGURES - 2, ["n/a: no cases with both a label and a probability."]),
+        (_no_labels, FIGURES - PER_CASE_CLS_FIGURES, ["n/a: no cases with both a label and a probability."]),
         (
             _nans,
             0,
             ["best Dice@1: n/a", "Dice@1 n/a [n/a, 0.071], p = n/a, significance n/a", "no Dice@1 values."],
         ),
         (_no_cases, 2, ["n/a: no Dice curves in the cases.", "n/a: no BI-RADS categories."]),
-        (_missing_metrics, 2, ["the best AUC: n/a", "n/a: no AUC values.", "n/a: no Dice curves"]),
+        (
+            _missing_metrics,
+            PER_CASE_CLS_FIGURES,
+            ["the best AUC: n/a", "n/a: no AUC values.", "n/a: no Dice curves"],
+        ),
         (_nothing, 0, ["Cross-site study", "n/a: no results.", "n/a: no paired comparisons"]),
     ],
 )

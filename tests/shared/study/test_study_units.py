@@ -11,6 +11,7 @@ import pytest
 
 from shared.config import load_config
 from shared.data.synth import generate_consortium
+from shared.metric_names import OVERLAP_NAMES
 from shared.study.arms import arm_kind
 from shared.study.evaluation import compare_arms, result_rows
 from shared.study.runner import load_study_config
@@ -31,9 +32,11 @@ def _cases(model: str, arm: str, site: str, fold, shift: float, n: int = 24, see
                 "arm": arm, "model": model, "fold": fold, "repeat": 0, "test_site": site, "case_id": f"{site}-{fold}-{i}",
                 "label": int(labels[i]), "prob": float(np.clip(0.5 + (labels[i] - 0.5) * (0.4 + shift) + rng.normal(0, 0.2), 0, 1)),
                 "prob_gt": 0.5, "dice_curve": [dice, dice + 0.01], "hd95_mm": 5.0 - 10 * shift, "birads": "4A",
-                "volume_bin": "0-1",
+                "volume_bin": "0-1", "iou_1click": dice / (2 - dice), "iou": (dice + 0.01) / (1.99 - dice),
+                "seg_precision_1click": 0.9, "seg_precision": 0.9, "seg_recall_1click": dice, "seg_recall": dice,
             }
         )  # fmt: skip
+        rows[-1]["pred"] = int(rows[-1]["prob"] > 0.5)
     return rows
 
 
@@ -63,7 +66,8 @@ def test_the_matrix_has_every_model_at_every_site_with_internal_cells_marked():
     assert internal == {("federated", s) for s in SITES} | {(f"local:{s}", s) for s in SITES}
     metrics = {r["metric"] for r in rows}
     assert {"dice_1click", "dice_2click", "dice", "hd95_mm", "auc", "sensitivity", "specificity", "ppv", "npv",
-            "f1", "accuracy", "brier", "ece"} <= metrics  # fmt: skip
+            "f1", "accuracy", "brier", "ece", "iou_1click", "iou", "seg_precision_1click", "seg_precision",
+            "seg_recall_1click", "seg_recall"} <= metrics  # fmt: skip
     for r in rows:
         if math.isfinite(r["value"]) and math.isfinite(r["ci_low"]):
             assert r["ci_low"] <= r["value"] <= r["ci_high"], r
@@ -88,7 +92,18 @@ def test_comparisons_pair_federated_with_each_sites_own_local_model():
     assert {(r["test_site"], r["model_b"]) for r in dice} == {(s, f"local:{s}") for s in SITES}
     for row in dice:  # federated is 0.05 better than the internal local model at every site
         assert row["diff"] == pytest.approx(0.05, abs=0.02) and row["ci_low"] > 0 and row["p_value"] < 0.05
-    assert {r["metric"] for r in rows} == {"dice_1click", "hd95_mm", "auc"}
+    assert {r["metric"] for r in rows} == {"dice_1click", "hd95_mm", "auc", "accuracy"}
+    cases = {(c["model"], c["case_id"]): c for c in _study_cases()}
+    for row in (r for r in rows if r["metric"] == "accuracy"):  # McNemar at each arm's threshold
+        ids = [i for m, i in cases if m == "federated" and i.startswith(row["test_site"])]
+        right = {
+            m: [cases[(m, i)]["pred"] == cases[(m, i)]["label"] for i in ids]
+            for m in ("federated", row["model_b"])
+        }
+        pairs = list(zip(right["federated"], right[row["model_b"]], strict=True))
+        assert (row["only_a"], row["only_b"]) == (pairs.count((True, False)), pairs.count((False, True)))
+        assert row["method"].startswith(("exact McNemar", "McNemar chi-square")) and 0 <= row["p_value"] <= 1
+    assert all(r["only_a"] is None for r in rows if r["metric"] != "accuracy")
 
 
 def test_variants_are_compared_with_the_plain_arm_model_for_model():
@@ -150,3 +165,26 @@ def test_a_fold_written_for_flower_reads_back_as_the_same_splits(tmp_path: Path)
                 c.case_id for c in view.cases(split)
             ), split
         assert back.name == site.name
+
+
+def test_case_rows_carry_the_overlaps_and_the_call_at_the_arms_threshold(monkeypatch):
+    from types import SimpleNamespace
+
+    from shared.study import evaluation
+
+    overlaps = {name: 0.5 for name in OVERLAP_NAMES}
+    seg_case = {"case_id": "c1", "label": 1, "dice_curve": [0.6, 0.7], "hd95_mm": 3.0, "birads": "4A",
+                "volume_bin": "0-5", **overlaps}  # fmt: skip
+    calls = [
+        {"case_id": "c1", "source": "pred", "label": 1, "probability": 0.4, "predicted_malignant": False},
+        {"case_id": "c1", "source": "gt", "label": 1, "probability": 0.9, "predicted_malignant": True},
+    ]
+
+    def fake_evaluate_site(models, site, config, *, device, split, details):
+        details.update(segmentation={"cases": [seg_case]}, classification=calls)
+
+    monkeypatch.setattr(evaluation, "evaluate_site", fake_evaluate_site)
+    site = SimpleNamespace(name="site_a")
+    (row,) = evaluation.test_on_sites({}, [site], None, device=None, tags={"arm": "local"})
+    assert row["pred"] == 0 and row["prob"] == 0.4 and row["prob_gt"] == 0.9  # the end-to-end call
+    assert {name: row[name] for name in OVERLAP_NAMES} == overlaps

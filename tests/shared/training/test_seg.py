@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from shared.adapters import LoraSpec, attach_lora
 from shared.config import DataConfig, TrainConfig
 from shared.data.blocks import covering_blocks
+from shared.metrics import overlap_metrics
 from shared.models.sam_med3d import build_sam_med3d
 from shared.training import seg as seg_module
 from shared.training.seg import (
@@ -381,6 +382,15 @@ def test_oracle_prediction_stitched_over_overlapping_blocks_gives_dice_one():
     assert np.array_equal(result.prediction.full(), case.mask > 0)
     assert result.clicks_per_block == [1] * len(blocks)  # exact after the first click: no corrective click
     assert evaluation.metrics["test/dice_1click"] == 1.0 and evaluation.metrics["test/dice"] == 1.0
+    for name in (
+        "iou_1click",
+        "iou",
+        "seg_precision_1click",
+        "seg_precision",
+        "seg_recall_1click",
+        "seg_recall",
+    ):
+        assert result.overlaps[name] == 1.0 == evaluation.metrics[f"test/{name}"]
 
 
 def test_dice_vs_clicks_curve_shape_strata_and_json():
@@ -397,9 +407,9 @@ def test_dice_vs_clicks_curve_shape_strata_and_json():
         device="cpu",
         n_clicks=4,
         keep_masks=False,
-        on_case=lambda case, result: seen.append((case.case_id, result.prediction.full().shape)),
+        on_case=lambda case, result: seen.append((case.case_id, result.prediction.full())),
     )
-    assert seen == [("a", (36, 70, 40)), ("b", (30, 30, 30))]
+    assert [(case_id, mask.shape) for case_id, mask in seen] == [("a", (36, 70, 40)), ("b", (30, 30, 30))]
     assert len(evaluation.curve) == 4
     for case, result in zip(cases, evaluation.cases, strict=True):
         assert len(result.dice_curve) == 4 and result.prediction is None
@@ -408,7 +418,26 @@ def test_dice_vs_clicks_curve_shape_strata_and_json():
         assert result.volume_cm3 == pytest.approx(case.mask.sum() * 0.5 * 0.4 * 0.6 / 1000)
     big = evaluation.cases[0]
     assert big.dice_curve[-1] > big.dice_curve[0]  # more positive balls cover more of the lesion
-    assert [f"test/dice_{n}click" for n in range(1, 5)] == [k for k in evaluation.metrics if "click" in k]
+    assert [f"test/dice_{n}click" for n in range(1, 5)] == [
+        k for k in evaluation.metrics if k.startswith("test/dice_")
+    ]
+    for case, result, (_, final) in zip(cases, evaluation.cases, seen, strict=True):
+        # the overlaps are those of the full-volume prediction after the last and (via Dice) the first click
+        assert result.overlaps["iou"] == pytest.approx(overlap_metrics(final, case.mask).iou)
+        assert result.overlaps["seg_recall"] == pytest.approx(overlap_metrics(final, case.mask).recall)
+        first = result.overlaps["iou_1click"]
+        assert result.dice_curve[0] == pytest.approx(2 * first / (1 + first))
+        assert result.record()["seg_precision_1click"] == result.overlaps["seg_precision_1click"]
+    for name in (
+        "iou_1click",
+        "iou",
+        "seg_precision_1click",
+        "seg_precision",
+        "seg_recall_1click",
+        "seg_recall",
+    ):
+        expected = np.mean([r.overlaps[name] for r in evaluation.cases])
+        assert evaluation.metrics[f"test/{name}"] == pytest.approx(expected)
     assert evaluation.metrics["test/dice_4click"] == pytest.approx(
         np.mean([r.dice for r in evaluation.cases])
     )
