@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from opacus.validators import ModuleValidator
 from torch import nn
 
 from shared.adapters import LoraSpec, adapter_parameters, attach_lora
@@ -181,6 +182,7 @@ def test_backbone_forward_weights_and_lora_step(backbone: str, tmp_path: Path) -
     branch = model.branches["coronal"]
     assert not [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert not [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
+    ModuleValidator.validate(model, strict=True)  # Opacus accepts it (DP-SGD)
     x = _images()
     assert branch(x[:, 2]).shape == (2, model.feature_dim)
 
