@@ -1,7 +1,8 @@
 """Tri-plane benign/malignant lesion classifier (seed 003) and its ablations.
 
 One 2D backbone branch per ABUS plane (transverse, sagittal, coronal) turns a lesion-region image (B, 1, H, W)
-into a pooled feature vector (B, F). Backbones (``backbone``; seed 003 compares them, ResNet-50 wins):
+into a pooled feature vector (B, F). Backbones (``backbone``; seed 003 compares VGG-19, DenseNet-161, ResNet-101
+and ResNet-50, which wins; ResNeXt-50 is an extra arm):
 
 =============== ============================================== ======
 ``backbone``    layout (torchvision's, names and shapes)       F
@@ -46,7 +47,8 @@ Module names (what adapter regexes see), e.g. for ResNet-18:
 ``branches.coronal.features.conv0``, ``...features.denseblock1.denselayer1.conv2``, ``...transition1.conv``.
 VGG-19: ``branches.sagittal.features.conv1`` .. ``conv16`` with ``norm1`` .. ``norm16`` (torchvision's
 ``features.0``, ``features.1``, ...; :attr:`_Vgg19.torchvision_renames`). Every convolution's name ends in
-``conv`` + digits, so the default ``adapter.cls-lora-targets`` adapts every backbone's convolutions.
+``conv`` + digits, so the default ``adapter.cls-lora-targets`` adapts every backbone's convolutions (PEFT adapts
+ResNeXt-50's grouped ones only at a rank divisible by 32; docs/training.md gives a regex without them).
 :func:`load_backbone_weights` loads torchvision ImageNet weights of the matching architecture.
 """
 
