@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,12 @@ from shared.models.sam_med3d import (
     load_state_dict_strict,
     read_checkpoint,
 )
-from shared.models.triplane import TriPlaneClassifier, build_triplane_classifier, load_backbone_weights
+from shared.models.triplane import (
+    PLANES,
+    TriPlaneClassifier,
+    build_triplane_classifier,
+    load_backbone_weights,
+)
 from shared.tensor_files import atomic_write, pair_paths
 
 if TYPE_CHECKING:
@@ -82,10 +88,14 @@ class BaseModels:
 
 
 def _build_cls(cls_config: dict[str, Any]) -> TriPlaneClassifier:
+    """The classifier a ``cls_config`` describes: ``depth``, ``planes``, ``norm_groups`` and, since the ablations,
+    ``backbone`` and ``fusion`` (a manifest without them is of a ResNet base with the ``ts+c`` fusion)."""
     return build_triplane_classifier(
         depth=int(cls_config["depth"]),
         planes=tuple(cls_config["planes"]),
         norm_groups=int(cls_config["norm_groups"]),
+        backbone=str(cls_config.get("backbone", "resnet")),
+        fusion=str(cls_config.get("fusion", "ts+c")),
     )
 
 
@@ -93,15 +103,28 @@ def build_random_base(
     sam_config: str | dict[str, Any] = "small",
     *,
     cls_depth: int = 18,
-    cls_planes: tuple[str, ...] = ("transverse", "sagittal", "coronal"),
+    cls_planes: Sequence[str] = PLANES,
     cls_norm_groups: int = 32,
+    cls_arch: str = "resnet",
+    cls_fusion: str = "ts+c",
     seed: int = 0,
     attention_impl: str = "fast",
 ) -> BaseModels:
-    """Randomly initialised base (seeded): the starting point of ``fedabus pretrain`` and of tests."""
+    """Randomly initialised base (seeded): the starting point of ``fedabus pretrain`` and of tests.
+
+    The classifier: ``cls_arch`` is its backbone (``model.cls-backbone``, depth ``cls_depth`` for ``resnet``),
+    ``cls_planes`` its planes (any non-empty subset, ``train.cls-planes``), ``cls_fusion`` its plane fusion
+    (``model.cls-fusion``); all are recorded in the base's ``cls_config`` and so in its manifest.
+    """
     torch.manual_seed(seed)
     sam = build_sam_med3d(sam_config, attention_impl=attention_impl)
-    cls_config = {"depth": cls_depth, "planes": list(cls_planes), "norm_groups": cls_norm_groups}
+    cls_config = {
+        "backbone": cls_arch,
+        "depth": cls_depth,
+        "planes": [p for p in PLANES if p in cls_planes],
+        "norm_groups": cls_norm_groups,
+        "fusion": cls_fusion,
+    }
     base = BaseModels(sam, _build_cls(cls_config), dict(sam.sam_config), cls_config)
     base.refresh_fingerprints()
     return base
@@ -221,15 +244,29 @@ def base_from_checkpoints(
     cls_backbone: str | Path | None = None,
     cls_depth: int = 50,
     cls_norm_groups: int = 32,
+    cls_arch: str = "resnet",
+    cls_fusion: str = "ts+c",
+    cls_planes: Sequence[str] = PLANES,
     seed: int = 0,
     trust_pickle: bool = False,
 ) -> BaseModels:
-    """A base from the official SAM-Med3D checkpoint and optional torchvision-format ResNet weights.
+    """A base from the official SAM-Med3D checkpoint and optional torchvision-format backbone weights.
 
-    The classifier's fusion head starts from a seeded random initialisation; the coordinator makes the base once
-    and distributes the pair of files, so every site holds the same weights (checked by fingerprint).
+    ``cls_backbone`` is the weights FILE of the classifier's branches (torchvision format of the architecture
+    ``cls_arch``/``cls_depth``, :func:`shared.models.triplane.load_backbone_weights`); the architecture, planes
+    and fusion are those of :func:`build_random_base`. The classifier's fusion head starts from a seeded random
+    initialisation; the coordinator makes the base once and distributes the pair of files, so every site holds
+    the same weights (checked by fingerprint).
     """
-    base = build_random_base(sam_config, cls_depth=cls_depth, cls_norm_groups=cls_norm_groups, seed=seed)
+    base = build_random_base(
+        sam_config,
+        cls_depth=cls_depth,
+        cls_planes=cls_planes,
+        cls_norm_groups=cls_norm_groups,
+        cls_arch=cls_arch,
+        cls_fusion=cls_fusion,
+        seed=seed,
+    )
     load_state_dict_strict(
         base.sam, read_checkpoint(sam_checkpoint, trust_pickle=trust_pickle), source=str(sam_checkpoint)
     )

@@ -29,6 +29,8 @@ from shared.metric_names import AUC, DICE, GT_PLANES, TEST, TRAIN, VAL, dice_cli
 __all__ = [
     "ADAPTER_METHODS",
     "AdapterConfig",
+    "CLS_BACKBONES",
+    "CLS_FUSIONS",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -57,6 +59,13 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it and says what is allowed."""
 
 
+#: ``model.cls-backbone`` values: ``resnet`` (depth ``model.cls-depth``), ``resnet101``, ``resnext50``
+#: (ResNeXt-50 32x4d), ``densenet161``, ``vgg19`` (with GroupNorm) — :mod:`shared.models.triplane`.
+CLS_BACKBONES: tuple[str, ...] = ("resnet", "resnet101", "resnext50", "densenet161", "vgg19")
+#: ``model.cls-fusion`` values: ``ts+c`` (seed 003), ``late-mean``, ``concat`` — :mod:`shared.models.triplane`.
+CLS_FUSIONS: tuple[str, ...] = ("ts+c", "late-mean", "concat")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base models to build and where their frozen weights come from.
@@ -64,7 +73,8 @@ class ModelConfig:
     ``sam-preset`` and the ``cls-*`` keys only matter when a base is BUILT (``fedabus pretrain`` and the cached
     demo base that ``train-local``, ``predict`` and ``demo`` make when no base is given). A saved base carries its
     architecture in its manifest (``NAME.json``), and :func:`shared.base.load_base` builds exactly that, whatever
-    these keys say; ``fedabus make-base`` takes its own ``--sam-preset``/``--cls-depth`` options.
+    these keys say; ``fedabus make-base`` takes its own ``--sam-preset``/``--cls-depth``/``--cls-arch``/
+    ``--cls-fusion``/``--cls-planes`` options.
     """
 
     #: SAM-Med3D size preset: ``vit_b_ori`` (the official turbo model) or ``small`` (CPU tests and demos).
@@ -77,8 +87,25 @@ class ModelConfig:
     cls_depth: int = 50
     #: Number of groups of the GroupNorm that replaces BatchNorm in the classifier backbones.
     cls_norm_groups: int = 32
+    #: Classifier branch architecture (seed 003's backbone ablation): ``resnet`` (depth ``cls-depth``),
+    #: ``resnet101``, ``resnext50``, ``densenet161`` or ``vgg19`` (all with GroupNorm).
+    cls_backbone: str = "resnet"
+    #: How the classifier fuses its planes: ``ts+c`` (seed 003: transverse + sagittal added, then concatenated
+    #: with coronal), ``concat`` (all planes' features concatenated, one head) or ``late-mean`` (one head per
+    #: plane, logits averaged). Every fusion works with every ``train.cls-planes`` subset.
+    cls_fusion: str = "ts+c"
     #: Device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.cls_backbone not in CLS_BACKBONES:
+            raise ConfigError(
+                f"model.cls-backbone = {self.cls_backbone!r}; allowed: {', '.join(CLS_BACKBONES)}"
+            )
+        if self.cls_fusion not in CLS_FUSIONS:
+            raise ConfigError(f"model.cls-fusion = {self.cls_fusion!r}; allowed: {', '.join(CLS_FUSIONS)}")
+        if self.cls_norm_groups < 1:
+            raise ConfigError(f"model.cls-norm-groups = {self.cls_norm_groups!r}; give a positive integer")
 
 
 @dataclass(frozen=True)

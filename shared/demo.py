@@ -170,6 +170,8 @@ def demo_run_config(
         "model.base-path": str(base_path),
         "model.cls-depth": int(cls_config["depth"]),
         "model.cls-norm-groups": int(cls_config["norm_groups"]),
+        "model.cls-backbone": str(cls_config.get("backbone", "resnet")),
+        "model.cls-fusion": str(cls_config.get("fusion", "ts+c")),
         "federation.sites-dir": str(sites_dir),
         "federation.work-dir": str(work),
         "federation.min-sites": args.sites,

@@ -29,7 +29,9 @@ from shared.config import ConfigError, FedabusConfig
 from shared.data.loaders import cls_loader, seg_train_loader, site_cases
 from shared.data.synth import generate_consortium
 from shared.device import resolve_device
+from shared.models.triplane import PLANES
 from shared.training.cls import train_classifier
+from shared.training.cls_planes import parse_cls_planes
 from shared.training.seg import train_segmentation
 
 __all__ = ["PretrainRecipe", "default_base_path", "ensure_base", "pretrain_base"]
@@ -53,9 +55,37 @@ class PretrainRecipe:
     #: but no benign/malignant decision — as a real base does (ImageNet backbones, fresh head); sites learn it.
     cls_fresh_head: bool = True
     seed: int = 0
+    #: The classifier's backbone (``model.cls-backbone``), plane fusion (``model.cls-fusion``), planes
+    #: (``train.cls-planes``, canonical order) and GroupNorm groups (``model.cls-norm-groups``).
+    cls_arch: str = "resnet"
+    cls_fusion: str = "ts+c"
+    cls_planes: tuple[str, ...] = PLANES
+    cls_norm_groups: int = 32
+
+    @classmethod
+    def from_config(cls, config: FedabusConfig) -> PretrainRecipe:
+        """The default recipe for the architecture that ``config`` describes (``model.*``, ``train.cls-planes``)."""
+        return cls(
+            sam_preset=config.model.sam_preset,
+            cls_depth=config.model.cls_depth,
+            cls_arch=config.model.cls_backbone,
+            cls_fusion=config.model.cls_fusion,
+            cls_planes=parse_cls_planes(config.train.cls_planes),
+            cls_norm_groups=config.model.cls_norm_groups,
+        )
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of the recipe. The fields added with the classifier ablations count only where they differ from
+        their defaults, so the recipes from before them keep their cached bases."""
+        values = asdict(self)
+        for name in _ABLATION_FIELDS:
+            if values[name] == getattr(PretrainRecipe, name):
+                del values[name]
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_ABLATION_FIELDS = ("cls_arch", "cls_fusion", "cls_planes", "cls_norm_groups")
 
 
 def default_base_path(recipe: PretrainRecipe, cache_dir: str | Path | None = None) -> Path:
@@ -70,7 +100,15 @@ def pretrain_base(
     """Train the base fully on a synthetic public set and save it to ``out_path`` (+ manifest)."""
     started = time.monotonic()
     dev = resolve_device(device)
-    base = build_random_base(recipe.sam_preset, cls_depth=recipe.cls_depth, seed=recipe.seed)
+    base = build_random_base(
+        recipe.sam_preset,
+        cls_depth=recipe.cls_depth,
+        cls_planes=recipe.cls_planes,
+        cls_norm_groups=recipe.cls_norm_groups,
+        cls_arch=recipe.cls_arch,
+        cls_fusion=recipe.cls_fusion,
+        seed=recipe.seed,
+    )
     with tempfile.TemporaryDirectory(prefix="fedabus-public-") as tmp:
         site_dir = generate_consortium(tmp, sites=1, cases=recipe.public_cases, seed=recipe.public_seed)[0]
         config_path = Path(tmp) / f"{site_dir.name}.toml"
@@ -97,7 +135,7 @@ def pretrain_base(
             cases, data, batch_size=train.seg_batch_size, site_config=site_config, seed=recipe.seed
         )
         seg = train_segmentation(sam, loader, config=train, device=dev)
-        print(f"pretrain: classifier (ResNet-{recipe.cls_depth} branches) fully")
+        print(f"pretrain: classifier ({base.cls.backbone} branches, {recipe.cls_fusion} fusion) fully")
         cls = base.cls.to(dev).requires_grad_(True)
         loader = cls_loader(cases, data, batch_size=train.cls_batch_size, site_config=site_config, seed=0)
         cls_result = train_classifier(cls, loader, config=train, device=dev)
@@ -136,7 +174,7 @@ def ensure_base(
             "made for the 'small' preset. Give the base made by `fedabus make-base` (--base BASE or "
             "model.base-path)"
         )
-    recipe = recipe or PretrainRecipe(sam_preset=config.model.sam_preset, cls_depth=config.model.cls_depth)
+    recipe = recipe or PretrainRecipe.from_config(config)
     path = default_base_path(recipe, cache_dir)
     if path.is_file():
         try:

@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from shared.config import ModelConfig
+from shared.config import CLS_BACKBONES, CLS_FUSIONS, ModelConfig
 from shared.metric_names import AUC, HD95_MM, VAL, dice_click_key, metric_key
 
 __all__ = ["register", "run_train_local"]
@@ -66,13 +66,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="The coordinator runs this once and gives the resulting pair of files to every site.",
     )
     make.add_argument("--sam-checkpoint", required=True, type=Path, help="e.g. sam_med3d_turbo.pth")
-    make.add_argument("--cls-backbone", type=Path, help="torchvision-format ImageNet ResNet state dict")
+    make.add_argument(
+        "--cls-backbone", type=Path, help="torchvision-format ImageNet weights of the --cls-arch branches"
+    )
     make.add_argument(
         "--cls-depth",
         type=int,
         default=ModelConfig.cls_depth,
         choices=(18, 34, 50),
         help=f"ResNet depth of the classifier branches (default: model.cls-depth's default, {ModelConfig.cls_depth})",
+    )
+    make.add_argument(
+        "--cls-arch",
+        default=ModelConfig.cls_backbone,
+        choices=CLS_BACKBONES,
+        help="classifier branch architecture, as model.cls-backbone (default: resnet, depth --cls-depth)",
+    )
+    make.add_argument(
+        "--cls-fusion",
+        default=ModelConfig.cls_fusion,
+        choices=CLS_FUSIONS,
+        help="classifier plane fusion, as model.cls-fusion (default: ts+c)",
+    )
+    make.add_argument(
+        "--cls-planes",
+        default="transverse,sagittal,coronal",
+        help="classifier planes, as train.cls-planes (default: all three)",
     )
     make.add_argument("--sam-preset", default="vit_b_ori")
     make.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in the .pth")
@@ -201,7 +220,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     config = load_config(path=args.config, ignore=FLOWER_KEYS)
     if args.out:
-        recipe = PretrainRecipe(sam_preset=config.model.sam_preset, cls_depth=config.model.cls_depth)
+        recipe = PretrainRecipe.from_config(config)
         pretrain_base(args.out, recipe, config, device=config.model.device)
     else:
         print(f"base: {ensure_base(config, cache_dir=args.cache_dir)}")
@@ -210,12 +229,16 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 def run_make_base(args: argparse.Namespace) -> int:
     from shared.base import base_from_checkpoints, save_base
+    from shared.training.cls_planes import parse_cls_planes
 
     base = base_from_checkpoints(
         args.sam_checkpoint,
         sam_config=args.sam_preset,
         cls_backbone=args.cls_backbone,
         cls_depth=args.cls_depth,
+        cls_arch=args.cls_arch,
+        cls_fusion=args.cls_fusion,
+        cls_planes=parse_cls_planes(args.cls_planes),
         trust_pickle=args.trust_checkpoint,
     )
     path = save_base(base, args.out)

@@ -56,7 +56,7 @@ def grad_cam(
     *,
     frame: int = 0,
     target_class: int | None = None,
-    stage: str = "layer4",
+    stage: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Grad-CAM heatmaps of one lesion's frame-triplet, one per plane the model uses.
 
@@ -65,8 +65,9 @@ def grad_cam(
         planes: the lesion's planes (3, F, S, S).
         frame: which frame (0 .. F-1) to explain.
         target_class: class whose logit is explained (1 malignant, 0 benign); default the predicted class.
-        stage: branch stage whose output is used; default ``layer4``, the last convolutional stage
-            (resolution S / 32; ``layer3`` gives S / 16).
+        stage: branch stage whose output is used; default the last convolutional stage: ``layer4`` of the
+            ResNet-family backbones (resolution S / 32; ``layer3`` gives S / 16), ``features`` of
+            ``densenet161`` and ``vgg19`` (their only choice).
 
     Returns:
         {plane: heatmap (S, S) float32 in [0, 1]}, 1 at the most important location (all 0 when no location
@@ -77,9 +78,11 @@ def grad_cam(
         raise ValueError(
             f"grad_cam: planes of shape {tuple(tensor.shape)} with frame={frame}; expected (3, F, S, S)"
         )
-    if stage not in _STAGES:
-        raise ValueError(f"grad_cam: stage {stage!r} is not a ResNet stage; choose one of {_STAGES}")
     base = unwrap_classifier(model)
+    stages = _STAGES if hasattr(base.branches[base.planes[0]], "layer4") else ("features",)
+    stage = stage or stages[-1]
+    if stage not in stages:
+        raise ValueError(f"grad_cam: stage {stage!r} is not a {base.backbone} stage; choose one of {stages}")
     x = select_planes(tensor[:, frame : frame + 1].unsqueeze(0), base.planes)  # (1, P, 1, S, S)
     x = x.to(model_device(model)).requires_grad_(True)
     activations: dict[str, torch.Tensor] = {}

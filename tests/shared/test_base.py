@@ -208,3 +208,64 @@ def test_empty_working_copy_must_be_filled_completely(base):
         trained[last].copy_(torch.ones_like(trained[last]))
     check_filled(working)
     assert base.refresh_fingerprints() == fingerprints
+
+
+# --- classifier ablations in the base -------------------------------------------------------------------
+
+
+def test_base_keeps_the_classifier_backbone_fusion_and_planes(tmp_path):
+    """A 1-plane VGG-19 late-mean base, built by build_random_base (no hand-built base), is rebuilt as such."""
+    made = build_random_base(
+        TINY_SAM, cls_arch="vgg19", cls_fusion="late-mean", cls_planes=("coronal",), cls_norm_groups=8, seed=1
+    )
+    assert made.cls_config == {
+        "backbone": "vgg19",
+        "depth": 18,
+        "planes": ["coronal"],
+        "norm_groups": 8,
+        "fusion": "late-mean",
+    }
+    loaded = load_base(save_base(made, tmp_path / "vgg"), attention_impl="reference")
+    assert (loaded.cls.backbone, loaded.cls.fusion, loaded.cls.planes) == ("vgg19", "late-mean", ("coronal",))
+    assert loaded.cls_config == made.cls_config and loaded.fingerprints == made.fingerprints
+    frames = torch.randn(1, 3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.cls.eval()(frames), made.cls.eval()(frames))
+
+
+def test_base_from_checkpoints_takes_the_classifier_ablation(tmp_path, base):
+    ckpt = tmp_path / "sam.pth"
+    torch.save({"model_state_dict": base.sam.state_dict()}, ckpt)
+    made = base_from_checkpoints(
+        ckpt, sam_config="small", cls_depth=18, cls_fusion="concat", cls_planes=("transverse", "sagittal")
+    )
+    assert (made.cls.backbone, made.cls.fusion, made.cls.planes) == (
+        "resnet18",
+        "concat",
+        ("transverse", "sagittal"),
+    )
+    assert made.cls.head.reduce.in_features == 2 * 512
+
+
+def test_pretrain_recipe_follows_the_config_and_keeps_old_cache_keys():
+    from shared.config import load_config
+    from shared.pretrain import PretrainRecipe
+
+    default = PretrainRecipe.from_config(load_config({"model.cls-depth": 18}))
+    assert (
+        default == PretrainRecipe() and default.key() == "ba4f44341c39"
+    )  # the key from before the ablations
+    config = load_config(
+        {
+            "model.cls-backbone": "resnext50",
+            "model.cls-fusion": "late-mean",
+            "train.cls-planes": "coronal,sagittal",
+        }
+    )
+    recipe = PretrainRecipe.from_config(config)
+    assert (recipe.cls_arch, recipe.cls_fusion, recipe.cls_planes) == (
+        "resnext50",
+        "late-mean",
+        ("sagittal", "coronal"),
+    )
+    assert len({recipe.key(), default.key(), PretrainRecipe(cls_planes=("coronal",)).key()}) == 3

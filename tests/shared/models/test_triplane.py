@@ -361,7 +361,7 @@ def test_load_torchvision_resnet50_weights(tmp_path: Path) -> None:
 def test_load_rejects_a_file_of_another_depth(tmp_path: Path) -> None:
     path = tmp_path / "resnet50.pth"
     torch.save(_constant_state(_torchvision_resnet_shapes(50)), path)
-    with pytest.raises(ValueError, match=r"ResNet-18 branches \(it looks like a ResNet-50\).*unexpected"):
+    with pytest.raises(ValueError, match=r"resnet18 branches \(it looks like a resnet50\).*unexpected"):
         load_backbone_weights(build_triplane_classifier(depth=18, planes=("coronal",)), path)
 
 

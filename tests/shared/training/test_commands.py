@@ -56,3 +56,34 @@ def test_train_local_under_dp_spends_from_the_site_ledger_and_stops_at_the_budge
     assert len(ledger["models"]["seg"]) == 1
     with pytest.raises(SystemExit, match="not training"):  # the whole budget went into the first run
         _run(site, dp, "dp-again", "--state-dir", str(state))
+
+
+def test_make_base_builds_a_classifier_ablation(tmp_path) -> None:
+    """`fedabus make-base` takes the classifier's backbone, fusion and planes (no hand-built base needed)."""
+    import torch
+
+    from shared.base import read_base_manifest
+    from shared.models.sam_med3d import build_sam_med3d
+
+    checkpoint = tmp_path / "sam.pth"
+    torch.save({"model_state_dict": build_sam_med3d("small").state_dict()}, checkpoint)
+    argv = ["make-base", "--sam-checkpoint", str(checkpoint), "--sam-preset", "small", "--cls-depth", "18"]
+    argv += [
+        "--cls-fusion",
+        "late-mean",
+        "--cls-planes",
+        "coronal,transverse",
+        "--out",
+        str(tmp_path / "base"),
+    ]
+    assert main(argv) == 0
+    cls_config = read_base_manifest(tmp_path / "base")["cls_config"]
+    assert cls_config == {
+        "backbone": "resnet",
+        "depth": 18,
+        "planes": ["transverse", "coronal"],
+        "norm_groups": 32,
+        "fusion": "late-mean",
+    }
+    with pytest.raises(SystemExit):
+        main([*argv[:-2], "--cls-arch", "vgg16", "--out", str(tmp_path / "other")])
