@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -449,6 +450,18 @@ class FedabusConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.train.precision, device=self.model.device, sample_dp=self.privacy.sample_dp)
+        grouped = "branches.transverse.layer1.0.conv2"  # a ResNeXt-50 grouped 3x3 convolution (32 groups)
+        if (
+            self.model.cls_backbone == "resnext50"
+            and self.adapter.lora_rank % 32
+            and re.fullmatch(self.adapter.cls_lora_targets, grouped)
+        ):
+            raise ConfigError(
+                f"model.cls-backbone = 'resnext50' with adapter.lora-rank = {self.adapter.lora_rank}: PEFT adapts "
+                "ResNeXt-50's grouped convolutions (32 groups) only at a rank divisible by 32, and "
+                "adapter.cls-lora-targets selects them; leave them out (docs/training.md, 'Classifier ablations') "
+                "or use a rank of 32"
+            )
         method = self.adapter.method
         if method != "lora" and self.federation.lora_aggregation != "naive":
             raise ConfigError(

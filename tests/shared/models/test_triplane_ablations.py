@@ -240,6 +240,14 @@ def test_backbone_forward_weights_and_lora_step(backbone: str, tmp_path: Path) -
 # --- refusals --------------------------------------------------------------------------------------------
 
 
+def test_resnext_with_grouped_convolutions_at_a_rank_peft_cannot_adapt_is_refused_at_config_load() -> None:
+    with pytest.raises(ConfigError, match="model.cls-backbone = 'resnext50' with adapter.lora-rank = 4"):
+        load_config({"model.cls-backbone": "resnext50"})
+    assert load_config({"model.cls-backbone": "resnext50", "adapter.lora-rank": 32}).adapter.lora_rank == 32
+    fine = load_config({"model.cls-backbone": "resnext50", "adapter.cls-lora-targets": RESNEXT_TARGETS})
+    assert fine.adapter.cls_lora_targets == RESNEXT_TARGETS
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
