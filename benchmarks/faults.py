@@ -19,9 +19,9 @@ Faults (``--faults``, comma-separated; default all):
 
 Per fault: ``hung``, ``rounds_done``, ``rounds_lost`` (asked − checkpointed), ``rounds_duplicated`` (parent-run
 ``federation/round`` steps logged twice), MLflow step continuity (steps of the parent's ``federation/round`` are
-1..N exactly once), adapter hash continuity (checkpoints round-0001..N each hold a new global adapter, and
-``final_adapter.safetensors`` is the last one), and whether the server log (``flwr run --stream`` output) names
-the fault. JSON to ``--out`` (default ``benchmarks/results/faults.json``) and a table on stdout.
+1..N exactly once, besides step 0 of the evaluation before round 1), adapter hash continuity (checkpoints
+round-0001..N each hold a new global adapter, and ``final_adapter.safetensors`` is the last one), and whether
+the server log (``flwr run --stream`` output) names the fault. JSON to ``--out`` (default ``benchmarks/results/faults.json``) and a table on stdout.
 
     /work/wt-gpu/.venv/bin/python benchmarks/faults.py --faults kill-site,stall --rounds 2
 """
@@ -403,6 +403,14 @@ def mlflow_steps(tracking_uri: str, run_id: str | None) -> list[int] | None:
         return None
 
 
+def steps_continuous(steps: list[int] | None, rounds_done: int) -> bool | None:
+    """The parent's ``federation/round`` holds rounds 1..N once each (step 0, the evaluation before round 1,
+    may be there too); None when MLflow could not be read."""
+    if steps is None:
+        return None
+    return [s for s in steps if s >= 1] == list(range(1, rounds_done + 1)) and steps.count(0) <= 1
+
+
 def run_fault(name: str, consortium: Consortium, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     deployment = Deployment.create(root, consortium.creds)
@@ -438,7 +446,7 @@ def run_fault(name: str, consortium: Consortium, root: Path, args: argparse.Name
         "rounds_lost": args.rounds - rounds_done,
         "mlflow_steps": steps,
         "rounds_duplicated": None if steps is None else len(steps) - len(set(steps)),
-        "mlflow_continuous": None if steps is None else steps == list(range(1, rounds_done + 1)),
+        "mlflow_continuous": steps_continuous(steps, rounds_done),
         "adapter_chain": chain,
         "adapter_continuous": None
         if not rounds_done
