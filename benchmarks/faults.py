@@ -342,7 +342,11 @@ def fault_mlflow_down(fed: Fed) -> tuple[bool, str]:
         time.sleep(0.5)
     _mlflow_server(fed, port, root)
     fed.notes.append(f"mlflow server restarted after {time.monotonic() - down:.0f} s")
-    return finish(run, fed.args.timeout), r"mlflow|MLflow|tracking|Connection refused|MaxRetry"
+    return finish(run, fed.args.timeout), MLFLOW_DOWN
+
+
+#: An MLflow failure in the server log (not the ordinary "MLflow run ... is on the tracking server" lines).
+MLFLOW_DOWN = r"Connection refused|Max ?[Rr]etr|NewConnectionError|MlflowException|API request to .* failed"
 
 
 FAULTS: dict[str, Callable[[Fed], tuple[bool, str]]] = {
