@@ -273,7 +273,8 @@ def test_config_refuses_unknown_values(key: str, value: object) -> None:
 def test_config_accepts_every_backbone_and_fusion() -> None:
     for backbone in BACKBONES:
         for fusion in FUSIONS:
-            model = load_config({"model.cls-backbone": backbone, "model.cls-fusion": fusion}).model
+            targets = {"adapter.cls-lora-targets": RESNEXT_TARGETS} if backbone == "resnext50" else {}
+            model = load_config({"model.cls-backbone": backbone, "model.cls-fusion": fusion, **targets}).model
             assert (model.cls_backbone, model.cls_fusion) == (backbone, fusion)
 
 
