@@ -260,6 +260,7 @@ def test_pretrain_recipe_follows_the_config_and_keeps_old_cache_keys():
             "model.cls-backbone": "resnext50",
             "model.cls-fusion": "late-mean",
             "train.cls-planes": "coronal,sagittal",
+            "adapter.lora-rank": 32,  # PEFT adapts ResNeXt's grouped convolutions only at a multiple of 32
         }
     )
     recipe = PretrainRecipe.from_config(config)
