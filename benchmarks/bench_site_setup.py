@@ -96,7 +96,7 @@ def _message(args: argparse.Namespace, record: Any) -> dict[str, float]:
     times["site_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if before:
-        task.working_copy, kept = (lambda base, specs: base), task.working_copy
+        task.working_copy, kept = (lambda base, specs, **_: base), task.working_copy
         task._models(base, config, record)
         task.working_copy = kept
     else:

@@ -1,5 +1,9 @@
 """Client-level differential privacy on adapter updates: Flower's DP wrappers around the fedabus strategies.
 
+Over 500 lines on purpose: a fifth is the statement below of what is protected and which decisions fedabus
+takes, and the hooks stay beside the wrapper choice they correct (accounting lives in
+:mod:`server.privacy_accountant`).
+
 ``privacy.client-dp`` picks one of Flower 1.41's wrappers (:data:`CLIENT_DP_WRAPPERS`); :func:`wrap_with_client_dp`
 puts it around the strategy :func:`server.strategies.build_strategy` made, and :class:`ClientDPHooks` keeps every
 fedabus hook working through it (round numbering, deadline sampling, declined sites, per-site metrics, state).

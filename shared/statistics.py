@@ -2,7 +2,7 @@
 
 Builds on :mod:`shared.metrics` and :mod:`shared.calibration`: case bootstrap (:func:`bootstrap_ci`,
 :func:`paired_bootstrap`), DeLong (:func:`delong_auc`, :func:`delong_test`; mid-rank algorithm of Sun & Xu,
-2014), :func:`mcnemar`, decision curves (:func:`decision_curve`), and whole-split tables (:func:`classification_estimates`,
+2014), and whole-split tables (:func:`classification_estimates`,
 :func:`segmentation_estimates`) keyed by the metric names of :mod:`shared.metric_names`. The unit of resampling is the case (lesion / patient): per-case values are
 rows of an ``(n_cases,)`` or ``(n_cases, k)`` array; resamples come from ``numpy.random.default_rng(seed)``.
 Undefined results are NaN with a ``note`` saying why, not exceptions: a small site's test split may lack a
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import binom, chi2, norm, rankdata
+from scipy.stats import norm, rankdata
 
 from shared.calibration import brier_score, expected_calibration_error, labels_and_probabilities
 from shared.metric_names import (
@@ -41,24 +41,18 @@ from shared.metrics import (
     _binary_labels,
     _one_class_reason,
     _scores,
-    as_binary_mask,
     binary_metrics,
     padded_dice_curves,
 )
 
 __all__ = [
     "Comparison",
-    "DECISION_THRESHOLDS",
-    "DecisionCurve",
     "Estimate",
-    "MCNEMAR_EXACT_BELOW",
-    "McNemar",
     "bootstrap_ci",
+    "check_alpha",
     "classification_estimates",
-    "decision_curve",
     "delong_auc",
     "delong_test",
-    "mcnemar",
     "paired_bootstrap",
     "segmentation_estimates",
 ]
@@ -104,7 +98,7 @@ def _undecided(n: int, method: str, note: str, diff: float = math.nan) -> Compar
 
 
 # ----------------------------------------------------------------------------------------------- bootstrap
-def _check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
 
@@ -112,7 +106,7 @@ def _check_alpha(alpha: float) -> None:
 def _check_bootstrap_args(n_boot: int, alpha: float) -> None:
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    _check_alpha(alpha)
+    check_alpha(alpha)
 
 
 def _resample_indices(n: int, n_boot: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
@@ -281,7 +275,7 @@ def delong_auc(y_true: ArrayLike, score: ArrayLike, *, alpha: float = 0.05) -> E
     ``AUC ± z_{1-alpha/2} * sqrt(var_DeLong)`` clipped to [0, 1] (as pROC does). NaN with a note when only
     one class is present (AUC undefined) or a class has a single case (variance undefined: CI only).
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     labels, (scores,) = _labels_and_scores(y_true, score)
     method = "DeLong (normal CI, clipped to [0, 1])"
     if note := _one_class_reason(labels):
@@ -308,7 +302,7 @@ def delong_test(
     clipped to [-1, 1]. Identical scores give diff 0, p 1. NaN with a note when a class is missing or too
     small, or when the difference is non-zero with zero variance (e.g. AUC 1 against AUC 0).
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     labels, scores = _labels_and_scores(y_true, score_a, score_b)
     method = "paired DeLong test (normal)"
     if note := _one_class_reason(labels):
@@ -420,112 +414,3 @@ def segmentation_estimates(
             raise ValueError(f"{padded.shape[0]} Dice curves but {name} has shape {np.shape(values)}")
         out[name] = bootstrap_ci(values, np.mean, **options)
     return out
-
-
-# ------------------------------------------------------------------------------------------------ McNemar
-#: McNemar's p-value is the exact binomial one below this many discordant cases, and the continuity-corrected
-#: chi-square from it on (the chi-square approximation needs b + c >= 25; statsmodels gives the same advice).
-MCNEMAR_EXACT_BELOW = 25
-
-
-@dataclass(frozen=True)
-class McNemar(Comparison):
-    """A :class:`Comparison` of two classifiers' accuracies with McNemar's discordant counts: ``only_a`` cases
-    only A classifies correctly, ``only_b`` only B; ``statistic`` is ``min(only_a, only_b)`` (exact test) or
-    the chi-square value (1 degree of freedom)."""
-
-    only_a: int = 0
-    only_b: int = 0
-    statistic: float = math.nan
-
-
-def _correct(labels: np.ndarray, pred: ArrayLike, name: str) -> np.ndarray:
-    predicted = as_binary_mask(pred, name=name)
-    if predicted.shape != labels.shape:
-        raise ValueError(f"{name} shape {predicted.shape} must be {labels.shape}, one prediction per case")
-    return predicted == labels
-
-
-def mcnemar(
-    y_true: ArrayLike,
-    pred_a: ArrayLike,
-    pred_b: ArrayLike,
-    *,
-    exact: bool | None = None,
-    alpha: float = 0.05,
-) -> McNemar:
-    """McNemar test of two classifiers' 0/1 predictions on the same cases (all shape ``(n_cases,)``).
-
-    ``pred_a[i]`` and ``pred_b[i]`` are both classifiers' calls (1 = malignant, each at its own threshold) for
-    case ``i``, whose truth is ``y_true[i]``; the caller pairs them by case id. With ``b`` cases only A gets
-    right and ``c`` only B, ``diff = acc_A - acc_B = (b - c) / n``. p-value (two-sided): with ``exact`` None,
-    the exact binomial test of ``min(b, c)`` out of ``b + c`` at 1/2 when ``b + c <``
-    :data:`MCNEMAR_EXACT_BELOW`, else the continuity-corrected chi-square ``(|b - c| - 1)² / (b + c)`` with 1
-    degree of freedom (Edwards); ``exact`` True or False forces one. No discordant case: p = 1. CI: Wald
-    interval of a paired difference of proportions, clipped to [-1, 1].
-    """
-    _check_alpha(alpha)
-    labels = _binary_labels(y_true)
-    right_a, right_b = _correct(labels, pred_a, "pred_a"), _correct(labels, pred_b, "pred_b")
-    n, b, c = labels.size, int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
-    discordant = b + c
-    use_exact = discordant < MCNEMAR_EXACT_BELOW if exact is None else exact
-    if use_exact:
-        method, statistic = "exact McNemar (binomial)", float(min(b, c))
-        p_value = min(1.0, 2.0 * float(binom.cdf(min(b, c), discordant, 0.5))) if discordant else 1.0
-    else:
-        method = "McNemar chi-square (continuity-corrected)"
-        statistic = (abs(b - c) - 1) ** 2 / discordant if discordant else 0.0
-        p_value = float(chi2.sf(statistic, 1)) if discordant else 1.0
-    diff = (b - c) / n
-    half = float(norm.ppf(1 - alpha / 2)) * math.sqrt(max(discordant - (b - c) ** 2 / n, 0.0)) / n
-    note = f"{b} cases right only by A, {c} right only by B"
-    low, high = max(-1.0, diff - half), min(1.0, diff + half)
-    return McNemar(diff, low, high, p_value, n, method, note, only_a=b, only_b=c, statistic=statistic)
-
-
-# ------------------------------------------------------------------------------------------ decision curves
-#: Threshold probabilities of a decision curve: 0.01, 0.02, …, 0.99.
-DECISION_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
-
-
-@dataclass(frozen=True)
-class DecisionCurve:
-    """Net benefit (true positives per case, net of the false positives weighed by the odds of the threshold)
-    at each threshold probability ``thresholds`` (shape ``(k,)``): of the model, of treating (biopsying)
-    every lesion, and of treating none (0 everywhere), over ``n`` cases with malignant fraction ``prevalence``."""
-
-    thresholds: np.ndarray
-    model: np.ndarray
-    treat_all: np.ndarray
-    treat_none: np.ndarray
-    n: int
-    prevalence: float
-
-
-def decision_curve(y_true: ArrayLike, prob: ArrayLike, thresholds: ArrayLike | None = None) -> DecisionCurve:
-    """Decision-curve analysis (Vickers & Elkin, 2006) of malignancy probabilities ``prob`` against ``y_true``.
-
-    At threshold probability ``pt`` a lesion is treated when ``prob > pt`` (strictly, as
-    :func:`shared.metrics.binary_metrics`), and ``NB(pt) = TP/n - FP/n · pt / (1 - pt)``: the benefit of the
-    malignant lesions found, less the harm of the benign ones treated, at the exchange rate a clinician who
-    treats from risk ``pt`` on accepts. Treat-all: ``prevalence - (1 - prevalence) · pt / (1 - pt)``;
-    treat-none: 0. ``thresholds`` must lie in (0, 1) (default :data:`DECISION_THRESHOLDS`).
-    """
-    labels, probs = labels_and_probabilities(y_true, prob)
-    pts = np.asarray(DECISION_THRESHOLDS if thresholds is None else thresholds, dtype=np.float64)
-    if pts.ndim != 1 or pts.size == 0 or not np.all((pts > 0) & (pts < 1)):
-        raise ValueError("thresholds must be a non-empty 1-D array of probabilities in (0, 1)")
-    n, odds = labels.size, pts / (1 - pts)
-    treated = probs[None, :] > pts[:, None]
-    tp = np.sum(treated & labels[None, :], axis=1)
-    fp = np.sum(treated & ~labels[None, :], axis=1)
-    prevalence = float(labels.mean())
-    return DecisionCurve(
-        thresholds=pts,
-        model=tp / n - fp / n * odds,
-        treat_all=prevalence - (1 - prevalence) * odds,
-        treat_none=np.zeros_like(pts),
-        n=n,
-        prevalence=prevalence,
-    )

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from shared.config import FedabusConfig
+from shared.decision_analysis import mcnemar
 from shared.metric_names import ACCURACY, AUC, HD95_MM, OVERLAP_NAMES, dice_click_name
 from shared.statistics import (
     Estimate,
     classification_estimates,
     delong_auc,
     delong_test,
-    mcnemar,
     paired_bootstrap,
     segmentation_estimates,
 )

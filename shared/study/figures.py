@@ -27,7 +27,7 @@ from matplotlib.patches import Patch, Rectangle
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from shared.calibration import calibration_curve, ece_of
-from shared.statistics import decision_curve
+from shared.decision_analysis import decision_curve
 
 __all__ = [
     "CALIBRATION_BINS",

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.atomic import write_text_atomic
+from shared.decision_analysis import MCNEMAR_EXACT_BELOW
 from shared.metric_names import (
     ACCURACY,
     AUC,
@@ -59,7 +60,6 @@ from shared.metric_names import (
     first_click_name,
     metric_direction,
 )
-from shared.statistics import MCNEMAR_EXACT_BELOW
 from shared.study import figures
 from shared.study.figures import CaseRow
 
