@@ -1,9 +1,9 @@
 """The 2D feature extractors of the tri-plane classifier (:mod:`shared.models.triplane`): one per plane.
 
-Each branch maps a lesion-region image (B, 1, H, W) to a pooled feature vector (B, F), in torchvision's layout
-(names and shapes, so torchvision ImageNet weights load; :func:`map_torchvision_state`): ResNet-18/34/50/101 and
-ResNeXt-50 32x4d on MONAI's ``ResNet``, DenseNet-161 and VGG-19 (``vgg19_bn``) written here (MONAI has no VGG, and
-its DenseNet names differ from torchvision's). Every BatchNorm becomes a GroupNorm and every ReLU is out of place
+Each branch maps a lesion-region image (B, 1, H, W) to a pooled feature vector (B, F), with torchvision's
+shapes and names (or a rename table), so torchvision ImageNet weights load (:func:`map_torchvision_state`):
+ResNet-18/34/50/101 and ResNeXt-50 32x4d on MONAI's ``ResNet``, DenseNet-161 on MONAI's ``DenseNet`` (its dense
+layers nest their modules one level deeper: renamed), VGG-19 (``vgg19_bn``) written here (MONAI has no VGG). Every BatchNorm becomes a GroupNorm and every ReLU is out of place
 (:func:`build_branch`), so the branches are ready for DP-SGD (Opacus); the module docstring of
 :mod:`shared.models.triplane` says why.
 """
@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from monai.networks.nets import ResNet
+from monai.networks.nets import DenseNet, ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
@@ -124,7 +124,8 @@ def _resnet(name: str) -> ResNet:
 
 
 class _PooledFeatures(nn.Module):
-    """Base of the branches without a MONAI counterpart: ``features`` (a conv stack), then ReLU (DenseNet:
+    """Base of the branches whose MONAI counterpart (if any) is not a pooled feature extractor: ``features`` (a
+    conv stack), then ReLU (DenseNet:
     its final norm is not activated yet; VGG: a no-op after its last ReLU) and a global average pool:
     (B, 1, H, W) -> (B, C). Convolutions start from Kaiming-normal weights (fan out), as torchvision's do."""
 
@@ -174,57 +175,29 @@ class Vgg19(_PooledFeatures):
         self._init_weights()
 
 
-class _DenseLayer(nn.Module):
-    """torchvision's dense layer (norm, ReLU, 1x1 conv to 4 g, norm, ReLU, 3x3 conv to g), returning its input
-    with the g new channels appended: (B, C, H, W) -> (B, C + g, H, W)."""
-
-    def __init__(self, channels: int, growth: int) -> None:
-        super().__init__()
-        self.norm1 = nn.BatchNorm2d(channels)
-        self.relu1 = nn.ReLU()
-        self.conv1 = nn.Conv2d(channels, 4 * growth, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(4 * growth)
-        self.relu2 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        new = self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
-        return torch.cat([x, new], dim=1)
-
-
 class DenseNet161(_PooledFeatures):
-    """DenseNet-161 features in torchvision's layout (stem of 96, growth 48, blocks 6/12/36/24, transitions
-    halving channels and size, final ``norm5``): (B, 1, H, W) -> (B, 2208); needs H, W >= 32."""
+    """DenseNet-161 features: MONAI's 2D :class:`~monai.networks.nets.DenseNet` at torchvision's DenseNet-161 sizes
+    (stem of 96, growth 48, blocks 6/12/36/24, transitions halving channels and size, final ``norm5``) without its
+    classifier: (B, 1, H, W) -> (B, 2208); needs H, W >= 32. MONAI nests each dense layer's modules in ``layers``
+    (``features.denseblock1.denselayer1.layers.conv2``); :attr:`torchvision_renames` maps torchvision's names
+    (``...denselayer1.conv2``) onto them."""
 
-    def __init__(self, growth: int = 48, blocks: tuple[int, ...] = (6, 12, 36, 24), stem: int = 96) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv0=nn.Conv2d(1, stem, 7, stride=2, padding=3, bias=False),
-            norm0=nn.BatchNorm2d(stem),
-            relu0=nn.ReLU(),
-            pool0=nn.MaxPool2d(3, stride=2, padding=1),
+        net = DenseNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=1,
+            init_features=96,
+            growth_rate=48,
+            block_config=(6, 12, 36, 24),
+            act=("relu", {"inplace": False}),
         )
-        channels = stem
-        for i, count in enumerate(blocks, start=1):
-            block = nn.Sequential(
-                OrderedDict(
-                    (f"denselayer{j + 1}", _DenseLayer(channels + j * growth, growth)) for j in range(count)
-                )
-            )
-            layers[f"denseblock{i}"] = block
-            channels += count * growth
-            if i < len(blocks):
-                layers[f"transition{i}"] = nn.Sequential(
-                    OrderedDict(
-                        norm=nn.BatchNorm2d(channels),
-                        relu=nn.ReLU(),
-                        conv=nn.Conv2d(channels, channels // 2, 1, bias=False),
-                        pool=nn.AvgPool2d(2, stride=2),
-                    )
-                )
-                channels //= 2
-        layers["norm5"] = nn.BatchNorm2d(channels)
-        self.features = nn.Sequential(layers)
+        self.features = net.features
+        #: torchvision module name -> this branch's (``...denselayer1.norm1`` -> ``...denselayer1.layers.norm1``)
+        self.torchvision_renames: dict[str, str] = {
+            name.replace(".layers.", "."): name for name, _ in self.named_modules() if ".layers." in name
+        }
         self._init_weights()
 
 

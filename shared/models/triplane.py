@@ -44,7 +44,8 @@ Module names (what adapter regexes see), e.g. for ResNet-18:
 ``branches.transverse.conv1``, ``branches.transverse.layer1.0.conv2``,
 ``branches.transverse.layer2.0.downsample.0`` (1x1 projection conv), ``...downsample.1`` (its GroupNorm),
 ``head.reduce``, ``head.out`` (``late-mean``: ``head.per_plane.transverse.reduce``, ...). DenseNet-161:
-``branches.coronal.features.conv0``, ``...features.denseblock1.denselayer1.conv2``, ``...transition1.conv``.
+``branches.coronal.features.conv0``, ``...features.denseblock1.denselayer1.layers.conv2`` (MONAI's DenseNet),
+``...transition1.conv``.
 VGG-19: ``branches.sagittal.features.conv1`` .. ``conv16`` with ``norm1`` .. ``norm16`` (torchvision's
 ``features.0``, ``features.1``, ...; :attr:`shared.models.cls_backbones.Vgg19.torchvision_renames`). Every convolution's name ends in
 ``conv`` + digits, so the default ``adapter.cls-lora-targets`` adapts every backbone's convolutions (PEFT adapts
@@ -330,7 +331,7 @@ def load_backbone_weights(model: TriPlaneClassifier, path: str | Path) -> None:
     The file holds the state dict of the torchvision model of :attr:`TriPlaneClassifier.backbone`
     (``resnet18/34/50/101``, ``resnext50_32x4d``, ``densenet161`` or ``vgg19_bn``), plain or under a
     ``state_dict`` or ``model`` key (a ``module.`` prefix is stripped); ``.safetensors`` files are read with
-    safetensors. Mapping: names are torchvision's (VGG-19: renamed, :attr:`shared.models.cls_backbones.Vgg19.torchvision_renames`); the
+    safetensors. Mapping: names are torchvision's (VGG-19 and DenseNet-161: renamed, their ``torchvision_renames``); the
     RGB stem kernel is summed over its input channels to one channel (a grey image then gives the activations
     the network gave for the same image copied to R, G and B); BatchNorm ``weight``/``bias`` become the
     GroupNorm affine parameters, while the running statistics are dropped (GroupNorm normalises with
