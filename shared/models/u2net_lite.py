@@ -84,10 +84,15 @@ _PRESETS = {"lite": LITE_WIDTHS, "full": FULL_WIDTHS}
 
 
 def _conv(in_channels: int, out_channels: int, dilation: int, norm_groups: int | None) -> Convolution:
-    """3 x 3 convolution (``dilation``, same padding), norm, ReLU: (B, in, H, W) -> (B, out, H, W)."""
-    norm = (
-        "batch" if norm_groups is None else ("group", {"num_groups": group_count(out_channels, norm_groups)})
-    )
+    """3 x 3 convolution (``dilation``, same padding), norm, ReLU: (B, in, H, W) -> (B, out, H, W).
+
+    GroupNorm groups hold at least two channels, so that the 1 x 1 maps of the deepest levels of a small input
+    still have more than one value per group (PyTorch refuses one in training)."""
+    if norm_groups is None:
+        norm: str | tuple = "batch"
+    else:
+        groups = group_count(out_channels, max(1, min(norm_groups, out_channels // 2)))
+        norm = ("group", {"num_groups": groups})
     return Convolution(
         spatial_dims=2,
         in_channels=in_channels,

@@ -40,7 +40,7 @@ def test_shapes_in_eval_and_training(shape: tuple[int, int]) -> None:
     model.train()
     assert model(x).shape == (2, 7, 2, *shape)
     model.deep_supervision = False
-    assert model(x).shape == (2, 2, *shape)
+    assert model(x[:1]).shape == (1, 2, *shape)  # one sample: every GroupNorm group still has > 1 value
 
 
 @pytest.mark.parametrize("dilated", [False, True])
@@ -96,7 +96,7 @@ def test_a_few_training_steps_lower_the_deep_supervision_loss() -> None:
         loss = loss_fn(list(model(images).unbind(dim=1)), masks)
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
     model.eval()
     with torch.no_grad():
