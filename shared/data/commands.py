@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate = subparsers.add_parser(
         "validate",
         help="check every case of a site folder and report each problem",
-        description="Check every case of a site folder (manifest or TDSC-ABUS layout; see sites/README.md): "
-        "files, voxels, image/mask geometry, labels and splits. Exit status 1 when any case has an error.",
+        description="Check every case of a site folder (manifest or TDSC-ABUS layout, see sites/README.md; or a "
+        "2D BUSI folder of benign/, malignant/, normal/ PNGs, see docs/data.md): files, voxels, image/mask "
+        "geometry, labels and splits. Exit status 1 when any case has an error.",
         allow_abbrev=False,
     )
     validate.add_argument("site_dir", metavar="SITE_DIR", type=Path, help="the site folder")
@@ -86,12 +87,18 @@ def _progress(enabled: bool):
 
 def run_validate(args: argparse.Namespace) -> int:
     """Validate a site folder; print a table (or ``--json``); return 0, 1 (case errors) or 2 (unusable)."""
-    from shared.data.layouts import SiteLayoutError
+    from shared.data.busi import is_busi_site, validate_busi_site
+    from shared.data.layouts import MANIFEST_NAME, TDSC_LABELS_NAME, SiteLayoutError
     from shared.data.validate import validate_site
 
     _quiet_itk()
+    progress = _progress(sys.stderr.isatty())
+    csv_files = (args.site_dir / MANIFEST_NAME, args.site_dir / TDSC_LABELS_NAME)
     try:
-        report = validate_site(args.site_dir, _site_config(args), progress=_progress(sys.stderr.isatty()))
+        if is_busi_site(args.site_dir) and not any(p.exists() for p in csv_files):
+            report = validate_busi_site(args.site_dir, progress=progress)  # 2D PNGs: no site config applies
+        else:
+            report = validate_site(args.site_dir, _site_config(args), progress=progress)
     except (ConfigError, SiteLayoutError) as exc:
         return _fail("validate", exc)
     _emit(report.to_json() if args.json else format_report(report))

@@ -26,6 +26,7 @@ __all__ = [
     "SUPPORTED_DEPTHS",
     "branch_width",
     "build_branch",
+    "group_count",
     "guess_architecture",
     "map_torchvision_state",
     "read_state_dict",
@@ -105,16 +106,16 @@ def resolve_backbone(backbone: str, depth: int) -> str:
     return f"resnet{depth}"
 
 
-def _resnet(name: str) -> ResNet:
+def _resnet(name: str, in_channels: int = 1) -> ResNet:
     """A ResNet-family branch in torchvision's layout (7x7 stride-2 stem, max-pool, bias-free projection
-    shortcuts, no fc): (B, 1, H, W) -> (B, 512 * block expansion)."""
+    shortcuts, no fc): (B, in_channels, H, W) -> (B, 512 * block expansion)."""
     block, layers = _RESNETS[name]
     return ResNet(
         block=block,
         layers=list(layers),
         block_inplanes=list(_STAGE_WIDTHS),
         spatial_dims=2,
-        n_input_channels=1,
+        n_input_channels=in_channels,
         conv1_t_size=7,
         conv1_t_stride=2,
         shortcut_type="B",
@@ -152,12 +153,12 @@ class Vgg19(_PooledFeatures):
         (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M") + (512,) * 4 + ("M",)
     )
 
-    def __init__(self) -> None:
+    def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         #: torchvision module name -> this branch's (``features.0`` -> ``features.conv1``, ...)
         self.torchvision_renames: dict[str, str] = {}
-        channels, conv, pool = 1, 0, 0
+        channels, conv, pool = in_channels, 0, 0
         for width in self._WIDTHS:
             index = len(layers)
             if width == "M":
@@ -182,11 +183,11 @@ class DenseNet161(_PooledFeatures):
     (``features.denseblock1.denselayer1.layers.conv2``); :attr:`torchvision_renames` maps torchvision's names
     (``...denselayer1.conv2``) onto them."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
         net = DenseNet(
             spatial_dims=2,
-            in_channels=1,
+            in_channels=in_channels,
             out_channels=1,
             init_features=96,
             growth_rate=48,
@@ -201,15 +202,15 @@ class DenseNet161(_PooledFeatures):
         self._init_weights()
 
 
-#: concrete backbone -> (branch factory, pooled feature width F)
-_BRANCHES: dict[str, tuple[Callable[[], nn.Module], int]] = {
+#: concrete backbone -> (branch factory taking the input channels, pooled feature width F)
+_BRANCHES: dict[str, tuple[Callable[[int], nn.Module], int]] = {
     **{name: (partial(_resnet, name), 512 * block.expansion) for name, (block, _) in _RESNETS.items()},
     "densenet161": (DenseNet161, 2208),
     "vgg19": (Vgg19, 512),
 }
 
 
-def _group_count(channels: int, requested: int) -> int:
+def group_count(channels: int, requested: int) -> int:
     """Number of GroupNorm groups for ``channels``: ``requested`` if it divides them, else its largest
     divisor of ``channels`` that is smaller (at least 1)."""
     for groups in range(min(requested, channels), 0, -1):
@@ -224,7 +225,7 @@ def _replace_batch_norms(module: nn.Module, norm_groups: int) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             channels = child.num_features
-            norm = nn.GroupNorm(_group_count(channels, norm_groups), channels, eps=child.eps, affine=True)
+            norm = nn.GroupNorm(group_count(channels, norm_groups), channels, eps=child.eps, affine=True)
             setattr(module, name, norm)
         else:
             _replace_batch_norms(child, norm_groups)
@@ -235,10 +236,12 @@ def branch_width(architecture: str) -> int:
     return _BRANCHES[architecture][1]
 
 
-def build_branch(architecture: str, norm_groups: int) -> nn.Module:
+def build_branch(architecture: str, norm_groups: int, *, in_channels: int = 1) -> nn.Module:
     """One 2D feature extractor of a concrete architecture (:func:`resolve_backbone`), DP-ready (GroupNorm,
-    no in-place ReLU): input (B, 1, H, W) -> features (B, F)."""
-    branch = _BRANCHES[architecture][0]()
+    no in-place ReLU): input (B, in_channels, H, W) -> features (B, F)."""
+    if in_channels < 1:
+        raise ValueError(f"in_channels = {in_channels} must be at least 1")
+    branch = _BRANCHES[architecture][0](in_channels)
     _replace_batch_norms(branch, norm_groups)
     for module in branch.modules():
         if isinstance(module, nn.ReLU):
