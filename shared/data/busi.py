@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from shared.data.io import VolumeReadError, _itk_reason, _require_readable, read_header
+from shared.data.io import VolumeReadError, itk_reason, read_header, require_readable
 from shared.data.layouts import CaseRecord, SiteIndex, SiteLayoutError
 from shared.data.splits import carve_validation
-from shared.data.validate import CaseResult, ValidationReport, _CaseCheck, usable_cases
+from shared.data.validate import CaseCheck, CaseResult, ValidationReport, usable_cases
 
 __all__ = [
     "BUSI_CLASSES",
@@ -132,7 +132,7 @@ def read_png(path: str | Path) -> np.ndarray:
             PNG that is not a 2D image with 1-4 channels; the error names the file and the reason.
     """
     path = Path(path)
-    _require_readable(path)  # missing, empty, a folder, permission denied
+    require_readable(path)  # missing, empty, a folder, permission denied
     problem = _png_problem(path)
     if problem:
         raise VolumeReadError(path, problem)
@@ -144,7 +144,7 @@ def read_png(path: str | Path) -> np.ndarray:
     try:
         image = sitk.ReadImage(str(path), imageIO="PNGImageIO")
     except RuntimeError as exc:
-        raise VolumeReadError(path, f"unreadable or truncated file ({_itk_reason(exc)})") from None
+        raise VolumeReadError(path, f"unreadable or truncated file ({itk_reason(exc)})") from None
     return _to_grey(sitk.GetArrayFromImage(image), header.components)
 
 
@@ -310,7 +310,7 @@ def discover_busi(site_dir: str | Path) -> SiteIndex:
 # ---------------------------------------------------------------- validation
 
 
-def _check_pixels(check: _CaseCheck, record: BusiImage) -> None:
+def _check_pixels(check: CaseCheck, record: BusiImage) -> None:
     try:
         image = read_png(record.image)
     except VolumeReadError as exc:
@@ -340,7 +340,7 @@ def validate_busi_image(record: BusiImage, row_problems: Sequence[str] = ()) -> 
     """Check one BUSI image: its indexing problems (``row_problems``), the image and every mask file
     (readable, complete PNG; masks binary and of the image's size) and the lesion (present in benign and
     malignant images, absent from normal ones). Never raises for bad data."""
-    check = _CaseCheck(record)
+    check = CaseCheck(record)
     for message in row_problems:
         check.error(message)
     if record.image.exists() or not row_problems:  # an orphan mask's image is already reported missing

@@ -35,8 +35,10 @@ __all__ = [
     "check_file_complete",
     "count_nonfinite",
     "is_temp_file",
+    "itk_reason",
     "read_header",
     "read_volume",
+    "require_readable",
     "volume_shape_problem",
     "write_volume",
 ]
@@ -89,7 +91,7 @@ class VolumeHeader:
         return count
 
 
-def _itk_reason(exc: Exception) -> str:
+def itk_reason(exc: Exception) -> str:
     """The most informative line of an ITK exception message (ITK's class/address prefixes removed)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     lines = [
@@ -100,7 +102,7 @@ def _itk_reason(exc: Exception) -> str:
     return (lines[-1] if lines else "no detail").removeprefix("[nrrd] ")[:300]
 
 
-def _require_readable(path: Path) -> None:
+def require_readable(path: Path) -> None:
     """Raise VolumeReadError when ``path`` is missing, an empty file, or cannot be opened by this process.
 
     Checked before ITK sees the file: ITK reports a file it may not open as "does not exist" and an empty one
@@ -131,7 +133,7 @@ def _dicom_files(folder: Path) -> tuple[str, ...]:
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as exc:
-        raise VolumeReadError(folder, f"unreadable DICOM folder ({_itk_reason(exc)})") from None
+        raise VolumeReadError(folder, f"unreadable DICOM folder ({itk_reason(exc)})") from None
     if not series:
         if folder.name.lower().endswith(_VOLUME_SUFFIXES):
             raise VolumeReadError(
@@ -172,7 +174,7 @@ def _file_header(path: Path) -> VolumeHeader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        reason = _itk_reason(exc)
+        reason = itk_reason(exc)
         if "size is zero" in reason:  # NRRD: "_nrrdSizeCheck: axis 1 size is zero!"
             raise VolumeReadError(
                 path, f"zero-size dimension: the volume holds no voxel ({reason})"
@@ -203,7 +205,7 @@ def read_header(path: str | Path, *, site_config: SiteConfig | None = None) -> V
     unreadable).
     """
     path = Path(path)
-    _require_readable(path)
+    require_readable(path)
     header = _dicom_header(path) if path.is_dir() else _file_header(path)
     if site_config is None or header.dimension != 3:
         return header
@@ -432,7 +434,7 @@ def read_volume(
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise VolumeReadError(path, f"unreadable or truncated file ({_itk_reason(exc)})") from None
+        raise VolumeReadError(path, f"unreadable or truncated file ({itk_reason(exc)})") from None
     return apply_site_geometry(image, site_config)
 
 
@@ -449,5 +451,5 @@ def write_volume(image: sitk.Image, path: str | Path, *, compress: bool = True) 
     try:
         atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=compress), fsync=True)
     except RuntimeError as exc:
-        raise VolumeReadError(path, f"cannot write ({_itk_reason(exc)})") from None
+        raise VolumeReadError(path, f"cannot write ({itk_reason(exc)})") from None
     return path

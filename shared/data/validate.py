@@ -39,6 +39,7 @@ from shared.data.io import (
 from shared.data.layouts import CaseRecord, SiteIndex, discover_site, missing_file_problem, parse_split
 
 __all__ = [
+    "CaseCheck",
     "CaseResult",
     "DIRECTION_ATOL",
     "ORIGIN_TOL_VOXELS",
@@ -219,7 +220,7 @@ def _spacing_warnings(header: VolumeHeader, site_config: SiteConfig | None) -> l
 # ---------------------------------------------------------------- one case
 
 
-class _CaseCheck:
+class CaseCheck:
     """Collects the errors and warnings of one case, each prefixed with the case id."""
 
     def __init__(self, case: CaseRecord) -> None:
@@ -240,7 +241,7 @@ class _CaseCheck:
 
 
 def _read_checked(
-    check: _CaseCheck, kind: str, path: Path, site_config: SiteConfig | None
+    check: CaseCheck, kind: str, path: Path, site_config: SiteConfig | None
 ) -> tuple[VolumeHeader | None, sitk.Image | None]:
     """Header and voxels of one file, or (header-or-None, None) after recording why they are unusable."""
     if not path.exists():
@@ -259,7 +260,7 @@ def _read_checked(
         return None, None
 
 
-def _check_row(check: _CaseCheck, case: CaseRecord) -> None:
+def _check_row(check: CaseCheck, case: CaseRecord) -> None:
     """Label and split checks for a case validated on its own (without its site index)."""
     if case.label not in (0, 1):
         check.error(f"unknown label value {case.raw_label!r} (expected benign/malignant, B/M or 0/1)")
@@ -282,7 +283,7 @@ def validate_case(
     None, the label and split are checked from the record itself; ``row_warnings`` are indexing warnings
     (:meth:`SiteIndex.notes_of`). Never raises for bad data.
     """
-    check = _CaseCheck(case)
+    check = CaseCheck(case)
     for message in row_warnings:
         check.warn(message)
     if row_problems is None:
@@ -297,7 +298,7 @@ def validate_case(
     return check.result()
 
 
-def _check_volumes(check: _CaseCheck, case: CaseRecord, site_config: SiteConfig | None) -> None:
+def _check_volumes(check: CaseCheck, case: CaseRecord, site_config: SiteConfig | None) -> None:
     image_header, image = _read_checked(check, "image", case.image, site_config)
     if image is not None and image_header is not None:
         errors, warnings = _intensity_problems(image, case.image)
