@@ -28,8 +28,9 @@ across the lesion (one frame = the central slice, :attr:`LesionBox.centre_voxel`
 Region: a square **in millimetres**, centred on the box centre, whose side is the larger of the box's two
 in-plane extents plus a margin on each side (``max(margin · extent, margin_mm)``); the aspect ratio of the
 lesion is therefore kept (taller-than-wide stays visible). The region is cut from the slice (padded with
-``pad_value`` outside the volume) and resized to ``size × size`` with MONAI's bilinear Resize with
-anti-aliasing. The image is the normalised image, not masked: surroundings (margins, posterior shadowing)
+``pad_value`` outside the volume) and resized to ``size × size`` with MONAI's Resize: area averaging when the
+region is larger than the frame (no aliasing; MONAI's own anti-aliasing blur pads with zeros and would darken the
+border rows), bilinear when it is smaller. The image is the normalised image, not masked: surroundings (margins, posterior shadowing)
 stay visible, as in the seed's lesion-region maps.
 """
 
@@ -181,7 +182,7 @@ def _plane_frames(
     plane: str,
     *,
     frames: int,
-    resize: Resize,
+    size: int,
     spacing_mm: Sequence[float],
     margin: float,
     margin_mm: float,
@@ -195,6 +196,8 @@ def _plane_frames(
     )
     sides = [max(1, int(round(side_mm / spacing_mm[a]))) for a in (row_axis, col_axis)]
     centre = [box.centre[row_axis], box.centre[col_axis]]
+    mode = "area" if max(sides) > size else "bilinear"
+    resize = Resize((size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
     out = []
     for position in frame_positions(box.start[normal], box.stop[normal], frames):
         slice_2d = np.take(image, position, axis=normal)  # remaining axes keep their (z, y, x) order
@@ -228,9 +231,8 @@ def extract_planes(
     if size < 1 or margin < 0 or margin_mm < 0:
         raise ValueError(f"planes: size = {size} must be >= 1 and margins ({margin}, {margin_mm} mm) >= 0")
     box = largest_lesion_box(mask) if box is None else box
-    resize = Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True)
     options = dict(spacing_mm=spacing_mm, margin=margin, margin_mm=margin_mm, pad_value=pad_value)
-    return np.stack([_plane_frames(image, box, p, frames=frames, resize=resize, **options) for p in PLANES])
+    return np.stack([_plane_frames(image, box, p, frames=frames, size=size, **options) for p in PLANES])
 
 
 def planes_from_config(
