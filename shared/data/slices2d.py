@@ -67,7 +67,7 @@ def choose_slices(
 
 
 def fit_square(array: np.ndarray, *, size: int, pad_value: float = 0.0, is_mask: bool = False) -> np.ndarray:
-    """(H, W) -> (size, size) (module docstring): an image becomes float32 (bilinear, anti-aliased), a mask
+    """(H, W) -> (size, size) (module docstring): an image becomes float32 (area-averaged when shrinking, bilinear when enlarging), a mask
     (``is_mask``) uint8 0/1 (nearest neighbour, padded with 0 whatever ``pad_value``)."""
     if size < 2:
         raise ValueError(f"frame size {size} must be at least 2 pixels")
