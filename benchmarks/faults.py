@@ -1,19 +1,24 @@
 """Fault injection on a real deployment: what a federation does when a site, the server or MLflow fails.
 
 Each fault runs its own consortium on 127.0.0.1 — a SuperLink with TLS and site authentication, 3 SuperNodes,
-``flwr run`` of a cheap federation (random small base, 8 synthetic cases per site, one local epoch) — started
-with the helpers of the deployment tests (``tests/integration/processes.py``, imported from there: one copy).
+``flwr run`` of a cheap federation (random small base, 8 synthetic cases per site, one local epoch) — made and
+started with the deployment tests' helpers (``make_consortium``, ``start_consortium`` in
+``tests/integration/processes.py``, imported from there: one copy).
 Every wait has a bound; a run that does not end within ``--timeout`` is recorded as hung and stopped.
 
 Faults (``--faults``, comma-separated; default all):
 
 - ``kill-site``: SIGKILL 1 of 3 SuperNodes once it received its train message of round 1;
 - ``kill-all-but-one``: the same for 2 of 3 (``min-sites`` 1, so one site may go on);
-- ``stall``: SIGSTOP 1 site at its round-1 train message, SIGCONT once ``--round-timeout`` has passed;
+- ``stall``: SIGSTOP 1 site at its round-1 train message, SIGCONT once ``--round-timeout`` has passed; with
+  ``--rounds 3`` or more, whether it trains again in a later round (``stall_site_trained_rounds``, from its MLflow
+  run) shows if it rejoins;
 - ``kill-server``: SIGKILL the SuperLink (with its ServerApp) once round 1 is checkpointed, restart it and
   ``flwr run`` again (``federation.resume``);
-- ``truncate-checkpoint``: as ``kill-server``, but the newest checkpoint's ``global.safetensors`` is truncated to
-  half before the restart (a write interrupted / a damaged disk);
+- ``truncate-checkpoint``: as ``kill-server``, but once round 2 is checkpointed (round 1 with ``--rounds 2``), and
+  the newest checkpoint's ``global.safetensors`` is truncated to half before the restart (a damaged disk): the
+  server falls back to the round before and runs the rest again, or, with no earlier round kept, stops with a
+  message naming the file;
 - ``mlflow-down``: the run tracks to an ``mlflow server`` (sqlite backend, loopback) that is stopped once
   round 1 is done and restarted after the next round's train messages went out (or ``--mlflow-down`` s).
 
@@ -53,11 +58,12 @@ if str(REPO) not in sys.path:
 from tests.integration.processes import (  # noqa: E402
     BIN,
     CONNECTION,
+    Consortium,
     Deployment,
     free_port,
-    node_id,
+    make_consortium,
+    start_consortium,
     stop,
-    wait_until,
 )
 
 SITES = ("site_a", "site_b", "site_c")
@@ -70,6 +76,8 @@ CHEAP = {
     "federation.final-test": False,
 }
 TRAIN_MESSAGE = "Receiving: train message"
+#: The site the ``stall`` fault stops and resumes.
+STALLED = "site_b"
 
 
 def _text(path: Path) -> str:
@@ -78,25 +86,6 @@ def _text(path: Path) -> str:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@dataclass
-class Consortium:
-    sites_dir: Path
-    base: Path
-    creds: Any
-
-
-def make_consortium(root: Path) -> Consortium:
-    from shared.base import build_random_base, save_base
-    from shared.certs import make_certificates
-    from shared.data.synth import SynthOptions, generate_consortium
-
-    options = SynthOptions(split_fractions=(0.34, 0.33, 0.33))
-    generate_consortium(root / "sites", sites=len(SITES), cases=8, seed=5, options=options)
-    save_base(build_random_base("small", cls_depth=18, seed=0), root / "base")
-    creds = make_certificates(root / "credentials", sites=list(SITES))
-    return Consortium(root / "sites", root / "base", creds)
 
 
 @dataclass
@@ -112,6 +101,8 @@ class Fed:
     logs: list[Path] = field(default_factory=list)
     tracking_uri: str = ""
     notes: list[str] = field(default_factory=list)
+    #: ``stall``: rounds checkpointed when the stopped site was resumed (SIGCONT).
+    resumed_after_round: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -130,19 +121,9 @@ class Fed:
         }
 
     def start(self) -> None:
-        self.superlink, _ = self.deployment.start_superlink(timeout=self.args.timeout)
-        self.deployment.register(*SITES)
-        for site in SITES:
-            process, log = self.deployment.supernode(site, data_path=self.consortium.sites_dir / site)
-            self.nodes[site] = (process, log)
-        for site, (process, log) in self.nodes.items():
-            wait_until(
-                lambda log=log: node_id(log) is not None,
-                f"{site} activation",
-                self.args.timeout,
-                process,
-                log,
-            )
+        self.superlink, self.nodes = start_consortium(
+            self.deployment, self.consortium, timeout=self.args.timeout
+        )
 
     def run(self) -> tuple[subprocess.Popen, Path]:
         from shared.simulation import run_config_overrides
@@ -251,7 +232,7 @@ def fault_kill_all_but_one(fed: Fed) -> tuple[bool, str]:
 
 
 def fault_stall(fed: Fed) -> tuple[bool, str]:
-    site = "site_b"
+    site = STALLED
     earlier = fed.trains(site)
     run, _ = fed.run()
     bounded(lambda: fed.trains(site) > earlier, f"{site} round-1 train message", fed.args.timeout, run)
@@ -266,13 +247,18 @@ def fault_stall(fed: Fed) -> tuple[bool, str]:
             time.sleep(0.5)
     finally:
         _signal_tree(process, signal.SIGCONT)
-        fed.notes.append(f"SIGCONT {site} after {time.monotonic() - stopped:.0f} s")
+        fed.resumed_after_round = fed.rounds_done()
+        fed.notes.append(
+            f"SIGCONT {site} after {time.monotonic() - stopped:.0f} s, {fed.resumed_after_round} round(s) checkpointed"
+        )
     return finish(run, fed.args.timeout), _named(site)
 
 
-def _kill_server_after_round_1(fed: Fed) -> tuple[subprocess.Popen, bool]:
+def _kill_server_after_round(fed: Fed, server_round: int = 1) -> tuple[subprocess.Popen, bool]:
     run, _ = fed.run()
-    ok = bounded(lambda: fed.rounds_done() >= 1, "round 1 checkpointed", fed.args.timeout, run)
+    ok = bounded(
+        lambda: fed.rounds_done() >= server_round, f"round {server_round} checkpointed", fed.args.timeout, run
+    )
     stop(fed.superlink, crash=True)
     fed.notes.append(f"SIGKILL SuperLink+ServerApp after round {fed.rounds_done()}")
     stop(run)
@@ -280,14 +266,14 @@ def _kill_server_after_round_1(fed: Fed) -> tuple[subprocess.Popen, bool]:
 
 
 def fault_kill_server(fed: Fed) -> tuple[bool, str]:
-    _kill_server_after_round_1(fed)
+    _kill_server_after_round(fed, 1)
     fed.superlink, _ = fed.deployment.start_superlink(timeout=fed.args.timeout)
     run, _ = fed.run()
     return finish(run, fed.args.timeout), r"Resuming after round \d+"
 
 
 def fault_truncate_checkpoint(fed: Fed) -> tuple[bool, str]:
-    _kill_server_after_round_1(fed)
+    _kill_server_after_round(fed, 2 if fed.args.rounds >= 3 else 1)  # round 1 kept to fall back to
     folder = fed.work / "checkpoints"
     latest = _text(folder / "LATEST").strip()
     target = folder / latest / "global.safetensors"
@@ -297,7 +283,9 @@ def fault_truncate_checkpoint(fed: Fed) -> tuple[bool, str]:
     fed.notes.append(f"truncated {latest}/global.safetensors {size} -> {size // 2} bytes")
     fed.superlink, _ = fed.deployment.start_superlink(timeout=fed.args.timeout)
     run, _ = fed.run()
-    return finish(run, fed.args.timeout), r"global\.safetensors|CheckpointError|corrupt|checksum"
+    return finish(
+        run, fed.args.timeout
+    ), r"Checkpoint .*global\.safetensors.* is damaged|global\.safetensors.*corrupt"
 
 
 def _mlflow_server(fed: Fed, port: int, root: Path) -> subprocess.Popen:
@@ -346,7 +334,9 @@ def fault_mlflow_down(fed: Fed) -> tuple[bool, str]:
 
 
 #: An MLflow failure in the server log (not the ordinary "MLflow run ... is on the tracking server" lines).
-MLFLOW_DOWN = r"Connection refused|Max ?[Rr]etr|NewConnectionError|MlflowException|API request to .* failed"
+MLFLOW_DOWN = (
+    r"MLflow tracking server \S+ is (unreachable|reachable again)|Connection refused|MlflowException"
+)
 
 
 FAULTS: dict[str, Callable[[Fed], tuple[bool, str]]] = {
@@ -407,6 +397,27 @@ def mlflow_steps(tracking_uri: str, run_id: str | None) -> list[int] | None:
         return None
 
 
+def site_trained_rounds(tracking_uri: str, run_id: str | None, site: str) -> list[int] | None:
+    """Rounds whose training metrics of ``site`` the federation logged (its nested run's
+    ``federation/train_examples`` steps); None when MLflow could not be read."""
+    if not run_id or not tracking_uri:
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        parent = client.get_run(run_id)
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`fedabus.site` = '{site}'",
+        )
+        histories = [client.get_metric_history(r.info.run_id, "federation/train_examples") for r in runs]
+        return sorted({m.step for history in histories for m in history})
+    except Exception as exc:  # noqa: BLE001 - recorded, not raised
+        print(f"  MLflow read failed: {exc}", file=sys.stderr)
+        return None
+
+
 def steps_continuous(steps: list[int] | None, rounds_done: int) -> bool | None:
     """The parent's ``federation/round`` holds rounds 1..N once each (step 0, the evaluation before round 1,
     may be there too); None when MLflow could not be read."""
@@ -442,6 +453,15 @@ def run_fault(name: str, consortium: Consortium, root: Path, args: argparse.Name
     steps = mlflow_steps(uri, summary.get("run_id"))
     chain = adapter_chain(fed.work, rounds_done)
     named = bool(pattern) and re.search(pattern, output) is not None
+    if name == "stall":
+        trained = site_trained_rounds(uri, summary.get("run_id"), STALLED)
+        row["stall_site_trained_rounds"] = trained
+        row["stall_resumed_after_round"] = fed.resumed_after_round
+        row["stall_site_rejoined"] = (
+            None
+            if trained is None or fed.resumed_after_round is None or fed.resumed_after_round >= args.rounds
+            else any(r > fed.resumed_after_round for r in trained)
+        )
     row |= {
         "hung": hung or (error is None and not finished),
         "error": error,
@@ -460,6 +480,10 @@ def run_fault(name: str, consortium: Consortium, root: Path, args: argparse.Name
             line.strip()[:300] for line in output.splitlines() if pattern and re.search(pattern, line)
         ][:12],
         "resumes": len(re.findall(r"Resuming after round", output)),
+        "fallbacks": re.findall(
+            r"Falling back to the previous good checkpoint: resuming after round \d+", output
+        ),
+        "stopped": summary.get("stopped"),
         "notes": fed.notes,
         "log_tail": output[-3000:],
     }
@@ -508,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # flwr run bundles this working tree
     temp = Path(tempfile.mkdtemp(prefix="fedabus-faults-"))
     print(f"work folder {temp}", flush=True)
-    consortium = make_consortium(temp / "consortium")
+    consortium = make_consortium(temp / "consortium", SITES)
     rows: list[dict[str, Any]] = []
     report = {
         "command": " ".join(sys.argv),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation_run import FederationRun
+from server.federation_run import REFUSED_START, FederationRun, record_refused_start
 from shared.config import load_run_config
 from shared.privacy.validation import validate_privacy
 
@@ -22,4 +22,9 @@ def main(grid: Grid, context: Context) -> None:
     num_rounds = int(run_config.get("num-server-rounds", 3))
     config = load_run_config(run_config)
     validate_privacy(config)  # refuse DP settings that would not protect anything before any site trains
-    FederationRun.prepare(grid, config, num_rounds=num_rounds).run()
+    try:
+        run = FederationRun.prepare(grid, config, num_rounds=num_rounds)
+    except tuple(REFUSED_START) as refused:  # a stop with the file and the reason, not a traceback
+        record_refused_start(config, refused)
+        return
+    run.run()

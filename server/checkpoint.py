@@ -15,6 +15,12 @@ A round is written into a hidden temporary folder, every file is fsync'ed, the f
 ``round-NNNN`` and only then is ``LATEST`` replaced (temp file + ``os.replace``). A crash at any point leaves
 the previous ``LATEST`` checkpoint complete and loadable; leftovers are removed by the next save. Loading
 verifies checksums and raises :class:`CheckpointError` naming the file that is missing or corrupt.
+
+Resuming (:meth:`ServerCheckpoint.resume`) falls back to an earlier kept round when the newest one is damaged
+(a disk that damaged a finished file): the damaged folder is moved aside to ``damaged-round-NNNN-<time>`` (kept
+for the operator, never deleted), ``LATEST`` is pointed at the good round, and the rounds after it are run
+again. A run config key that the checkpoint does not hold (added to fedabus after it was written) is accepted
+when its value is the schema's default.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ __all__ = [
     "RESUME_MUTABLE_KEYS",
     "CheckpointError",
     "CheckpointState",
+    "DamagedCheckpoint",
     "IncompatibleCheckpointError",
+    "ResumePoint",
     "ServerCheckpoint",
     "config_fingerprint",
     "load_checkpoint",
@@ -63,6 +71,8 @@ BEST_NAME = "best"
 RESUME_MUTABLE_KEYS: tuple[str, ...] = ("num-server-rounds",)
 _ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 _TMP_PREFIX = ".tmp-"
+#: Name prefix of a damaged round folder moved aside by a resume (never matched by ``_ROUND_DIR``).
+DAMAGED_PREFIX = "damaged-"
 
 
 class CheckpointError(RuntimeError):
@@ -89,15 +99,25 @@ def config_fingerprint(config: Mapping[str, Any], *, ignore: Iterable[str] = RES
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], skip: set[str]) -> list[str]:
-    """``"key: checkpoint X, now Y"`` for every key (outside ``skip``) whose value differs or is absent."""
-    lines = []
+def _config_differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    skip: set[str],
+    defaults: Mapping[str, Any] | None = None,
+) -> tuple[list[str], list[str]]:
+    """``(differences, defaulted)``: ``"key: checkpoint X, now Y"`` for every key (outside ``skip``) whose value
+    differs or is absent, and the keys absent from ``saved`` whose value now is their default in ``defaults``
+    (a key added to the schema after the checkpoint was written: not a difference)."""
+    lines, defaulted = [], []
+    defaults = _json_config(defaults or {})
     for key in sorted((set(saved) | set(current)) - skip):
         old = repr(saved[key]) if key in saved else "(absent)"
         new = repr(current[key]) if key in current else "(absent)"
-        if key not in saved or key not in current or saved[key] != current[key]:
+        if key not in saved and key in current and key in defaults and current[key] == defaults[key]:
+            defaulted.append(key)
+        elif key not in saved or key not in current or saved[key] != current[key]:
             lines.append(f"{key}: checkpoint {old}, now {new}")
-    return lines
+    return lines, defaulted
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -122,11 +142,18 @@ class CheckpointState:
     saved_at: str = ""
 
     def check_compatible(
-        self, config: Mapping[str, Any], *, ignore: Iterable[str] = RESUME_MUTABLE_KEYS
-    ) -> None:
-        """Raise IncompatibleCheckpointError listing every key whose value differs from the saved config."""
+        self,
+        config: Mapping[str, Any],
+        *,
+        ignore: Iterable[str] = RESUME_MUTABLE_KEYS,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Raise IncompatibleCheckpointError listing every key whose value differs from the saved config.
+
+        A key the checkpoint lacks is accepted when its value equals its default in ``defaults`` (the schema's,
+        flat); returns those keys so the caller can log them."""
         skip = set(ignore)
-        differences = _config_differences(self.config, _json_config(config), skip)
+        differences, defaulted = _config_differences(self.config, _json_config(config), skip, defaults)
         if differences:
             where = self.path / STATE_FILE if self.path is not None else "the checkpoint"
             raise IncompatibleCheckpointError(
@@ -134,6 +161,32 @@ class CheckpointState:
                 f"the checkpoint's in {len(differences)} key(s): {'; '.join(differences)}. Restore those "
                 "values, or start a new federation with another checkpoint folder."
             )
+        return defaulted
+
+
+@dataclass(frozen=True)
+class DamagedCheckpoint:
+    """A round folder a resume could not load: ``reason`` names the file; ``moved_to`` is where it was put
+    aside (None when it was not moved, e.g. ``LATEST`` named a folder that does not exist)."""
+
+    path: Path
+    reason: str
+    moved_to: Path | None = None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What :meth:`ServerCheckpoint.resume` found: the checkpoint to continue from, the newer rounds that were
+    damaged (their rounds are run again) and the config keys accepted at their schema default."""
+
+    state: CheckpointState
+    damaged: tuple[DamagedCheckpoint, ...] = ()
+    defaulted: tuple[str, ...] = ()
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether the newest checkpoint was damaged and an earlier one is resumed."""
+        return bool(self.damaged)
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -331,13 +384,66 @@ class ServerCheckpoint:
         return load_latest(self.folder)
 
     def resume(
-        self, config: Mapping[str, Any], *, ignore: Iterable[str] = RESUME_MUTABLE_KEYS
-    ) -> CheckpointState | None:
-        """The latest checkpoint after checking it was written with a compatible run config, or None."""
-        state = self.load_latest()
-        if state is not None:
-            state.check_compatible(config, ignore=ignore)
-        return state
+        self,
+        config: Mapping[str, Any],
+        *,
+        ignore: Iterable[str] = RESUME_MUTABLE_KEYS,
+        defaults: Mapping[str, Any] | None = None,
+    ) -> ResumePoint | None:
+        """The newest loadable checkpoint, checked against ``config`` (see :meth:`CheckpointState.check_compatible`
+        for ``ignore`` and ``defaults``); None when no round was ever completed.
+
+        When the newest round is damaged, the next older kept round is tried, and so on: the damaged folders are
+        moved aside (``damaged-round-NNNN-<time>``) and ``LATEST`` points at the round resumed, so the rounds
+        after it are run again and checkpointed under their own numbers. Raises CheckpointError naming every
+        damaged file and its reason when no kept round loads, IncompatibleCheckpointError when the good one
+        was written with another run config (nothing is moved then)."""
+        try:
+            name = _read_pointer(self.folder)
+        except CheckpointError as exc:
+            name, pointer_problem = None, str(exc)
+        else:
+            pointer_problem = None
+        rounds = _round_dirs(self.folder)
+        if name is None and pointer_problem is None:
+            return None
+        newest = int(_ROUND_DIR.match(name).group(1)) if name is not None else max(rounds, default=-1)
+        damaged: list[DamagedCheckpoint] = []
+        if name is not None and newest not in rounds:
+            damaged.append(
+                DamagedCheckpoint(
+                    self.folder / name, f"{self.folder / LATEST}: points to a folder that does not exist"
+                )
+            )
+        elif pointer_problem is not None:
+            damaged.append(DamagedCheckpoint(self.folder / LATEST, pointer_problem))
+        for number in sorted((r for r in rounds if r <= newest), reverse=True):
+            try:
+                state = load_checkpoint(rounds[number])
+            except CheckpointError as exc:
+                damaged.append(DamagedCheckpoint(rounds[number], str(exc)))
+                continue
+            defaulted = state.check_compatible(config, ignore=ignore, defaults=defaults)
+            moved = tuple(self._put_aside(d) for d in damaged)
+            if damaged:
+                self._point_latest_to(rounds[number].name)
+            return ResumePoint(state, moved, tuple(defaulted))
+        reasons = "; ".join(d.reason for d in damaged) or f"{self.folder}: no round folder"
+        raise CheckpointError(
+            f"cannot resume from {self.folder}: no kept checkpoint is usable ({reasons}). Move the damaged "
+            "round folder(s) away to start the federation again from scratch in this folder, or set another "
+            "federation.work-dir; keep federation.checkpoint-keep >= 2 so that an earlier round can stand in."
+        )
+
+    def _put_aside(self, damaged: DamagedCheckpoint) -> DamagedCheckpoint:
+        """Move a damaged round folder to ``damaged-<name>-<UTC time>`` beside it (kept, never deleted)."""
+        if not _ROUND_DIR.match(damaged.path.name) or not damaged.path.is_dir():
+            return damaged
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.folder / f"{DAMAGED_PREFIX}{damaged.path.name}-{stamp}-{uuid.uuid4().hex[:4]}"
+        os.replace(damaged.path, target)
+        fsync_folder(self.folder)
+        return DamagedCheckpoint(damaged.path, damaged.reason, target)
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from server.admission import Candidate
 from shared.protocol import ARRAYS, DECLINED, METRICS, SERVER_ROUND, SITE, SITE_ID
 
-__all__ = ["Recipients", "candidate_of", "metrics_by_site", "site_of", "updates_of"]
+__all__ = ["Recipients", "candidate_of", "in_site_order", "metrics_by_site", "site_of", "updates_of"]
 
 
 class Recipients:
@@ -51,6 +51,15 @@ def site_of(message: Message, recipients: Recipients | None = None) -> str:
         if name is not None:
             return name
     return f"node-{message.metadata.src_node_id}"
+
+
+def in_site_order(replies: Iterable[Message], recipients: Recipients | None = None) -> list[Message]:
+    """``replies`` sorted by site name, then sending node: the order every aggregation sums them in.
+
+    Replies arrive in whatever order the sites finish; Flower's FedAvg accumulates ``w · update`` in float32 in
+    list order, and float addition is not associative, so without a fixed order two runs with the same
+    updates give global adapters that differ in the last bits (different hashes)."""
+    return sorted(replies, key=lambda msg: (site_of(msg, recipients), msg.metadata.src_node_id))
 
 
 def metrics_by_site(

@@ -106,7 +106,11 @@ class RoundEnd:
             strategy_state=self.strategy.get_state(),
             mlflow_run_id=self.tracker.run_id,
             best=self.best,
-            extra={"round_report": report.to_json()},
+            # rounds MLflow has not received yet (its server was down) survive a restart with the checkpoint
+            extra={
+                "round_report": report.to_json(),
+                "tracking_backlog": [kept.to_json() for kept in self.tracker.backlog],
+            },
             ignore=self.resumable_keys,
         )
         self._write_summary(report, actual)

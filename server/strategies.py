@@ -13,7 +13,9 @@ lives elsewhere (server/admission.py, shared/lora_aggregation.py, server/privacy
 * give Flower's round number the federation's (``rounds``, :class:`~server.round_numbering.RoundNumbering`) in
   every message and log line, so a resumed run continues its numbering;
 * skip client evaluation on rounds off the evaluation interval;
-* drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation;
+* drop replies that carry no update (a site that declined to train says why in its metrics) before aggregation,
+  and hand the rest to the strategy sorted by site (:func:`~server.replies.in_site_order`), so the aggregate is
+  bit-identical whatever order the replies arrived in;
 * encode the global adapter of train messages and decode every update as ``federation.compression`` says
   (:mod:`shared.protocol`), so admission and every strategy see packed float32 arrays; the bytes sent each way are
   logged per site (``train/upload_bytes``, ``train/download_bytes``);
@@ -59,7 +61,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from server import privacy as client_dp
 from server.admission import AdmissionLimits, Candidate, admit
-from server.replies import Recipients, candidate_of, metrics_by_site, site_of, updates_of
+from server.replies import Recipients, candidate_of, in_site_order, metrics_by_site, site_of, updates_of
 from server.round_numbering import RoundNumbering
 from shared.adapters import AdapterMismatchError
 from shared.config import COMPRESSIONS, LORA_AGGREGATION_MODES, ConfigError, FederationConfig, PrivacyConfig
@@ -121,7 +123,25 @@ _WAIT_NOTE_EVERY = 10.0
 
 
 class FederationStalled(RuntimeError):
-    """Not enough sites were online within the deadline; the run stops instead of hanging."""
+    """Not enough sites were online within the deadline to start federation round ``server_round``; the run
+    stops there instead of hanging (recorded like a budget stop: :meth:`record`)."""
+
+    reason = "federation-stalled"
+
+    def __init__(self, message: str, *, server_round: int, admitted: int, online: int, needed: int) -> None:
+        self.server_round, self.admitted, self.online, self.needed = server_round, admitted, online, needed
+        super().__init__(message)
+
+    def record(self) -> dict[str, Any]:
+        """The stop as JSON values (``summary.json`` ``stopped``, MLflow tags)."""
+        return {
+            "reason": self.reason,
+            "round": self.server_round,
+            "admitted_sites": self.admitted,
+            "online_sites": self.online,
+            "needed_sites": self.needed,
+            "message": str(self),
+        }
 
 
 class _AdmittedSites:
@@ -188,13 +208,14 @@ class FedabusHooks:
         allowed = [n for n in online if self.allowed_nodes is None or n in self.allowed_nodes]
         return [n for n in allowed if n in accepted], [n for n in allowed if n in connecting]
 
-    def _wait_for_sites(self, grid: Grid, min_available: int) -> list[int]:
+    def _wait_for_sites(self, grid: Grid, min_available: int, server_round: int = 0) -> list[int]:
         """The admitted sites once ``min_available`` of them are online; never waits forever.
 
         Waits for sites still answering the handshake ("slow to connect") up to ``sample_timeout`` once enough
         are admitted, and past it, up to ``connect_timeout``, while they could still make up ``min_available``.
-        Stops with :class:`FederationStalled` after ``sample_timeout`` when even the connecting sites would be
-        too few: the others are gone (offline at the SuperLink, or refused).
+        Stops with :class:`FederationStalled` (naming federation round ``server_round``) after ``sample_timeout``
+        when even the connecting sites would be too few: the others are gone (offline at the SuperLink, or
+        refused).
         """
         started = time.monotonic()
         noted = -math.inf
@@ -210,9 +231,13 @@ class FedabusHooks:
                 or waited >= max(self.sample_timeout, self.connect_timeout)
             ):
                 raise FederationStalled(
-                    f"only {len(admitted)} site(s) admitted after {waited:.0f} s ({len(online)} online, "
-                    f"{len(connecting)} still answering the handshake); {min_available} needed "
-                    "(federation.min-sites). Stopping instead of waiting forever."
+                    f"Round {server_round} stopped: only {len(admitted)} site(s) admitted after "
+                    f"{waited:.0f} s ({len(online)} online, {len(connecting)} still answering the handshake); "
+                    f"{min_available} needed (federation.min-sites). Stopping instead of waiting forever.",
+                    server_round=server_round,
+                    admitted=len(admitted),
+                    online=len(online),
+                    needed=min_available,
                 )
             if time.monotonic() - noted >= _WAIT_NOTE_EVERY:
                 noted = time.monotonic()
@@ -227,12 +252,12 @@ class FedabusHooks:
                 )
             time.sleep(self.poll_interval)
 
-    def _admitted_view(self, grid: Grid, fraction: float) -> Grid | _AdmittedSites:
-        """What Flower's own sampling should see: only the admitted sites, after waiting for them (a fraction
-        of 0 samples nobody, so nobody is waited for)."""
+    def _admitted_view(self, grid: Grid, fraction: float, server_round: int) -> Grid | _AdmittedSites:
+        """What Flower's own sampling for federation round ``server_round`` should see: only the admitted sites,
+        after waiting for them (a fraction of 0 samples nobody, so nobody is waited for)."""
         if fraction == 0.0:
             return grid
-        return _AdmittedSites(grid, self._wait_for_sites(grid, self.min_available_nodes))
+        return _AdmittedSites(grid, self._wait_for_sites(grid, self.min_available_nodes, server_round))
 
     def _remember(self, messages: list[Message]) -> list[Message]:
         self.recipients.remember(messages, dict(getattr(self.node_vetting, "accepted", {})))
@@ -240,7 +265,7 @@ class FedabusHooks:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         # Flower's configure_train (and FedProx's mu, FedOpt's current arrays) samples from the admitted view.
-        view = self._admitted_view(grid, self.fraction_train)
+        view = self._admitted_view(grid, self.fraction_train, self.rounds.federation(server_round))
         self.admission_reference = arrays
         messages = list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
         sent = arrays
@@ -257,7 +282,8 @@ class FedabusHooks:
         server_round = self.rounds.federation(server_round)
         if self.eval_interval > 1 and server_round % self.eval_interval:
             return []
-        view = self._admitted_view(grid, self.fraction_evaluate)
+        # the evaluation before round 1 (round 0) belongs to round 1: a stall there stops the run before it
+        view = self._admitted_view(grid, self.fraction_evaluate, max(server_round, 1))
         return self._remember(list(super().configure_evaluate(server_round, arrays, config, view)))
 
     def admit_updates(self, server_round: int, with_update: list[Message]) -> list[Message]:
@@ -381,7 +407,8 @@ class FedabusHooks:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round = self.rounds.federation(server_round)
-        replies = list(replies)
+        # in site order: a bit-identical aggregate whatever order the replies arrived in
+        replies = in_site_order(replies, self.recipients)
         if self._admitted_upstream:
             return super().aggregate_train(server_round, replies)
         with_update = updates_of(server_round, replies, self.recipients)
@@ -395,7 +422,7 @@ class FedabusHooks:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         server_round = self.rounds.federation(server_round)
-        replies = list(replies)
+        replies = in_site_order(replies, self.recipients)
         self.last_eval_metrics = metrics_by_site(replies, self.recipients)
         for msg in replies:
             if msg.has_error():

@@ -33,6 +33,12 @@ and a resumed federation (:meth:`FederationTracker.resume`) can replay its last 
 Final-test metrics (:meth:`FederationTracker.log_test`) carry no sentinel; the parent's tag
 ``fedabus.tested_rounds`` makes them idempotent too.
 
+**The tracking server may be down** (:mod:`server.tracking_outage`): MLflow's HTTP retries are bounded to seconds,
+and a round that cannot be logged because the server does not answer is kept (:attr:`FederationTracker.backlog`,
+also saved in each checkpoint) and sent, in round order and with its own step, before the next round once the server
+answers again; the server log says when it became unreachable and when it came back. Training never waits for it.
+Only a refused request (a real error) raises.
+
 This module holds the MLflow side only: the runs, their params (:func:`federation_params`) and reading the
 logged rounds back on resume. What a round holds and how sites are aggregated is :mod:`server.reports`, the
 plots are :mod:`server.plots`. It does not import Flower; the ServerApp turns replies into a
@@ -43,10 +49,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from logging import WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +69,7 @@ from server.reports import (
     json_safe,
     round_summary,
 )
+from server.tracking_outage import TrackingOutage, apply_http_policy, is_unreachable
 from shared import __version__
 from shared.adapters import Adapter, save_adapter
 from shared.metric_names import EVAL_WEIGHT_METRIC, ROUND_METRIC, TEST_WEIGHT_METRIC, TRAIN_WEIGHT_METRIC
@@ -89,6 +98,8 @@ __all__ = [
 ]
 
 DEFAULT_EXPERIMENT = "fedabus"
+#: Flower's logger by name (the server log), without importing Flower.
+_LOG = logging.getLogger("flwr")
 
 TAG_ROLE = "fedabus.role"
 TAG_SITE = "fedabus.site"
@@ -102,6 +113,9 @@ TAG_REFUSED = "fedabus.refused_updates"
 TAG_STOP_REASON = "fedabus.stop_reason"
 TAG_STOPPED_BEFORE = "fedabus.stopped_before_round"
 TAG_STOP_MESSAGE = "fedabus.stop_message"
+#: Parent-run tag: rounds run again after a resume fell back to an earlier checkpoint (their MLflow steps hold the
+#: first attempt; summary.json and the checkpoints hold the re-run).
+TAG_RERUN = "fedabus.rerun_rounds"
 ROLE_FEDERATION = "federation"
 ROLE_SITE = "site"
 
@@ -191,9 +205,22 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _unreachable_at_start(uri: str, error: BaseException) -> TrackingError:
+    """A run cannot start or resume while its tracking server does not answer: say so, naming it."""
+    reason = str(getattr(error, "message", error)).splitlines()[0][:300]
+    return TrackingError(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it, or set federation.tracking-uri to "
+        "one that answers, and start the run again"
+    )
+
+
 class FederationTracker:
     """One federation's MLflow runs. Create with :meth:`start` or :meth:`resume`; then call
     :meth:`log_round` once per server round and :meth:`finish` at the end."""
+
+    #: How long :meth:`finish` waits for an unreachable tracking server, and how often it tries (seconds).
+    finish_patience_s: float = 120.0
+    finish_retry_s: float = 10.0
 
     def __init__(
         self,
@@ -215,6 +242,14 @@ class FederationTracker:
         self._last_logged_round = last_logged_round
         self._history: dict[int, RoundReport] = dict(history or {})
         self.upload_summary_every_round = upload_summary_every_round
+        self.outage = TrackingOutage(tracking_uri)
+        #: Rounds not yet sent because the tracking server did not answer, in round order.
+        self._backlog: list[RoundReport] = []
+        #: Sites whose batch of a round in the backlog already reached MLflow (not sent twice).
+        self._sent_sites: dict[int, set[str]] = {}
+        #: Parent-run tags and final-test reports kept during an outage.
+        self._pending_tags: dict[str, str] = {}
+        self._pending_tests: list[RoundReport] = []
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -238,23 +273,29 @@ class FederationTracker:
         :func:`federation_params` and :func:`resolve_tracking_uri` for the other arguments.
         """
         uri = resolve_tracking_uri(tracking_uri, default_dir=default_dir)
+        apply_http_policy()
         client = mlflow_client(uri)
         params = federation_params(
             config, strategy=strategy, sites=sites, base_fingerprint=base_fingerprint, code=code
         )
-        experiment_id = cls._experiment_id(client, uri, experiment)
-        tags = {TAG_ROLE: ROLE_FEDERATION, "fedabus.strategy": strategy}
-        if params.get("code.git-commit", "unknown") != "unknown":
-            tags["mlflow.source.git.commit"] = params["code.git-commit"]
-        run = client.create_run(experiment_id, tags=tags, run_name=run_name)
-        tracker = cls(
-            client,
-            tracking_uri=uri,
-            experiment_id=experiment_id,
-            run_id=run.info.run_id,
-            upload_summary_every_round=upload_summary_every_round,
-        )
-        tracker._log_params(params)
+        try:
+            experiment_id = cls._experiment_id(client, uri, experiment)
+            tags = {TAG_ROLE: ROLE_FEDERATION, "fedabus.strategy": strategy}
+            if params.get("code.git-commit", "unknown") != "unknown":
+                tags["mlflow.source.git.commit"] = params["code.git-commit"]
+            run = client.create_run(experiment_id, tags=tags, run_name=run_name)
+            tracker = cls(
+                client,
+                tracking_uri=uri,
+                experiment_id=experiment_id,
+                run_id=run.info.run_id,
+                upload_summary_every_round=upload_summary_every_round,
+            )
+            tracker._log_params(params)
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise _unreachable_at_start(uri, exc) from None
+            raise
         return tracker
 
     @staticmethod
@@ -298,11 +339,27 @@ class FederationTracker:
         from mlflow.exceptions import MlflowException
 
         uri = resolve_tracking_uri(tracking_uri, default_dir=default_dir)
+        apply_http_policy()
         client = mlflow_client(uri)
         try:
-            parent = client.get_run(run_id)
+            return cls._reopen(client, uri, run_id, upload_summary_every_round)
+        except TrackingError:
+            raise
         except MlflowException as exc:
+            if is_unreachable(exc):
+                raise _unreachable_at_start(uri, exc) from None
             raise TrackingError(f"cannot open MLflow run {run_id!r} in {uri}: {exc.message}") from None
+        except Exception as exc:
+            if is_unreachable(exc):
+                raise _unreachable_at_start(uri, exc) from None
+            raise
+
+    @classmethod
+    def _reopen(
+        cls, client: MlflowClient, uri: str, run_id: str, upload_summary_every_round: bool
+    ) -> FederationTracker:
+        """The body of :meth:`resume`: find the runs, rebuild the history, mark the runs running again."""
+        parent = client.get_run(run_id)
         if parent.data.tags.get(TAG_ROLE) != ROLE_FEDERATION:
             raise TrackingError(
                 f"MLflow run {run_id!r} in {uri} is not a fedabus federation run (no {TAG_ROLE} tag)"
@@ -391,6 +448,12 @@ class FederationTracker:
             items.append(Metric(ROUND_METRIC, float(server_round), stamp, server_round))
         self.client.log_batch(run_id, metrics=items, tags=[RunTag(k, v) for k, v in tags])
 
+    @property
+    def backlog(self) -> list[RoundReport]:
+        """Rounds kept because the tracking server did not answer (sent by the next :meth:`log_round` or
+        :meth:`flush` that reaches it), in round order."""
+        return list(self._backlog)
+
     def log_round(self, report: RoundReport) -> bool:
         """Log one round: one ``log_batch`` on each reporting site's run, then one on the parent.
 
@@ -398,16 +461,55 @@ class FederationTracker:
         are skipped (returns False), so replaying a round after a resume never duplicates steps. When an
         earlier attempt stopped part-way (some site runs hold the round, the parent does not), those sites are
         not logged again and the parent's aggregates combine what they hold with the new report.
+
+        When the tracking server does not answer, the round is kept (:attr:`backlog`) and False returned; kept
+        rounds go first, in order, once it answers. True when this round reached MLflow.
         """
         r = report.server_round
-        if r <= self.last_logged_round:
+        if r <= self.last_logged_round or any(kept.server_round == r for kept in self._backlog):
             return False
+        self._backlog.append(report)
+        self.flush(new_round=r)
+        return r <= self.last_logged_round
+
+    def flush(self, *, new_round: int | None = None) -> bool:
+        """Send what was kept during an outage (rounds, then final-test metrics and tags); True when nothing is
+        left. ``new_round``: the round just added (not one the outage delayed). Raises only on an error that is
+        not the tracking server being unreachable."""
+        late = [kept.server_round for kept in self._backlog if kept.server_round != new_round]
+        sent_late = [f"round {r}" for r in late] if self.outage.down else []
+        rounds_to_send = bool(self._backlog)
+        try:
+            while self._backlog:
+                self._send_round(self._backlog[0])
+                self._sent_sites.pop(self._backlog.pop(0).server_round, None)
+            while self._pending_tests:
+                self._send_test(self._pending_tests[0])
+                sent_late.append(f"test of round {self._pending_tests.pop(0).server_round}")
+            if self._pending_tags:
+                self._send_tags(self._pending_tags)
+                sent_late += sorted(self._pending_tags)
+                self._pending_tags = {}
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            what = f"round {self._backlog[0].server_round}" if self._backlog else "the final-test metrics"
+            self.outage.failed(what, exc)
+            return False
+        self.outage.reachable(sent_late)
+        if rounds_to_send and self.upload_summary_every_round:
+            self._upload_summary()
+        return True
+
+    def _send_round(self, report: RoundReport) -> None:
+        r = report.server_round
         partial = self._history.get(r)
-        done = set(partial.sites) if partial is not None else set()
-        merged = report.merged_with(partial, done) if partial is not None else report
+        done = (set(partial.sites) if partial is not None else set()) | self._sent_sites.get(r, set())
+        merged = report.merged_with(partial, set(partial.sites)) if partial is not None else report
         for site in report.sites:
             if site not in done:
                 self._log_round_batch(self._site_run(site), r, report.site_metrics(site))
+                self._sent_sites.setdefault(r, set()).add(site)
         tags = [(TAG_SITES, ",".join(sorted(self.site_runs)))]
         if report.refused:  # who was refused and why, readable in the run's tags
             text = "; ".join(f"{site}: {reason}" for site, reason in sorted(report.refused.items()))
@@ -415,17 +517,54 @@ class FederationTracker:
         self._log_round_batch(self.run_id, r, merged.parent_metrics(), tags=tags)
         self._last_logged_round = r
         self._history[r] = merged
-        if self.upload_summary_every_round:
+
+    def _upload_summary(self) -> None:
+        """``summary/rounds.json``; a failure to reach the server only postpones it to the next round."""
+        try:
             self._log_json_artifact(self.summary(), "summary", "rounds.json")
-        return True
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self.outage.failed("summary/rounds.json", exc)
+
+    def _send_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _tag(self, tags: Mapping[str, str]) -> None:
+        """Parent-run tags now, or with the next flush when the tracking server does not answer."""
+        self._pending_tags.update(tags)
+        self.flush()
+
+    def note_rerun_rounds(self, rounds: Sequence[int]) -> None:
+        """Tag the parent with rounds run again after a checkpoint fallback (their steps keep the first attempt:
+        logging them again would duplicate steps)."""
+        if rounds:
+            self._tag({TAG_RERUN: ",".join(str(r) for r in rounds)})
 
     def log_test(self, report: RoundReport) -> bool:
         """Log the final-test metrics of the adapter of round ``report.server_round`` at that step: one batch
         per site run (``test/...`` and ``federation/test_examples``) and one on the parent (``global/test/...``).
 
         No round sentinel: a test is not a round. Idempotent: a round the parent's tag ``fedabus.tested_rounds``
-        lists is skipped (returns False), so a resumed server never logs a test twice.
+        lists is skipped (returns False), so a resumed server never logs a test twice. Kept for the next flush
+        (False) when the tracking server does not answer.
         """
+        if self._backlog or self._pending_tests or self._pending_tags:  # an outage is on: keep the order
+            self._pending_tests.append(report)
+            self.flush()
+            return False
+        try:
+            return self._send_test(report)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self._pending_tests.append(report)
+            self.outage.failed(f"the final test of round {report.server_round}", exc)
+            return False
+
+    def _send_test(self, report: RoundReport) -> bool:
         tested = self.tested_rounds()
         r = report.server_round
         if r in tested:
@@ -474,15 +613,15 @@ class FederationTracker:
 
     def log_stop(self, stop: Mapping[str, Any]) -> None:
         """Tag the parent run with why and before which round the run ended early (``stop``: ``reason``,
-        ``round``, ``message``, as :meth:`server.round_end.RoundEnd.record_stop` receives it)."""
-        from mlflow.entities import RunTag
-
-        tags = {
-            TAG_STOP_REASON: str(stop["reason"]),
-            TAG_STOPPED_BEFORE: str(stop["round"]),
-            TAG_STOP_MESSAGE: str(stop["message"])[:MAX_TAG_VALUE],
-        }
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        ``round``, ``message``, as :meth:`server.round_end.RoundEnd.record_stop` receives it); kept for the next
+        flush when the tracking server does not answer."""
+        self._tag(
+            {
+                TAG_STOP_REASON: str(stop["reason"]),
+                TAG_STOPPED_BEFORE: str(stop["round"]),
+                TAG_STOP_MESSAGE: str(stop["message"])[:MAX_TAG_VALUE],
+            }
+        )
 
     def finish(
         self,
@@ -490,11 +629,42 @@ class FederationTracker:
         final_adapter: Adapter | None = None,
         best: BestAdapter | None = None,
         status: str = "FINISHED",
-    ) -> None:
-        """Log the summary, the plots and the final/best adapters in one upload, then end every run.
+    ) -> bool:
+        """Send what an outage kept, log the summary, the plots and the final/best adapters in one upload, then
+        end every run; True when MLflow holds it all.
 
-        ``status`` is an MLflow run status (``FINISHED``, ``FAILED``, ``KILLED``).
+        ``status`` is an MLflow run status (``FINISHED``, ``FAILED``, ``KILLED``). While the tracking server does
+        not answer, it is tried again every :attr:`finish_retry_s` seconds for up to :attr:`finish_patience_s`;
+        after that a WARNING names what MLflow lacks (the runs stay RUNNING there; summary.json, the checkpoints
+        and the adapter files in the work folder hold it all) and nothing is raised.
         """
+        deadline = time.monotonic() + self.finish_patience_s
+        while True:
+            try:
+                if self.flush():
+                    self._send_final(final_adapter, best, status)
+                    return True
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                self.outage.failed("the final adapters and run status", exc)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(self.finish_retry_s, max(0.0, deadline - time.monotonic())))
+        missing = [f"round {kept.server_round}" for kept in self._backlog]
+        missing += [f"test of round {kept.server_round}" for kept in self._pending_tests]
+        missing += [*sorted(self._pending_tags), "the final adapters, plots and run status"]
+        _LOG.log(
+            WARNING,
+            "MLflow tracking server %s still unreachable after %.0f s; MLflow lacks %s (the work folder's "
+            "summary.json, checkpoints and adapter files hold them)",
+            self.tracking_uri,
+            self.finish_patience_s,
+            ", ".join(missing),
+        )
+        return False
+
+    def _send_final(self, final_adapter: Adapter | None, best: BestAdapter | None, status: str) -> None:
         from mlflow.entities import RunTag
 
         with tempfile.TemporaryDirectory(prefix="fedabus-mlflow-") as tmp:

@@ -4,6 +4,10 @@ Everything runs on 127.0.0.1 with free ports and a private ``FLWR_HOME`` under t
 Each process is started in its own session and stopped by its process group (SIGTERM, then SIGKILL), so
 the SuperExec and app processes it spawned go with it; only processes started here are ever signalled.
 
+A consortium (synthetic sites, a random small base, credentials: :func:`make_consortium`) and its start (SuperLink,
+registered sites, activated SuperNodes: :func:`start_consortium`) are made here once for the deployment tests and
+the fault-injection benchmark (benchmarks/faults.py).
+
 Import as ``from tests.integration.processes import ...`` (pytest runs from the repository root).
 """
 
@@ -31,13 +35,16 @@ __all__ = [
     "BIN",
     "CONNECTION",
     "REPO",
+    "Consortium",
     "Deployment",
     "flwr_env",
     "free_port",
     "healthy",
     "http_get",
     "http_post",
+    "make_consortium",
     "node_id",
+    "start_consortium",
     "stop",
     "wait_until",
 ]
@@ -268,3 +275,46 @@ class Deployment:
     def stop_all(self) -> None:
         for process in reversed(self.processes):
             stop(process)
+
+
+@dataclass(frozen=True)
+class Consortium:
+    """Synthetic sites (``sites_dir/<site>``), a random small base (``base``), credentials for each site."""
+
+    sites_dir: Path
+    base: Path
+    creds: CertPaths
+    sites: tuple[str, ...]
+
+
+def make_consortium(root: Path, sites: tuple[str, ...], *, cases: int = 8, seed: int = 5) -> Consortium:
+    """``cases`` synthetic cases per site (8: 2 train, 2 validation, 4 test), the small random base with a
+    ResNet-18 classifier (``model.cls-depth = 18`` in the run config), and certificates, under ``root``."""
+    from shared.base import build_random_base, save_base
+    from shared.certs import make_certificates
+    from shared.data.synth import SynthOptions, generate_consortium
+
+    options = SynthOptions(split_fractions=(0.34, 0.33, 0.33))
+    folders = generate_consortium(root / "sites", sites=len(sites), cases=cases, seed=seed, options=options)
+    if tuple(f.name for f in folders) != tuple(sites):
+        raise AssertionError(f"synthetic sites {[f.name for f in folders]} are not {list(sites)}")
+    save_base(build_random_base("small", cls_depth=18, seed=0), root / "base")
+    creds = make_certificates(root / "credentials", sites=list(sites))
+    return Consortium(root / "sites", root / "base", creds, tuple(sites))
+
+
+def start_consortium(
+    deployment: Deployment, consortium: Consortium, *, timeout: float = 180.0
+) -> tuple[subprocess.Popen, dict[str, tuple[subprocess.Popen, Path]]]:
+    """The SuperLink (TLS, site authentication), every site registered and its SuperNode activated (within
+    ``timeout`` s each); returns the SuperLink and ``{site: (SuperNode process, its log)}``."""
+    superlink, _ = deployment.start_superlink(timeout=timeout)
+    deployment.register(*consortium.sites)
+    nodes = {
+        site: deployment.supernode(site, data_path=consortium.sites_dir / site) for site in consortium.sites
+    }
+    for site, (process, log) in nodes.items():
+        wait_until(
+            lambda log=log: node_id(log) is not None, f"SuperNode {site} activation", timeout, process, log
+        )
+    return superlink, nodes

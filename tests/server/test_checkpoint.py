@@ -184,7 +184,7 @@ def test_only_the_last_k_rounds_are_kept(tmp_path: Path):
 def test_a_resume_with_an_incompatible_config_is_refused(tmp_path: Path):
     ckpt = ServerCheckpoint(tmp_path)
     save_round(ckpt, 2)
-    assert ckpt.resume({**CONFIG, "num-server-rounds": 10}).server_round == 2  # more rounds is fine
+    assert ckpt.resume({**CONFIG, "num-server-rounds": 10}).state.server_round == 2  # more rounds is fine
     changed = {**CONFIG, "train.seg-lr": 0.001, "data.patch-size": 64}
     with pytest.raises(IncompatibleCheckpointError) as info:
         ckpt.resume(changed)
@@ -242,3 +242,56 @@ def test_unsupported_strategy_values_are_refused(tmp_path: Path):
     with pytest.raises(TypeError, match="'labels': numpy dtype <U1"):
         save_round(ckpt, 1, strategy_state={"labels": np.array(["a", "b"])})
     assert ckpt.load_latest() is None and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_key_added_after_the_checkpoint_is_accepted_at_its_default_only(tmp_path: Path):
+    ckpt = ServerCheckpoint(tmp_path)
+    save_round(ckpt, 2)
+    defaults = {"federation.max-update-norm": 0.0, "train.seg-lr": 0.01}
+    point = ckpt.resume({**CONFIG, "federation.max-update-norm": 0.0}, defaults=defaults)
+    assert point.state.server_round == 2 and point.defaulted == ("federation.max-update-norm",)
+    with pytest.raises(
+        IncompatibleCheckpointError, match=r"federation.max-update-norm: checkpoint \(absent\), now 5.0"
+    ):
+        ckpt.resume({**CONFIG, "federation.max-update-norm": 5.0}, defaults=defaults)
+    # a key the checkpoint holds is compared with its saved value, whatever the schema's default
+    with pytest.raises(IncompatibleCheckpointError, match="train.seg-lr: checkpoint 0.0002, now 0.01"):
+        ckpt.resume({**CONFIG, "train.seg-lr": 0.01}, defaults=defaults)
+
+
+def _truncate(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        handle.truncate(size // 2)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_round(tmp_path: Path):
+    ckpt = ServerCheckpoint(tmp_path)
+    save_round(ckpt, 1)
+    newest = save_round(ckpt, 2)
+    _truncate(newest / "global.safetensors")
+    point = ckpt.resume(CONFIG)
+    assert point.fell_back and point.state.server_round == 1
+    (damaged,) = point.damaged
+    assert damaged.path == newest and str(newest / "global.safetensors") in damaged.reason
+    assert damaged.moved_to is not None and damaged.moved_to.name.startswith("damaged-round-0002-")
+    assert (damaged.moved_to / "global.safetensors").is_file()  # kept for the operator, not deleted
+    assert (tmp_path / LATEST).read_text().strip() == "round-0001" and not newest.exists()
+    # round 2 is run again and checkpointed under its own number; the damaged copy is never pruned
+    save_round(ckpt, 2)
+    save_round(ckpt, 3)
+    assert ckpt.load_latest().server_round == 3
+    assert damaged.moved_to.is_dir() and not ckpt.resume(CONFIG).fell_back
+
+
+def test_no_usable_checkpoint_is_a_plain_error_naming_each_file(tmp_path: Path):
+    ckpt = ServerCheckpoint(tmp_path)
+    for r in (1, 2):
+        _truncate(save_round(ckpt, r) / "global.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        ckpt.resume(CONFIG)
+    message = str(info.value)
+    for r in (1, 2):
+        assert str(tmp_path / f"round-000{r}" / "global.safetensors") in message
+    assert "checkpoint-keep" in message and (tmp_path / LATEST).read_text().strip() == "round-0002"
+    assert ServerCheckpoint(tmp_path / "never").resume(CONFIG) is None

@@ -67,3 +67,45 @@ def test_fedavg_weights_by_training_cases_and_the_robust_ones_do_not(train_round
     median = train_round(FederationConfig(strategy="fedmedian", min_sites=2))
     replies = [median.reply(n, v, examples=k) for n, (v, k) in enumerate(zip(values, cases, strict=True), 1)]
     np.testing.assert_allclose(median.aggregate(replies), 1.1, rtol=1e-6)
+
+
+#: Three sites' updates and training cases whose float32 weighted sum depends on the order it is taken in.
+ORDERED_UPDATES = {
+    "site_a": ({"cls": np.float32([0.1]), "seg": np.float32([0.7, 1.3])}, 3),
+    "site_b": ({"cls": np.float32([0.3]), "seg": np.float32([0.2, 0.9])}, 7),
+    "site_c": ({"cls": np.float32([0.7]), "seg": np.float32([1.1, 0.6])}, 11),
+}
+
+
+def test_fedavg_of_the_same_replies_is_bit_identical_in_any_arrival_order(train_round):
+    from itertools import permutations
+
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from shared.protocol import NUM_EXAMPLES
+
+    def replies(rnd, order):
+        return [
+            rnd.reply(node, ORDERED_UPDATES[site][0], site=site, examples=ORDERED_UPDATES[site][1])
+            for node, site in sorted(enumerate(ORDERED_UPDATES, start=1), key=lambda p: order.index(p[1]))
+        ]
+
+    orders = list(permutations(ORDERED_UPDATES))
+    # The premise: Flower's own weighted sum gives other bits in another order.
+    plain = train_round(FederationConfig(strategy="fedavg", min_sites=2), sites=3)
+
+    def as_bytes(arrays) -> bytes:
+        return b"".join(arrays[name].numpy().tobytes() for name in sorted(arrays.keys()))
+
+    raw = {
+        as_bytes(aggregate_arrayrecords([m.content for m in replies(plain, order)], NUM_EXAMPLES))
+        for order in orders
+    }
+    assert len(raw) > 1
+    # Ours: every order gives the same bytes (a fresh strategy per order: one update per site and round).
+    results = set()
+    for order in orders:
+        rnd = train_round(FederationConfig(strategy="fedavg", min_sites=2), sites=3)
+        arrays, _ = rnd.strategy.aggregate_train(rnd.server_round, replies(rnd, order))
+        results.add(as_bytes(arrays))
+    assert len(results) == 1

@@ -95,9 +95,13 @@ def test_resumed_round_numbering_and_eval_interval():
 def test_sampling_gives_up_after_the_deadline():
     strategy = build_strategy(FederationConfig(strategy="fedavg", min_sites=3, sample_timeout=0.5))
     started = time.monotonic()
-    with pytest.raises(FederationStalled, match=r"only 1 site\(s\) admitted"):
+    with pytest.raises(FederationStalled, match=r"Round 1 stopped: only 1 site\(s\) admitted") as stall:
         strategy.configure_train(1, arrays(0.0), ConfigRecord(), FakeGrid([1]))
     assert time.monotonic() - started < 5
+    record = stall.value.record()  # what summary.json and the MLflow stop tags get
+    assert record["reason"] == "federation-stalled" and record["round"] == 1
+    assert (record["admitted_sites"], record["online_sites"], record["needed_sites"]) == (1, 1, 3)
+    assert record["message"] == str(stall.value)
 
 
 def test_refused_nodes_are_never_sampled():

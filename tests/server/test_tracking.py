@@ -4,6 +4,7 @@ one integration test against a real ``mlflow server`` on loopback."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ from server.tracking import (
     describe_location,
     resolve_tracking_uri,
 )
+from server.tracking_outage import HTTP_POLICY, apply_http_policy, is_unreachable
 from shared import __version__
 from shared.adapters import ADAPTER_FORMAT, Adapter, load_adapter
 from shared.config import SELECT_METRICS
@@ -99,6 +101,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def experiment(store: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    for key in HTTP_POLICY:  # the tracker sets MLflow's HTTP policy in os.environ: restored after the test
+        monkeypatch.setenv(key, os.environ.get(key, HTTP_POLICY[key]))
     return request.node.name
 
 
@@ -454,11 +458,11 @@ def test_resume_after_a_crash_in_the_middle_of_a_round(experiment: str, monkeypa
 
     def crash_on_parent(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
         if run_id == first.run_id:
-            raise ConnectionError("server killed")
+            raise KeyboardInterrupt  # the ServerApp process dies here (an unreachable server would be waited out)
         return original(self, run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
 
     monkeypatch.setattr(MlflowClient, "log_batch", crash_on_parent)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(KeyboardInterrupt):
         first.log_round(report(2))  # both site runs hold round 2, the parent does not
     monkeypatch.setattr(MlflowClient, "log_batch", original)
 
@@ -519,28 +523,38 @@ def _stop(process: subprocess.Popen) -> None:
         pass
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_a_round_through_a_real_mlflow_server(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def _start_mlflow_server(db: Path, folder: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` with the SQLite store ``db``, healthy; its log in ``folder``."""
     executable = Path(sys.executable).parent / "mlflow"
     if not executable.exists():
         pytest.skip(f"no mlflow executable next to {sys.executable}")
+    log = folder / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [str(executable), "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination"]
+    command += [str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_for_health(f"http://127.0.0.1:{port}", process, log)
+    except BaseException:
+        _stop(process)
+        raise
+    return process
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_round_through_a_real_mlflow_server(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     db = tmp_path / "server.db"
     shutil.copy(store, db)  # an already migrated store: the server starts faster
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [str(executable), "server", "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination"]
-    command += [str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = _start_mlflow_server(db, tmp_path, port)
     try:
-        _wait_for_health(url, process, log)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        _bounded_http_policy(monkeypatch, retries="1")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         tracker = start("integration")
         assert tracker.tracking_uri == url
@@ -559,6 +573,128 @@ def test_a_round_through_a_real_mlflow_server(store: Path, tmp_path: Path, monke
             "adapters/final.safetensors"
         }
         assert any((tmp_path / "artifacts").rglob("final.safetensors"))
+    finally:
+        _stop(process)
+
+
+# ------------------------------------------------------------------------------------------ tracking server down
+def _bounded_http_policy(monkeypatch: pytest.MonkeyPatch, retries: str) -> None:
+    """The policy :func:`server.tracking_outage.apply_http_policy` sets, restored after the test."""
+    for key, value in HTTP_POLICY.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
+
+
+def test_the_http_policy_bounds_mlflow_retries_and_keeps_an_operators_values():
+    environ = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+    assert apply_http_policy(environ) == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    }
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    assert {MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, MLFLOW_HTTP_REQUEST_TIMEOUT.name} <= set(HTTP_POLICY)
+
+
+def test_an_unreachable_server_is_told_from_a_refused_request():
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    refused = "API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with exception "
+    assert is_unreachable(MlflowException(refused + "HTTPConnectionPool: Max retries exceeded"))
+    assert is_unreachable(requests.exceptions.ConnectionError("refused"))
+    assert not is_unreachable(MlflowException("Run 'abc' not found", error_code="RESOURCE_DOES_NOT_EXIST"))
+    assert not is_unreachable(ValueError("API request to x failed with exception y"))
+
+
+def test_rounds_logged_while_the_tracking_server_is_unreachable_are_kept_and_sent_in_order(
+    experiment: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="flwr")
+    _bounded_http_policy(monkeypatch, retries="0")
+    tracker = start(experiment, upload_summary_every_round=False)
+    store_client = tracker.client
+    assert tracker.log_round(report(1))
+    tracker.client = MlflowClient(tracking_uri=f"http://127.0.0.1:{_free_port()}")  # nobody listens there
+    started = time.monotonic()
+    assert not tracker.log_round(report(2)) and not tracker.log_round(report(3))
+    tracker.log_stop({"reason": "federation-stalled", "round": 4, "message": "round 4 stopped"})
+    assert time.monotonic() - started < 30  # bounded: no minutes of silent retries
+    assert [r.server_round for r in tracker.backlog] == [2, 3]
+    assert caplog.text.count("is unreachable") == 1  # said once per outage, naming the round first kept
+    assert "round 2 and what follows are kept" in caplog.text
+    tracker.finish_patience_s = 0.0
+    assert not tracker.finish()  # gives up without raising, naming what MLflow lacks
+    assert "MLflow lacks round 2, round 3, fedabus.stop_message" in caplog.text
+
+    tracker.client = store_client  # the server is back
+    assert tracker.log_round(report(4)) and tracker.backlog == []
+    assert (
+        "reachable again" in caplog.text and "sent what it missed: round 2, round 3, fedabus." in caplog.text
+    )
+    client = MlflowClient()
+    assert steps(client, tracker.run_id, ROUND_METRIC) == [1, 2, 3, 4]  # each step once, in order
+    for site, run_id in site_runs(client, tracker).items():
+        assert steps(client, run_id, "val/dice_1click") == [1, 2, 3, 4], site
+    assert client.get_run(tracker.run_id).data.tags["fedabus.stop_reason"] == "federation-stalled"
+
+
+def test_a_round_cut_off_between_two_site_batches_sends_each_site_once(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+):
+    from mlflow.exceptions import MlflowException
+
+    tracker = start(experiment, upload_summary_every_round=False)
+    assert tracker.log_round(report(1))
+    real_log_batch, calls = tracker.client.log_batch, []
+
+    def cut_after_first_site(run_id, metrics=(), params=(), tags=(), synchronous=None):
+        calls.append(run_id)
+        if len(calls) > 1:
+            raise MlflowException("API request to http://mlflow/api failed with exception Connection refused")
+        return real_log_batch(run_id, metrics=metrics, params=params, tags=tags)
+
+    monkeypatch.setattr(tracker.client, "log_batch", cut_after_first_site)
+    assert not tracker.log_round(report(2))
+    monkeypatch.setattr(tracker.client, "log_batch", real_log_batch)
+    assert tracker.log_round(report(3))
+    client = MlflowClient()
+    for site, run_id in site_runs(client, tracker).items():
+        assert steps(client, run_id, ROUND_METRIC) == [1, 2, 3], site  # site-a's round 2 not sent twice
+    assert steps(client, tracker.run_id, ROUND_METRIC) == [1, 2, 3]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_tracking_server_stopped_and_restarted_mid_federation(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="flwr")
+    db = tmp_path / "server.db"
+    shutil.copy(store, db)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    _bounded_http_policy(monkeypatch, retries=HTTP_POLICY["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    process = _start_mlflow_server(db, tmp_path, port)
+    try:
+        tracker = start("outage")
+        assert tracker.log_round(report(1))
+        _stop(process)  # the tracking server goes down after round 1
+        started = time.monotonic()
+        assert not tracker.log_round(report(2))
+        down_for = time.monotonic() - started
+        assert down_for < 30, f"a round waited {down_for:.0f} s on the unreachable tracking server"
+        assert f"MLflow tracking server {url} is unreachable" in caplog.text
+        process = _start_mlflow_server(db, tmp_path, port)  # back on the same port and store
+        assert tracker.log_round(report(3)) and tracker.backlog == []
+        assert tracker.finish(final_adapter=make_adapter(3))
+        assert f"MLflow tracking server {url} is reachable again" in caplog.text
+        client = MlflowClient(tracking_uri=url)
+        assert steps(client, tracker.run_id, ROUND_METRIC) == [1, 2, 3]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+        print(f"\na round logged while the tracking server was down returned after {down_for:.1f} s")
     finally:
         _stop(process)
 
