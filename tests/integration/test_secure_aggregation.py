@@ -32,9 +32,11 @@ def _demo(tmp_path, base_path, *, secure: bool):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
+    print(next((line for line in output.splitlines() if "s in all)" in line), ""))  # wall time, for the docs
     return load_adapter(out / "server" / "final_adapter.safetensors"), output
 
 
+@pytest.mark.timeout(1800)
 def test_a_secure_federation_gives_the_plain_global_adapter(tmp_path):
     base_path = save_base(build_random_base("small", cls_depth=18, seed=0), tmp_path / "base")
     plain, _ = _demo(tmp_path, base_path, secure=False)
