@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 
 from client.egress import outgoing_site_record
 from client.privacy import client_dp_clipping_mod
+from client.secure_aggregation import answer_keys, answer_shares, answer_unmask, secure_aggregation_mod
 from client.task import (
     BaseMismatch,
     BudgetSpent,
@@ -32,6 +33,9 @@ from shared.protocol import (
     FEDABUS_VERSION,
     METRICS,
     NUM_EXAMPLES,
+    SECAGG_KEYS,
+    SECAGG_SHARES,
+    SECAGG_UNMASK,
     SERVER_ROUND,
     SITE,
     SITE_ID,
@@ -39,7 +43,8 @@ from shared.protocol import (
     num_cases_key,
 )
 
-app = ClientApp(mods=[client_dp_clipping_mod])
+# Mods wrap in list order: a train reply passes client-level DP's clipping first, then the masking.
+app = ClientApp(mods=[secure_aggregation_mod, client_dp_clipping_mod])
 
 
 def _config(context: Context):
@@ -74,6 +79,24 @@ def query(msg: Message, context: Context) -> Message:
     info = {BASE_FINGERPRINT: base.fingerprint, FEDABUS_VERSION: __version__}
     counts = {num_cases_key(split): float(len(site.cases(split))) for split in SPLITS}
     return _reply(msg, counts, site.name, extra=info)
+
+
+@app.query(SECAGG_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: this round's public keys (:mod:`client.secure_aggregation`)."""
+    return answer_keys(msg, context)
+
+
+@app.query(SECAGG_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 2: encrypted Shamir shares for the peers."""
+    return answer_shares(msg, context)
+
+
+@app.query(SECAGG_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 4: the shares the server needs to remove the masks of the round's sum."""
+    return answer_unmask(msg, context)
 
 
 @app.train()

@@ -58,6 +58,7 @@ __all__ = [
     "outgoing_adapter",
     "outgoing_metrics",
     "outgoing_site_record",
+    "outgoing_update_norm",
     "train_metric_keys",
 ]
 
@@ -156,3 +157,14 @@ def outgoing_site_record(values: Mapping[str, object]) -> dict[str, str | int]:
             raise EgressRefused(f"site record {key!r} must be {allowed.__name__}, not {type(value).__name__}")
         out[key] = value
     return out
+
+
+def outgoing_update_norm(norm: float, max_norm: float) -> None:
+    """Under secure aggregation the server cannot measure a site's update, so the site applies
+    ``federation.max-update-norm`` itself: :class:`EgressRefused` when ``norm`` (``‖adapter − global‖``, L2 over
+    all arrays) exceeds ``max_norm`` (0 = off). The relative bound (``max-update-norm-ratio``) needs the other
+    sites' norms and is given up under secure aggregation."""
+    if max_norm > 0 and not norm <= max_norm:
+        raise EgressRefused(
+            f"outgoing update: norm {norm:.4g} > federation.max-update-norm {max_norm:.4g}; nothing sent"
+        )

@@ -18,6 +18,9 @@ refused, with a reason that names what is wrong, when
 * **metrics**: ``num-examples`` is missing, negative or not finite; a Dice, AUC or other proportion lies
   outside [0, 1]; a loss is negative or infinite (NaN means "not measured" and passes, except for
   ``num-examples``);
+* **masked** (``federation.secure-aggregation``): the arrays are uint64 ring elements of the global adapter's
+  names and lengths; values and norms cannot be checked here and are not (the site applies
+  ``max-update-norm`` before masking; ``max-update-norm-ratio`` is given up);
 * **norm**: ``‖update − global‖`` (for a reply at another rank: the projected global) (L2 over all arrays) exceeds ``federation.max-update-norm`` (0 = off), or
   ``federation.max-update-norm-ratio`` (0 = off) times the median norm of the round's updates that passed the
   other checks. The relative bound needs three updates or more to bite (with two, neither is ten times their
@@ -122,7 +125,9 @@ def check_metrics(metrics: Mapping[str, float]) -> str | None:
     return None
 
 
-def _layout_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+def _layout_problem(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], masked: bool = False
+) -> str | None:
     missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
     if missing or extra:
         return f"arrays {sorted(arrays)} are not the global adapter's {sorted(reference)}"
@@ -130,8 +135,11 @@ def _layout_problem(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np
         found = arrays[name]
         if found.shape != expected.shape:
             return f"array {name!r} has shape {found.shape}, the global adapter's is {expected.shape}"
-        if found.dtype != np.float32:
-            return f"array {name!r} has dtype {found.dtype}, expected float32"
+        expected_dtype = np.uint64 if masked else np.float32
+        if found.dtype != expected_dtype:
+            return f"array {name!r} has dtype {found.dtype}, expected {np.dtype(expected_dtype).name}"
+    if masked:
+        return None  # ring elements: every value is valid, and says nothing
     for name, found in arrays.items():
         if not np.isfinite(found).all():
             return f"array {name!r} holds NaN or Inf"
@@ -177,6 +185,7 @@ def _first_problem(
     server_round: int,
     seen: set[str],
     lora_aggregation: str = "naive",
+    masked: bool = False,
 ) -> str | None:
     arrays_records, metric_records = candidate.records
     if len(arrays_records) != 1 or len(metric_records) != 1:
@@ -190,7 +199,7 @@ def _first_problem(
     return (
         candidate.problem
         or _rank_problem(candidate, lora_aggregation)
-        or _layout_problem(candidate.arrays, _reference_of(candidate, reference))
+        or _layout_problem(candidate.arrays, _reference_of(candidate, reference), masked)
         or check_metrics(candidate.metrics)
     )
 
@@ -207,6 +216,7 @@ def admit(
     limits: AdmissionLimits,
     seen: Iterable[str] = (),
     lora_aggregation: str = "naive",
+    masked: bool = False,
 ) -> Decision:
     """Decide which of one round's updates may be aggregated.
 
@@ -214,17 +224,19 @@ def admit(
     must answer; ``seen``: sites whose update this round was already admitted (a later one is a replay). The
     first update of a site wins over later ones. Norm bounds apply to the updates that pass every other check.
     ``lora_aggregation``: ``federation.lora-aggregation`` (a reply at another LoRA rank needs ``product``).
+    ``masked``: ``federation.secure-aggregation``; the arrays are uint64 ring elements, so values and norms are
+    not checked here (the site bounds its own norm, :func:`client.egress.outgoing_update_norm`).
     """
     candidates = list(candidates)
     seen_sites = set(seen)
     problems: dict[int, str] = {}
     for index, candidate in enumerate(candidates):
-        problem = _first_problem(candidate, reference, server_round, seen_sites, lora_aggregation)
+        problem = _first_problem(candidate, reference, server_round, seen_sites, lora_aggregation, masked)
         if problem is not None:
             problems[index] = problem
         else:
             seen_sites.add(candidate.site)
-    sound = [i for i in range(len(candidates)) if i not in problems]
+    sound = [] if masked else [i for i in range(len(candidates)) if i not in problems]
     measured = update_norms(
         [candidates[i].arrays for i in sound], [_reference_of(candidates[i], reference) for i in sound]
     )

@@ -19,6 +19,8 @@ lives elsewhere (server/admission.py, shared/lora_aggregation.py, server/privacy
 * encode the global adapter of train messages and decode every update as ``federation.compression`` says
   (:mod:`shared.protocol`), so admission and every strategy see packed float32 arrays; the bytes sent each way are
   logged per site (``train/upload_bytes``, ``train/download_bytes``);
+* under ``federation.secure-aggregation`` run the key and share exchange once the sites are sampled, and take the
+  masks off the admitted updates' sum before the strategy sees it (:mod:`server.secure_aggregation`);
 * admit every update before the strategy (or client-level DP's clipping) sees it (:mod:`server.admission`:
   layout, finite values, the round it answers, metric ranges, norm bounds); a refused one is logged with its
   site and reason, kept in ``last_refusals`` for tracking and never aggregated, and a round left with fewer than
@@ -63,8 +65,16 @@ from server import privacy as client_dp
 from server.admission import AdmissionLimits, Candidate, admit
 from server.replies import Recipients, candidate_of, in_site_order, metrics_by_site, site_of, updates_of
 from server.round_numbering import RoundNumbering
+from server.secure_aggregation import SecureAggregation
 from shared.adapters import AdapterMismatchError
-from shared.config import COMPRESSIONS, LORA_AGGREGATION_MODES, ConfigError, FederationConfig, PrivacyConfig
+from shared.config import (
+    COMPRESSIONS,
+    LORA_AGGREGATION_MODES,
+    ConfigError,
+    FederationConfig,
+    PrivacyConfig,
+    check_secure_aggregation,
+)
 from shared.lora_aggregation import (
     layout_rank,
     product_aggregate,
@@ -198,6 +208,10 @@ class FedabusHooks:
     #: Bytes of the last train round: the global adapter sent to each site, each site's update as received.
     _download_bytes: float = 0.0
     _upload_bytes: dict[str, float] = {}
+    #: ``federation.secure-aggregation``: the server's part of the masking protocol (None: off), and the grid of
+    #: the current train round (the unmasking step sends messages from ``aggregate_train``).
+    secure_aggregation: SecureAggregation | None = None
+    _train_grid: Grid | None = None
 
     def _eligible(self, online: list[int]) -> tuple[list[int], list[int]]:
         """``(admitted, connecting)`` among the ``online`` nodes: admitted sites that may be sampled, and
@@ -276,6 +290,9 @@ class FedabusHooks:
             for msg in messages:
                 msg.content[ARRAYS] = sent
         self._download_bytes = float(payload_bytes(sent))
+        if self.secure_aggregation is not None:
+            self._train_grid = grid
+            messages = self.secure_aggregation.prepare(grid, self.rounds.federation(server_round), messages)
         return self._remember(messages)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -311,6 +328,7 @@ class FedabusHooks:
             limits=self.admission_limits,
             seen=self._admitted[1],
             lora_aggregation=self.lora_aggregation,
+            masked=self.secure_aggregation is not None,
         )
         for index, site, reason in decision.refused:
             log(WARNING, "Round %d: update of site %s refused: %s", server_round, site, reason)
@@ -416,6 +434,11 @@ class FedabusHooks:
         self.last_train_metrics = self.train_metrics_of(replies)
         if not with_update:
             log(WARNING, "Round %d: no site sent an update; the global adapter is unchanged", server_round)
+        if admitted and self.secure_aggregation is not None:
+            # Every admitted reply then carries the unmasked weighted mean: the strategy's mean returns it.
+            admitted = self.secure_aggregation.unmask(
+                self._train_grid, server_round, admitted, self.admission_reference
+            )
         if not admitted:
             return None, None
         return super().aggregate_train(server_round, admitted)
@@ -627,6 +650,7 @@ def build_strategy(
             f"unknown strategy {federation.strategy!r}; expected one of {sorted(STRATEGIES)}"
         ) from None
     lora_mode = check_lora_aggregation(federation)
+    check_secure_aggregation(federation, privacy if privacy is not None else PrivacyConfig())
     compression = federation.compression
     dp_mode = (
         client_dp.check_client_dp(privacy, name, lora_mode, compression) if privacy is not None else "off"
@@ -661,6 +685,8 @@ def build_strategy(
     strategy.last_aggregation_metrics = {}
     strategy.lora_aggregation, strategy.compression = lora_mode, compression
     strategy._upload_bytes = {}
+    if federation.secure_aggregation:
+        strategy.secure_aggregation = SecureAggregation(timeout=float(federation.round_timeout))
     if dp_mode == "off" or privacy is None:
         return strategy
     return client_dp.wrap_with_client_dp(strategy, privacy, num_sampled_sites=min_sites)

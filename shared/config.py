@@ -51,6 +51,8 @@ __all__ = [
     "FederationConfig",
     "LORA_AGGREGATION_MODES",
     "COMPRESSIONS",
+    "SECURE_AGGREGATION_STRATEGIES",
+    "check_secure_aggregation",
     "PrivacyConfig",
     "SEG_TARGETS",
 ]
@@ -374,6 +376,11 @@ class FederationConfig:
     #: carries its quantisation residual into the next round (error feedback). Sites read this key too; a record of
     #: another encoding is refused. Client-side clipping (``privacy.client-dp = client-*``) needs ``none``.
     compression: str = "none"
+    #: Secure aggregation (docs/privacy.md, "Secure aggregation"): the server learns only the weighted sum of the
+    #: sites' adapter updates, never a single one (pairwise masks agreed by key exchange, dropout recovery by
+    #: Shamir shares; :mod:`shared.secagg`). FedAvg, FedProx and FedAdam only, ``lora-aggregation`` naive or
+    #: ffa, ``compression = none``, no client-level DP; sites read this key too.
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         for key, value, allowed in (
@@ -388,6 +395,40 @@ class FederationConfig:
 LORA_AGGREGATION_MODES: tuple[str, ...] = ("naive", "ffa", "product")
 #: Values of ``federation.compression``.
 COMPRESSIONS: tuple[str, ...] = ("none", "fp16", "int8")
+#: Strategies whose aggregate needs only the weighted sum of the updates (``federation.secure-aggregation``).
+SECURE_AGGREGATION_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+
+
+def check_secure_aggregation(federation: FederationConfig, privacy: PrivacyConfig) -> None:
+    """Refuse ``federation.secure-aggregation = true`` with a setting that needs one site's update on the server
+    (:class:`ConfigError` naming both keys and why)."""
+    if not federation.secure_aggregation:
+        return
+    strategy = federation.strategy.lower()
+    refusals = {
+        "federation.strategy": (
+            strategy not in SECURE_AGGREGATION_STRATEGIES,
+            f"{strategy!r} selects or ranks single updates (median, trimming, Krum distances), which the masks "
+            f"hide; use one of {', '.join(SECURE_AGGREGATION_STRATEGIES)}",
+        ),
+        "federation.lora-aggregation": (
+            federation.lora_aggregation == "product",
+            "'product' re-factorises the sites' single B·A products, not their sum; use 'naive' or 'ffa'",
+        ),
+        "federation.compression": (
+            federation.compression != "none",
+            f"{federation.compression!r} quantises each update with its own scale, which cannot be summed "
+            "masked; the fixed-point ring encoding replaces it: use 'none'",
+        ),
+        "privacy.client-dp": (
+            privacy.client_dp.strip().lower() != "off",
+            f"{privacy.client_dp!r} clips or checks single updates on the server, which the masks hide; "
+            "use 'off' (sample-level DP at the sites works with secure aggregation)",
+        ),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise ConfigError(f"federation.secure-aggregation = true cannot be combined with {key}: {why}")
 
 
 @dataclass(frozen=True)
@@ -462,6 +503,7 @@ class FedabusConfig:
                 "adapter.cls-lora-targets selects them; leave them out (docs/training.md, 'Classifier ablations') "
                 "or use a rank of 32"
             )
+        check_secure_aggregation(self.federation, self.privacy)
         method = self.adapter.method
         if method != "lora" and self.federation.lora_aggregation != "naive":
             raise ConfigError(

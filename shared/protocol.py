@@ -59,6 +59,20 @@ __all__ = [
     "FEDABUS_VERSION",
     "METRICS",
     "NUM_EXAMPLES",
+    "SECAGG",
+    "SECAGG_CIPHERTEXTS",
+    "SECAGG_DROPPED",
+    "SECAGG_KEYS",
+    "SECAGG_KEY_SHARES",
+    "SECAGG_MASK_PUBLIC",
+    "SECAGG_NODES",
+    "SECAGG_PEERS",
+    "SECAGG_SEED_SHARES",
+    "SECAGG_SHARES",
+    "SECAGG_SHARE_PUBLIC",
+    "SECAGG_SURVIVORS",
+    "SECAGG_THRESHOLD",
+    "SECAGG_UNMASK",
     "SERVER_ROUND",
     "SITE",
     "SITE_ID",
@@ -98,6 +112,19 @@ SITE_ID = "site-id"
 DECLINED = "declined"
 #: Handshake reply: the fedabus version the site runs.
 FEDABUS_VERSION = "fedabus-version"
+
+# Secure aggregation (``federation.secure-aggregation``; client/secure_aggregation.py, server/secure_aggregation.py).
+#: ConfigRecord of the three extra messages of a round and of its train messages.
+SECAGG = "secagg"
+#: Actions of the extra ``query.<action>`` messages: advertise keys, exchange Shamir shares, reveal shares.
+SECAGG_KEYS, SECAGG_SHARES, SECAGG_UNMASK = "secagg_keys", "secagg_shares", "secagg_unmask"
+#: Keys of the ``secagg`` record (node ids travel as decimal strings: Flower's ids are unsigned 64-bit).
+SECAGG_THRESHOLD = "threshold"
+SECAGG_NODES = "node-ids"
+SECAGG_MASK_PUBLIC, SECAGG_SHARE_PUBLIC = "mask-public", "share-public"
+SECAGG_PEERS, SECAGG_CIPHERTEXTS = "peers", "ciphertexts"
+SECAGG_SURVIVORS, SECAGG_DROPPED = "survivors", "dropped"
+SECAGG_SEED_SHARES, SECAGG_KEY_SHARES = "seed-shares", "key-shares"
 
 # Keys of the ``metrics`` record: NUM_EXAMPLES (Flower's FedAvg weighs by it; the number of training cases)
 # is a metric name too, defined with the others in shared.metric_names, which training code imports without

@@ -179,6 +179,33 @@ def test_admit_on_plain_data_refuses_by_norm_only_what_passed_the_other_checks()
     assert decision.norms[0] == pytest.approx(math.sqrt(2)) and math.isnan(decision.norms[1])
 
 
+def test_masked_updates_are_checked_for_layout_round_and_metrics_but_not_values_or_norms():
+    """Under secure aggregation the arrays are uint64 ring elements: huge values pass (they say nothing), a float
+    array or another length does not, nor does a bad metric."""
+    reference = {"seg": np.zeros(2, np.float32)}
+
+    def candidate(site: str, arrays, metrics=None) -> Candidate:
+        return Candidate(site, 3, {"seg": arrays}, metrics or {"num-examples": 1.0})
+
+    ring = np.array([2**64 - 1, 2**63], dtype=np.uint64)
+    decision = admit(
+        [
+            candidate("a", ring),
+            candidate("b", ring // np.uint64(3)),
+            candidate("c", np.zeros(2, np.float32)),
+            candidate("d", np.zeros(3, np.uint64)),
+            candidate("e", ring, {"num-examples": -1.0}),
+        ],
+        reference=reference,
+        server_round=3,
+        limits=AdmissionLimits(max_norm=1.0, max_norm_ratio=10.0),
+        masked=True,
+    )
+    assert decision.admitted == [0, 1]
+    reasons = {site: reason for _, site, reason in decision.refused}
+    assert "expected uint64" in reasons["c"] and "shape" in reasons["d"] and "num-examples" in reasons["e"]
+
+
 @pytest.mark.parametrize("settings", [{"max_update_norm": -1.0}, {"max_update_norm_ratio": math.inf}])
 def test_invalid_bounds_are_refused_naming_the_key(settings):
     from server.strategies import build_strategy
