@@ -77,6 +77,7 @@ from shared.protocol import (
     NUM_EXAMPLES,
     adapter_to_record,
     encode_record,
+    float32_record,
     payload_bytes,
     record_encoding,
     record_rank,
@@ -244,7 +245,7 @@ class FedabusHooks:
         self.admission_reference = arrays
         messages = list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
         sent = arrays
-        if messages and self.compression != "none":
+        if messages:  # as federation.compression says; none: float32 (FedAdam's own state is float64)
             sent = encode_record(
                 arrays, self.adapter_layout or {}, mode=self.lora_aggregation, compression=self.compression
             )
@@ -258,7 +259,11 @@ class FedabusHooks:
         if self.eval_interval > 1 and server_round % self.eval_interval:
             return []
         view = self._admitted_view(grid, self.fraction_evaluate)
-        return self._remember(list(super().configure_evaluate(server_round, arrays, config, view)))
+        messages = list(super().configure_evaluate(server_round, arrays, config, view))
+        sent = float32_record(arrays)  # evaluation always travels as none (float32)
+        for msg in messages:
+            msg.content[ARRAYS] = sent
+        return self._remember(messages)
 
     def admit_updates(self, server_round: int, with_update: list[Message]) -> list[Message]:
         """The updates of federation round ``server_round`` that pass :func:`server.admission.admit`; [] when
