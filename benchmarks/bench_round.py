@@ -271,11 +271,9 @@ def measure_anatomy(tmp: Path, name: str, site: Path, repeats: int, warm_message
     rows: dict[str, list[dict[str, Any]]] = {}
     rss = 0.0
     for _ in range(repeats):
-        for case, messages in (
-            ("cold query", "query"),
-            ("cold evaluate", "evaluate"),
-            ("cold train", ",".join(["train", "evaluate"] * warm_messages)),
-        ):
+        cases = [("cold query", "query"), ("cold evaluate", "evaluate")]
+        cases += [("cold train", ",".join(["train", "evaluate"] * warm_messages))] if warm_messages else []
+        for case, messages in cases:
             worker = _run_worker(paths, name, messages)
             rss = max(rss, worker["max_rss_mib"])
             rows.setdefault(case, []).append(_row(worker, 0, cold=True))
@@ -293,7 +291,10 @@ def measure_anatomy(tmp: Path, name: str, site: Path, repeats: int, warm_message
 def main() -> int:
     parser = site_parser(__doc__, out="round.json", repeats=1)
     parser.add_argument(
-        "--warm-messages", type=int, default=2, help="train + evaluate pairs per warm process (first is cold)"
+        "--warm-messages",
+        type=int,
+        default=2,
+        help="train + evaluate pairs per warm process (first is cold; 0: no training, query and evaluate only)",
     )
     parser.add_argument("--deployment", action="store_true", help="also the deployment path (small base)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the deployment run")
