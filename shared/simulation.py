@@ -10,7 +10,6 @@ Run-config values go in as one ``-c`` string (:func:`run_config_overrides`).
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import subprocess
@@ -26,7 +25,7 @@ __all__ = [
     "local_superlink_ports",
     "run_config_overrides",
     "run_simulation",
-    "site_cpus",
+    "ray_cpus",
     "write_local_connection",
 ]
 
@@ -92,18 +91,18 @@ def _stop_local_superlink(pids: set[int]) -> None:
         proc.kill()
 
 
-def site_cpus(sites: int, cpus: int | None = None) -> float:
-    """CPUs Ray reserves per simulated site (``client-resources-num-cpus``), so that every site of a small
-    federation trains at once: Flower runs ``int(cpus / site_cpus)`` actors, here ``min(sites, 2 * cpus)`` (one
-    torch thread each, at most two per core: each actor holds its own copy of the models).
+def ray_cpus(sites: int, cpus: int | None = None) -> int:
+    """The logical CPUs Ray is started with (``init-args-num-cpus``), so that every site of a small federation
+    trains at once: with one CPU per site (``client-resources-num-cpus = 1``; Flower takes only whole CPUs there)
+    Flower runs that many actors, here ``max(cpus, min(sites, 2 * cpus))``: one torch thread each, at most two
+    per core (each actor holds its own copy of the models).
 
-    With one CPU per site, 3 sites on 2 cores train in two waves and the third site trains alone while a core
-    idles: a round lasts two sites' training instead of one and a half (docs/performance.md, "The demo's
+    With Ray's own count, 3 sites on 2 cores trained in two waves and the third site trained alone while a core
+    idled: a round lasted two sites' training instead of one and a half (docs/performance.md, "The demo's
     budget"). Which actor runs a site does not change its result."""
     if cpus is None:
         cpus = os.cpu_count() or 1  # what Ray counts on a machine without CPU limits
-    concurrent = max(1, min(sites, 2 * cpus))
-    return max(0.01, math.floor(100 * cpus / concurrent) / 100)
+    return max(cpus, min(sites, 2 * cpus))
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -160,7 +159,7 @@ def run_simulation(
     on_line: Callable[[str], None] | None = None,
     log_path: Path | None = None,
 ) -> int:
-    """``flwr run`` of the app on ``sites`` simulated SuperNodes (:func:`site_cpus` each) with ``overrides``; returns its
+    """``flwr run`` of the app on ``sites`` simulated SuperNodes (one CPU each of :func:`ray_cpus`) with ``overrides``; returns its
     exit code. Without ``on_line``/``log_path`` the output streams to this console; with them every line goes
     to ``log_path`` and ``on_line`` sees it (e.g. to relay the per-round progress)."""
     connection = write_local_connection(flwr_home)
@@ -172,7 +171,7 @@ def run_simulation(
         "--stream",
         *run_config_overrides(overrides),
         "--federation-config",
-        f"num-supernodes={sites} client-resources-num-cpus={site_cpus(sites)}",
+        f"num-supernodes={sites} client-resources-num-cpus=1 init-args-num-cpus={ray_cpus(sites)}",
     ]
     env = flwr_env(flwr_home)
     env.update(local_superlink_ports(env, private=not keep_superlink))

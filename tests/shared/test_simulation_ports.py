@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from shared.simulation import local_superlink_ports, site_cpus
+from shared.simulation import local_superlink_ports, ray_cpus
 
 VARIABLES = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT"}
 
@@ -33,10 +33,10 @@ def test_ports_the_user_set_win_and_a_kept_superlink_uses_flowers_defaults() -> 
 def test_every_site_of_a_small_federation_gets_an_actor_and_at_most_two_per_core(
     cpus: int, sites: int
 ) -> None:
-    actors = int(cpus / site_cpus(sites, cpus))  # Flower's pool size (flwr.simulation.ray_transport)
-    assert actors >= min(sites, 2 * cpus)
+    actors = ray_cpus(sites, cpus)  # Flower's pool: int(Ray's CPUs / client-resources-num-cpus = 1)
+    assert actors >= min(sites, 2 * cpus) and actors >= cpus  # never fewer CPUs than the machine has
     assert actors <= 2 * cpus  # each actor holds its own models
 
 
 def test_the_demo_on_two_cores_trains_its_three_sites_at_once() -> None:
-    assert site_cpus(3, 2) == 0.66 and int(2 / 0.66) == 3  # one CPU each gave 2 actors: two waves
+    assert ray_cpus(3, 2) == 3  # Ray's own count (2) gave 2 actors: two waves
