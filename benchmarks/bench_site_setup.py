@@ -121,7 +121,7 @@ def _run_worker(base: Path, site: Path, state: Path, adapter: Path, *, mode: str
 # ---------------------------------------------------------------------------------------------- the driver
 
 
-def _prepare(tmp: Path, name: str) -> tuple[Path, Path]:
+def prepare_base(tmp: Path, name: str) -> tuple[Path, Path]:
     """Save base ``name`` and a global adapter that fits it; returns (base path, adapter file)."""
     from safetensors.torch import save_file
 
@@ -154,7 +154,7 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
 def _measure(
     tmp: Path, name: str, site: Path, repeats: int, warm_messages: int, *, before: bool = True
 ) -> dict[str, Any]:
-    base, adapter = _prepare(tmp, name)
+    base, adapter = prepare_base(tmp, name)
     state = tmp / f"state-{name}"
     rows: dict[str, list[dict[str, float]]] = {}
     rss: dict[str, float] = {}
@@ -189,22 +189,28 @@ def _measure(
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "site_setup.json")
+def site_parser(doc: str, *, out: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of a benchmark over the bases on one site: ``--out`` (``benchmarks/results/OUT``),
+    ``--bases``, ``--repeats``, and the hidden ones of its worker (``--worker``, the base, site, state folder and
+    adapter)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
     parser.add_argument("--bases", default="small,vit_b_ori", help="comma-separated: small, vit_b_ori")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh-process measurements per case")
+    parser.add_argument("--repeats", type=int, default=repeats, help="fresh-process measurements per case")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for option in ("--base", "--site-dir", "--state-dir", "--adapter"):
+        parser.add_argument(option, type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> int:
+    parser = site_parser(__doc__, out="site_setup.json", repeats=3)
     parser.add_argument(
         "--warm-messages", type=int, default=4, help="messages per warm process (first is cold)"
     )
     parser.add_argument(
         "--no-before", action="store_true", help="skip the rows of the code before the caches"
     )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for option in ("--base", "--site-dir", "--state-dir", "--adapter"):
-        parser.add_argument(option, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="cached", help=argparse.SUPPRESS)
     parser.add_argument("--messages", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--query", action="store_true", help=argparse.SUPPRESS)

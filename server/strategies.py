@@ -89,6 +89,7 @@ from shared.protocol import (
     NUM_EXAMPLES,
     adapter_to_record,
     encode_record,
+    float32_record,
     payload_bytes,
     record_encoding,
     record_rank,
@@ -283,7 +284,7 @@ class FedabusHooks:
         self.admission_reference = arrays
         messages = list(super().configure_train(self.rounds.federation(server_round), arrays, config, view))
         sent = arrays
-        if messages and self.compression != "none":
+        if messages:  # as federation.compression says; none: float32 (FedAdam's own state is float64)
             sent = encode_record(
                 arrays, self.adapter_layout or {}, mode=self.lora_aggregation, compression=self.compression
             )
@@ -301,7 +302,11 @@ class FedabusHooks:
             return []
         # the evaluation before round 1 (round 0) belongs to round 1: a stall there stops the run before it
         view = self._admitted_view(grid, self.fraction_evaluate, max(server_round, 1))
-        return self._remember(list(super().configure_evaluate(server_round, arrays, config, view)))
+        messages = list(super().configure_evaluate(server_round, arrays, config, view))
+        sent = float32_record(arrays)  # evaluation always travels as none (float32)
+        for msg in messages:
+            msg.content[ARRAYS] = sent
+        return self._remember(messages)
 
     def admit_updates(self, server_round: int, with_update: list[Message]) -> list[Message]:
         """The updates of federation round ``server_round`` that pass :func:`server.admission.admit`; [] when

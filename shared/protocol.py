@@ -80,6 +80,7 @@ __all__ = [
     "adapter_to_record",
     "decode_record",
     "encode_record",
+    "float32_record",
     "layout_of",
     "num_cases_key",
     "payload_bytes",
@@ -249,16 +250,30 @@ def payload_bytes(record: ArrayRecord) -> int:
     return sum(len(record[key].data) for key in record.keys())
 
 
+def float32_record(record: ArrayRecord) -> ArrayRecord:
+    """``record`` with its float64 arrays as float32, the dtype every receiver decodes (``record`` itself when
+    none is float64). FedAdam's global adapter is float64 after its first step (NumPy promotes its float64 step
+    size): the server keeps that state, the sites get float32, half the bytes. The cast rounds each value to
+    float32 (relative error <= 2⁻²⁴), exactly what a receiver's decoding did before."""
+    if all(record[key].dtype != "float64" for key in record.keys()):
+        return record
+    arrays = {key: record[key].numpy() for key in record.keys()}
+    return ArrayRecord(
+        {key: Array(a.astype(np.float32) if a.dtype == np.float64 else a) for key, a in arrays.items()}
+    )
+
+
 def encode_record(
     packed: ArrayRecord, layout: Layout, *, mode: str = "naive", compression: str
 ) -> ArrayRecord:
-    """A packed float32 record (:func:`adapter_to_record` with ``none``) -> the record ``compression`` sends.
+    """A packed record (:func:`adapter_to_record` with ``none``, float32; a float64 one is cast, see
+    :func:`float32_record`) -> the record ``compression`` sends.
 
     ``layout`` is the whole adapter layout (per-tensor int8 scales follow its :func:`travelling_layout`). Raises
     ValueError when a value does not fit float16 (``fp16``): use ``int8`` or ``none``."""
     _check_compression(compression)
     if compression == "none":
-        return packed
+        return float32_record(packed)
     wanted = travelling_layout(layout, mode)
     out = {}
     for prefix in packed.keys():

@@ -25,6 +25,7 @@ __all__ = [
     "local_superlink_ports",
     "run_config_overrides",
     "run_simulation",
+    "ray_cpus",
     "write_local_connection",
 ]
 
@@ -90,6 +91,20 @@ def _stop_local_superlink(pids: set[int]) -> None:
         proc.kill()
 
 
+def ray_cpus(sites: int, cpus: int | None = None) -> int:
+    """The logical CPUs Ray is started with (``init-args-num-cpus``), so that every site of a small federation
+    trains at once: with one CPU per site (``client-resources-num-cpus = 1``; Flower takes only whole CPUs there)
+    Flower runs that many actors, here ``max(cpus, min(sites, 2 * cpus))``: one torch thread each, at most two
+    per core (each actor holds its own copy of the models).
+
+    With Ray's own count, 3 sites on 2 cores trained in two waves and the third site trained alone while a core
+    idled: a round lasted two sites' training instead of one and a half (docs/performance.md, "The demo's
+    budget"). Which actor runs a site does not change its result."""
+    if cpus is None:
+        cpus = os.cpu_count() or 1  # what Ray counts on a machine without CPU limits
+    return max(cpus, min(sites, 2 * cpus))
+
+
 def flwr_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
@@ -98,7 +113,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONWARNINGS"] = pythonwarnings(env.get("PYTHONWARNINGS", ""))
-    # Simulated sites run side by side with one CPU each; torch's default thread pool per site would
+    # Simulated sites run side by side with one torch thread each; torch's default thread pool per site would
     # oversubscribe the cores and slow every site down several times.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
@@ -144,7 +159,7 @@ def run_simulation(
     on_line: Callable[[str], None] | None = None,
     log_path: Path | None = None,
 ) -> int:
-    """``flwr run`` of the app on ``sites`` simulated SuperNodes (one CPU each) with ``overrides``; returns its
+    """``flwr run`` of the app on ``sites`` simulated SuperNodes (one CPU each of :func:`ray_cpus`) with ``overrides``; returns its
     exit code. Without ``on_line``/``log_path`` the output streams to this console; with them every line goes
     to ``log_path`` and ``on_line`` sees it (e.g. to relay the per-round progress)."""
     connection = write_local_connection(flwr_home)
@@ -156,7 +171,7 @@ def run_simulation(
         "--stream",
         *run_config_overrides(overrides),
         "--federation-config",
-        f"num-supernodes={sites} client-resources-num-cpus=1",
+        f"num-supernodes={sites} client-resources-num-cpus=1 init-args-num-cpus={ray_cpus(sites)}",
     ]
     env = flwr_env(flwr_home)
     env.update(local_superlink_ports(env, private=not keep_superlink))

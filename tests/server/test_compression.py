@@ -161,14 +161,26 @@ def test_an_unknown_compression_is_a_config_error():
 
 
 @pytest.mark.parametrize("compression", ["none", "int8"])
-def test_fedadam_s_float64_global_adapter_still_reaches_the_sites(compression):
+def test_fedadam_keeps_its_float64_global_adapter_but_sends_float32(compression):
     strategy, messages = _round(compression, strategy="fedadam")
     agg, _ = strategy.aggregate_train(1, [_site_reply(m, 0.01, compression) for m in messages])
-    assert {array.numpy().dtype.name for array in agg.values()} == {"float64"}  # Flower's FedAdam
+    assert {array.numpy().dtype.name for array in agg.values()} == {"float64"}  # Flower's FedAdam state
     nodes = FakeGrid([1, 2, 3])
-    for message in strategy.configure_train(2, agg, ConfigRecord(), nodes):
-        got = record_to_adapter(message.content[ARRAYS], layout_of(_global()), compression=compression)
-        assert all(t.dtype == torch.float32 for t in got.values())
+    train = list(strategy.configure_train(2, agg, ConfigRecord(), nodes))
+    assert {a.dtype for a in strategy.current_arrays.values()} == {np.dtype(np.float64)}  # kept by the server
+    evaluate = list(strategy.configure_evaluate(2, agg, ConfigRecord(), nodes))
+    elements = sum(t.numel() for t in _global().values())
+    for message, sent in [(m, compression) for m in train] + [(m, "none") for m in evaluate]:
+        record = message.content[ARRAYS]
+        assert "float64" not in {record[key].dtype for key in record.keys()}
+        assert record_encoding(record) == sent
+        got = record_to_adapter(record, layout_of(_global()), compression=sent)
+        want = record_to_adapter(agg, layout_of(_global()))
+        for name in want:  # float32 of the server's float64 values (int8: within its quantisation step)
+            tolerance = float(want[name].abs().max()) / 127 if sent == "int8" else 0.0
+            torch.testing.assert_close(got[name], want[name], atol=tolerance, rtol=0)
+    if compression == "none":
+        assert payload_bytes(train[0].content[ARRAYS]) < elements * 4 + 600  # float32, not 8 bytes each
 
 
 def test_payload_bytes_reach_each_site_s_run_and_their_total_the_parent_run():

@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from shared.adapters import AdapterMismatchError
 from shared.protocol import (
     adapter_to_record,
+    encode_record,
+    float32_record,
     layout_of,
     payload_bytes,
     record_encoding,
@@ -98,6 +101,20 @@ def test_none_is_exact_and_today_s_bytes(mode):
     assert payload_bytes(record) == payload_bytes(today)
     back = record_to_adapter(record, layout_of(tensors), mode=mode, compression="none")
     assert all(torch.equal(back[n], tensors[n]) for n in back)
+
+
+def test_a_float64_record_travels_as_float32_and_a_float32_one_unchanged():
+    tensors = _adapter()
+    float32 = adapter_to_record(tensors)
+    assert float32_record(float32) is float32  # nothing to cast: no copy
+    wide = ArrayRecord({key: Array(float32[key].numpy().astype(np.float64) / 3) for key in float32.keys()})
+    sent = encode_record(wide, layout_of(tensors), compression="none")
+    assert {sent[key].dtype for key in sent.keys()} == {"float32"}
+    elements = sum(t.numel() for t in tensors.values())
+    assert payload_bytes(wide) - payload_bytes(sent) == 4 * elements  # 4 bytes per value, not 8
+    for key in wide.keys():  # the float32 rounding of each value, nothing else
+        np.testing.assert_array_equal(sent[key].numpy(), wide[key].numpy().astype(np.float32))
+    assert wide["seg"].dtype == "float64"  # the sender's record is not changed
 
 
 def test_fp16_and_int8_round_trips_stay_within_their_bounds_and_bytes():
