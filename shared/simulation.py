@@ -6,6 +6,10 @@ API 39093) unless ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``/``FLWR_LOCAL_CONTROL_AP
 here gets its own free ports, so simulations can run side by side, and its SuperLink is stopped afterwards.
 ``keep_superlink`` keeps Flower's default ports instead, so that ``flwr`` commands find the SuperLink later.
 Run-config values go in as one ``-c`` string (:func:`run_config_overrides`).
+
+Flower gives its managed SuperLink a fixed 15 s to start; on a heavily loaded machine it can miss that (Python
+alone may take longer to import Flower), and ``flwr run`` then fails before any round. :func:`run_simulation`
+starts the run again in that one case (:data:`SUPERLINK_START_ATTEMPTS` in all), saying so.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from shared.noise import pythonwarnings
 
 __all__ = [
     "LOCAL_SUPERLINK_PORT",
+    "SUPERLINK_START_ATTEMPTS",
+    "SUPERLINK_START_FAILED",
     "app_dir",
     "local_superlink_ports",
     "run_config_overrides",
@@ -149,6 +155,12 @@ def run_config_overrides(values: dict[str, object]) -> list[str]:
     return ["-c", " ".join(pairs)]
 
 
+#: What ``flwr run`` prints when its managed SuperLink did not answer within Flower's start-up timeout.
+SUPERLINK_START_FAILED = "Failed to start local SuperLink"
+#: ``flwr run`` attempts when the managed SuperLink fails to start (module docstring); nothing else is retried.
+SUPERLINK_START_ATTEMPTS = 3
+
+
 def run_simulation(
     overrides: dict[str, object],
     *,
@@ -178,13 +190,37 @@ def run_simulation(
     port = int(env.get(_PORT_VARIABLES[0], LOCAL_SUPERLINK_PORT))
     before = _listening_pids(port)
     try:
-        if on_line is None and log_path is None:
-            return subprocess.run(command, env=env, cwd=cwd, check=False).returncode
-        return _run_logged(command, env, cwd, on_line, log_path)
+        for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
+            failed_start: list[str] = []
+            code = _run_logged(command, env, cwd, _watcher(on_line, log_path, failed_start), log_path)
+            if code == 0 or not failed_start or attempt == SUPERLINK_START_ATTEMPTS:
+                return code
+            _watcher(on_line, log_path, [])(
+                f"fedabus: Flower's local SuperLink did not start in time (machine busy?); "
+                f"starting the run again ({attempt + 1}/{SUPERLINK_START_ATTEMPTS})"
+            )
+        return code
     finally:
         started_here = _listening_pids(port) - before
         if not keep_superlink:
             _stop_local_superlink(started_here)
+
+
+def _watcher(
+    on_line: Callable[[str], None] | None, log_path: Path | None, failed_start: list[str]
+) -> Callable[[str], None]:
+    """What sees each output line of ``flwr run``: notes a failed SuperLink start in ``failed_start``, then hands
+    the line to ``on_line``, or prints it when neither ``on_line`` nor ``log_path`` is given."""
+
+    def watch(line: str) -> None:
+        if SUPERLINK_START_FAILED in line:
+            failed_start.append(line)
+        if on_line is not None:
+            on_line(line)
+        elif log_path is None:
+            print(line, flush=True)
+
+    return watch
 
 
 def _run_logged(
