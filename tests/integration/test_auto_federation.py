@@ -48,6 +48,7 @@ def test_a_federation_trains_and_selects_the_automatic_segmenter(tmp_path):
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    for child in children:
+    assert len(children) == 2
+    for child in children:  # the start and the last round are always evaluated (shared/demo.py)
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val/dice_auto"))
-        assert steps == [0, 1, 2], (child.info.run_name, steps)
+        assert steps[0] == 0 and steps[-1] == 2, (child.info.run_name, steps)  # the demo's eval schedule
