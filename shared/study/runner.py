@@ -262,6 +262,12 @@ def _reference(arms: Sequence[str]) -> str:
     return arms[0]
 
 
+def _mlflow_name(name: str) -> str:
+    """A result's MLflow metric name: ``local@auto:site_a/site_b/dice_auto`` -> ``local-auto.site_a/site_b/
+    dice_auto`` (MLflow refuses ``@``; ``:`` becomes ``.`` as before)."""
+    return name.replace(":", ".").replace("@", "-")
+
+
 def _restore_nans(case: dict[str, Any]) -> dict[str, Any]:
     """HD95 values saved as null (JSON has no NaN) back to NaN: ``hd95_mm`` and, for an automatic segmenter's
     case, ``hd95_mm_auto``."""
@@ -388,7 +394,7 @@ class _Tracking:
                     row["value"]
                 ):
                     continue
-                name = f"{row['model']}/{row['test_site']}/{row['metric']}".replace(":", ".")
+                name = _mlflow_name(f"{row['model']}/{row['test_site']}/{row['metric']}")
                 metrics.append(Metric(name, float(row["value"]), stamp, 0))
                 for bound in ("ci_low", "ci_high"):
                     if math.isfinite(row[bound]):

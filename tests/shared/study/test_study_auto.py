@@ -81,3 +81,13 @@ def test_a_study_trains_and_reports_sam_and_the_automatic_segmenter_side_by_side
     summary = json.loads((out / "study.json").read_text(encoding="utf-8"))
     assert summary["arms"] == ["local", "local@auto"]
     assert "Dice (auto)" in (out / "report.html").read_text(encoding="utf-8")  # in the same matrix
+
+
+def test_a_variant_arms_results_get_mlflow_metric_names_mlflow_accepts():
+    from mlflow.utils.validation import _validate_metric_name
+
+    from shared.study.runner import _mlflow_name
+
+    name = _mlflow_name("local@auto:site_a/site_b/dice_auto")
+    assert name == "local-auto.site_a/site_b/dice_auto"
+    _validate_metric_name(name)  # raises on '@', which the study wrote before
