@@ -21,12 +21,15 @@ from shared.metric_names import (
     AUC,
     AUC_CI_HIGH,
     AUC_CI_LOW,
+    AUTO_NAMES,
     CLS_EPSILON,
     CLS_LOSS,
     DELTA,
     DICE,
+    DICE_AUTO,
     F1,
     GT_PLANES,
+    HD95_AUTO,
     HD95_MM,
     NAMESPACES,
     NOISE_MULTIPLIER_CLS,
@@ -49,6 +52,7 @@ from shared.metric_names import (
 from shared.protocol import BASE_FINGERPRINT, DECLINED, FEDABUS_VERSION, SERVER_ROUND, SITE_ID
 
 __all__ = [
+    "AUTO_EVAL_METRIC_NAMES",
     "EVAL_METRIC_NAMES",
     "PRIVACY_METRIC_KEYS",
     "SITE_RECORD_KEYS",
@@ -69,16 +73,8 @@ PRIVACY_METRIC_KEYS = tuple(
     metric_key(name, split=PRIVACY)
     for name in (SEG_EPSILON, CLS_EPSILON, DELTA, NOISE_MULTIPLIER_SEG, NOISE_MULTIPLIER_CLS)
 )
-#: Evaluation metrics a site reports every evaluation round, under its split (``val/...`` each evaluation round,
-#: ``test/...`` once for the chosen models): the same names at every site, NaN when undefined. Confidence
-#: bounds are aggregates of the site's cases, like the values.
-EVAL_METRIC_NAMES = (
-    dice_click_name(1),
-    *ci_names(dice_click_name(1)),
-    DICE,
-    *OVERLAP_NAMES,
-    HD95_MM,
-    *ci_names(HD95_MM),
+#: The classification part of the evaluation metrics (end to end and on ground-truth planes), for every segmenter.
+CLS_EVAL_NAMES = (
     AUC,
     AUC_CI_LOW,
     AUC_CI_HIGH,
@@ -90,6 +86,28 @@ EVAL_METRIC_NAMES = (
     NPV,
     ACCURACY,
     F1,
+)
+#: Evaluation metrics a site reports every evaluation round, under its split (``val/...`` each evaluation round,
+#: ``test/...`` once for the chosen models): the same names at every site, NaN when undefined. Confidence
+#: bounds are aggregates of the site's cases, like the values.
+EVAL_METRIC_NAMES = (
+    dice_click_name(1),
+    *ci_names(dice_click_name(1)),
+    DICE,
+    *OVERLAP_NAMES,
+    HD95_MM,
+    *ci_names(HD95_MM),
+    *CLS_EVAL_NAMES,
+)
+#: The evaluation names of a fully automatic segmenter (``model.seg-model = segresnet``): its whole-volume
+#: metrics (:data:`~shared.metric_names.AUTO_NAMES`) with the bounds of Dice and HD95 in place of the click
+#: ones, then the same classification names.
+AUTO_EVAL_METRIC_NAMES = (
+    DICE_AUTO,
+    *ci_names(DICE_AUTO),
+    *(name for name in AUTO_NAMES if name != DICE_AUTO),
+    *ci_names(HD95_AUTO),
+    *CLS_EVAL_NAMES,
 )
 #: Keys a reply's ``site`` record may hold (the server admits a train update only for the round it answers).
 SITE_RECORD_KEYS = (SITE_ID, SERVER_ROUND, DECLINED, BASE_FINGERPRINT, FEDABUS_VERSION)
@@ -105,8 +123,11 @@ def train_metric_keys(sample_dp: bool) -> tuple[str, ...]:
     return TRAIN_METRIC_KEYS + (PRIVACY_METRIC_KEYS if sample_dp else ())
 
 
-def eval_metric_keys(eval_clicks: int, split: str = TEST) -> tuple[str, ...]:
-    """The evaluation keys of ``split`` including Dice after the configured number of click rounds."""
+def eval_metric_keys(eval_clicks: int, split: str = TEST, *, automatic: bool = False) -> tuple[str, ...]:
+    """The evaluation keys of ``split`` including Dice after the configured number of click rounds; with
+    ``automatic`` (an automatic segmenter) :data:`AUTO_EVAL_METRIC_NAMES` instead, no click key."""
+    if automatic:
+        return (NUM_EXAMPLES, *(metric_key(name, split=split) for name in AUTO_EVAL_METRIC_NAMES))
     names = list(EVAL_METRIC_NAMES)
     names.insert(3, dice_click_name(eval_clicks))
     return (NUM_EXAMPLES, *(metric_key(name, split=split) for name in dict.fromkeys(names)))

@@ -20,7 +20,7 @@ always carry the exact float32 adapter (``none``)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from shared.adapters import (
     adapter_parameters,
     apply_adapter,
     extract_adapter,
-    lora_specs_from_config,
+    model_specs,
     set_ffa_lora_a,
 )
 from shared.base import BaseModels, check_filled, working_copy, wrap_for_training
@@ -222,7 +222,7 @@ def _models(
     the site's own LoRA rank; the global adapter is then projected to it (module docstring)."""
     global_rank = config.adapter.lora_rank
     rank = rank or global_rank
-    specs = lora_specs_from_config(replace(config.adapter, lora_rank=rank))
+    specs = model_specs(config, lora_rank=rank)
     # The global adapter overwrites every fully trained parameter: they are allocated, not copied.
     working = working_copy(base, specs, empty=True)
     models = wrap_for_training(working, specs)
@@ -240,7 +240,7 @@ def _models(
         tensors = record_to_adapter(global_record, layout, mode=mode, compression=compression)
     else:
         received = record_to_adapter(global_record, rank_layout(layout, global_rank), mode=mode)
-        own = {p: spec.scaling for p, spec in specs.items()}
+        own = {p: getattr(spec, "scaling", 1.0) for p, spec in specs.items()}  # an automatic seg has no LoRA
         tensors = project(
             received, rank=rank, scaling=scaling_at_rank(own, rank, global_rank), to_scaling=own
         )
@@ -373,4 +373,5 @@ def run_evaluate(
     base, site = _setup(settings, config, fingerprint, run)
     models, _ = _models(base, config, global_record)
     metrics = evaluate_site(models, site, config, device=resolve_device(settings.device), split=split)
-    return outgoing_metrics(metrics, eval_metric_keys(config.train.eval_clicks, split=split)), site.name
+    keys = eval_metric_keys(config.train.eval_clicks, split=split, automatic=config.automatic_seg)
+    return outgoing_metrics(metrics, keys), site.name

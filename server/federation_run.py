@@ -39,7 +39,14 @@ from server.round_end import RoundEnd, write_json
 from server.round_numbering import RoundNumbering
 from server.strategies import FederationStalled, FederationStrategy, build_strategy
 from server.tracking import FederationTracker, TrackingError
-from shared.adapters import Adapter, extract_adapter, lora_specs_from_config, save_adapter, set_ffa_lora_a
+from shared.adapters import (
+    Adapter,
+    extract_adapter,
+    lora_specs_from_config,
+    model_specs,
+    save_adapter,
+    set_ffa_lora_a,
+)
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, to_flat_dict
 from shared.metric_names import VAL
@@ -83,7 +90,7 @@ def _initial_adapter(config: FedabusConfig) -> tuple[Adapter, str]:
         )
     base = load_base(config.model.base_path, attention_impl=config.model.attention_impl)
     torch.manual_seed(config.train.seed)  # every fresh run starts from the same adapter
-    models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+    models = wrap_for_training(base, model_specs(config))
     if config.federation.lora_aggregation == "ffa":
         set_ffa_lora_a(models, seed=config.train.seed, base_fingerprints=base.fingerprints, freeze=False)
     return extract_adapter(models, base_fingerprints=base.fingerprints), base.fingerprint

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.metric_names import AUC, VAL, dice_click_count, dice_click_key, metric_key
+from shared.metric_names import AUC, DICE_AUTO, VAL, dice_click_count, dice_click_key, metric_key
 
 if TYPE_CHECKING:
     from server.reports import RoundReport
@@ -63,8 +63,11 @@ def plot_metric_by_round(
 
 
 def _dice_keys(history: Sequence[RoundReport]) -> list[str]:
-    """``val/dice_1click`` and the largest click count reported."""
+    """``val/dice_1click`` and the largest click count reported; ``val/dice_auto`` for an automatic segmenter."""
     prefix = f"{VAL}/"
+    automatic = metric_key(DICE_AUTO, split=VAL)
+    if any(automatic in site for r in history for site in r.evaluation.values()):
+        return [automatic]
     clicks = sorted(
         {
             n

@@ -6,6 +6,10 @@ An adapter is a flat dict of float32 tensors whose names carry the model as a pr
 adapter's tensors (``adapter.method``: LoRA's ``lora_A``/``lora_B``, DoRA's also ``lora_magnitude_vector``, LoHa's
 ``hada_*``, LoKr's ``lokr_*``) and the parameters of the fully trained submodules, nothing else.
 
+With ``model.seg-model = segresnet`` the ``seg.`` part is instead every parameter of the fully automatic
+segmenter (``seg.net.…``, :mod:`shared.models.auto_seg`), and the manifest records its :class:`AutoSegSpec`
+(``method = "full"``) where a PEFT config would be: same format, same checks.
+
 On disk an adapter is ``NAME.safetensors`` plus ``NAME.json``, a manifest with the tensor names, shapes and
 dtypes, the PEFT config of each model (:meth:`LoraSpec.describe`), the fingerprints of the frozen base weights it
 was trained on, the fedabus version and the sha256 of the tensor file. Applying an adapter to a base with another
@@ -20,7 +24,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +34,8 @@ from torch import nn
 
 from shared import __version__
 from shared.atomic import atomic_write
-from shared.config import ADAPTER_METHODS, SEG_TARGETS, AdapterConfig
+from shared.config import ADAPTER_METHODS, SEG_TARGETS, AdapterConfig, FedabusConfig
+from shared.models.auto_seg import AutoSegSpec, build_auto_segmenter, parse_blocks
 from shared.tensor_files import describe_mismatch, pair_paths
 
 if TYPE_CHECKING:
@@ -46,6 +51,8 @@ __all__ = [
     "adapter_parameters",
     "apply_adapter",
     "attach_lora",
+    "attach_spec",
+    "model_specs",
     "check_names_and_shapes",
     "extract_adapter",
     "ffa_lora_a",
@@ -154,9 +161,17 @@ def recorded_configs(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {prefix: {**legacy, **entry} for prefix, entry in entries.items() if entry is not None}
 
 
-def spec_from_manifest(entry: Mapping[str, Any]) -> LoraSpec:
+def spec_from_manifest(entry: Mapping[str, Any]) -> LoraSpec | AutoSegSpec:
     """The :class:`LoraSpec` of one entry of :func:`recorded_configs` (its ``options`` follow from the method;
-    :func:`apply_adapter` refuses the adapter if the recorded ones differ)."""
+    :func:`apply_adapter` refuses the adapter if the recorded ones differ), or the :class:`AutoSegSpec` of an
+    automatic segmenter's entry (``method = "full"``)."""
+    if entry.get("method") == "full":
+        return AutoSegSpec(
+            kind=str(entry["segmenter"]),
+            init_filters=int(entry["init_filters"]),
+            blocks_down=tuple(int(b) for b in entry["blocks_down"]),
+            trainable=tuple(entry.get("trainable", ("net",))),
+        )
     fields = {k: v for k, v in entry.items() if k != "options"}
     return LoraSpec(**{**fields, "trainable": tuple(fields.get("trainable", ()))})
 
@@ -178,6 +193,31 @@ def lora_specs_from_config(config: AdapterConfig) -> dict[str, LoraSpec]:
         "seg": LoraSpec(**common, targets=seg_targets(config), trainable=names(config.seg_trainable)),
         "cls": LoraSpec(**common, targets=config.cls_lora_targets, trainable=names(config.cls_trainable)),
     }
+
+
+def model_specs(config: FedabusConfig, *, lora_rank: int | None = None) -> dict[str, LoraSpec | AutoSegSpec]:
+    """The ``seg`` and ``cls`` specs of a whole config: :func:`lora_specs_from_config` of ``[adapter]`` (at
+    ``lora_rank`` when given: a site's own rank), with ``seg`` the :class:`AutoSegSpec` of ``model.seg-model``
+    when that is an automatic segmenter. Server, sites, ``train-local`` and the study build from this."""
+    adapter = config.adapter if lora_rank is None else replace(config.adapter, lora_rank=lora_rank)
+    specs: dict[str, LoraSpec | AutoSegSpec] = dict(lora_specs_from_config(adapter))
+    if config.automatic_seg:
+        model = config.model
+        specs["seg"] = AutoSegSpec(
+            kind=model.seg_model,
+            init_filters=model.auto_init_filters,
+            blocks_down=parse_blocks(model.auto_blocks_down),
+        )
+    return specs
+
+
+def attach_spec(model: nn.Module, spec: LoraSpec | AutoSegSpec) -> nn.Module:
+    """The trainable model of ``spec``: ``model`` wrapped by :func:`attach_lora` for a :class:`LoraSpec`, or a new
+    automatic segmenter (:func:`~shared.models.auto_seg.build_auto_segmenter`, drawn from torch's generator,
+    ``model`` unused) for an :class:`AutoSegSpec`."""
+    if isinstance(spec, AutoSegSpec):
+        return build_auto_segmenter(spec)
+    return attach_lora(model, spec)
 
 
 def seg_targets(config: AdapterConfig) -> str:
@@ -333,6 +373,12 @@ def apply_adapter(
                 "every site must hold the same frozen base checkpoint"
             )
         spec = getattr(model, "fedabus_lora_spec", None)
+        theirs, ours = (_segmenter(e) for e in (recorded.get(prefix, {}), spec.describe() if spec else {}))
+        if prefix in recorded and spec is not None and theirs != ours:
+            raise AdapterMismatchError(
+                f"adapter for '{prefix}' is of the segmenter {theirs!r}, this model is {ours!r}: the server and "
+                "every site must use the same model.seg-model"
+            )
         if prefix in recorded and spec is not None and recorded[prefix] != spec.describe():
             raise AdapterMismatchError(
                 f"adapter for '{prefix}' was made with PEFT config {_differences(recorded[prefix], spec.describe())}"
@@ -347,6 +393,11 @@ def apply_adapter(
     with torch.no_grad():
         for name, param in targets.items():
             param.copy_(adapter.tensors[name].to(param.device, param.dtype))
+
+
+def _segmenter(entry: Mapping[str, Any]) -> str:
+    """The ``model.seg-model`` of a manifest entry: its ``segmenter`` (an automatic one), else ``sam-med3d``."""
+    return str(entry.get("segmenter", "sam-med3d"))
 
 
 def _differences(adapter: Mapping[str, Any], model: Mapping[str, Any]) -> str:

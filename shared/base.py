@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from shared import __version__
-from shared.adapters import LoraSpec, attach_lora, fingerprint_state_dict
+from shared.adapters import LoraSpec, attach_lora, attach_spec, fingerprint_state_dict
+from shared.models.auto_seg import AutoSegSpec
 from shared.models.sam_med3d import (
     CheckpointError,
     Sam3D,
@@ -41,7 +42,7 @@ from shared.models.triplane import (
 from shared.tensor_files import atomic_write, pair_paths
 
 if TYPE_CHECKING:
-    from peft import PeftModel
+    pass
 
 __all__ = [
     "BASE_FORMAT",
@@ -280,12 +281,17 @@ def base_from_checkpoints(
     return base
 
 
-def wrap_for_training(base: BaseModels, specs: dict[str, LoraSpec]) -> dict[str, PeftModel]:
-    """Attach LoRA to both base models (in place): ``{"seg": PeftModel, "cls": PeftModel}``."""
-    return {"seg": attach_lora(base.sam, specs["seg"]), "cls": attach_lora(base.cls, specs["cls"])}
+def wrap_for_training(base: BaseModels, specs: dict[str, LoraSpec | AutoSegSpec]) -> dict[str, nn.Module]:
+    """Attach LoRA to both base models (in place): ``{"seg": PeftModel, "cls": PeftModel}``; with an
+    :class:`AutoSegSpec` for ``seg`` (``model.seg-model = segresnet``, :func:`shared.adapters.model_specs`) the
+    ``seg`` model is a fresh automatic segmenter instead, drawn from torch's generator (the base's SAM-Med3D
+    stays untouched and unused)."""
+    return {"seg": attach_spec(base.sam, specs["seg"]), "cls": attach_lora(base.cls, specs["cls"])}
 
 
-def working_copy(base: BaseModels, specs: dict[str, LoraSpec], *, empty: bool = False) -> BaseModels:
+def working_copy(
+    base: BaseModels, specs: dict[str, LoraSpec | AutoSegSpec], *, empty: bool = False
+) -> BaseModels:
     """A base to wrap and train without touching ``base``: new module objects whose frozen parameters share
     ``base``'s tensors (no copy of the weights), while the submodules that ``specs`` train fully (``trainable``)
     and all buffers are copies. ``base`` stays valid only as long as nothing writes to frozen parameters, which

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shared.metric_names import AUC, DICE, GT_PLANES, TEST, TRAIN, VAL, dice_click_name
+from shared.metric_names import AUC, DICE, DICE_AUTO, GT_PLANES, TEST, TRAIN, VAL, dice_click_name
 
 __all__ = [
     "ADAPTER_METHODS",
+    "AUTO_SEG_MODELS",
+    "SEG_MODELS",
     "AdapterConfig",
     "CLS_BACKBONES",
     "CLS_FUSIONS",
@@ -67,6 +69,11 @@ class ConfigError(ValueError):
 CLS_BACKBONES: tuple[str, ...] = ("resnet", "resnet101", "resnext50", "densenet161", "vgg19")
 #: ``model.cls-fusion`` values: ``ts+c`` (seed 003), ``late-mean``, ``concat`` — :mod:`shared.models.triplane`.
 CLS_FUSIONS: tuple[str, ...] = ("ts+c", "late-mean", "concat")
+#: ``model.seg-model`` values: ``sam-med3d`` (click-prompted, LoRA on the frozen base) or ``segresnet`` (fully
+#: automatic MONAI SegResNet, trained whole) — :mod:`shared.models.auto_seg`.
+SEG_MODELS: tuple[str, ...] = ("sam-med3d", "segresnet")
+#: The fully automatic ones among :data:`SEG_MODELS`.
+AUTO_SEG_MODELS: tuple[str, ...] = ("segresnet",)
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,30 @@ class ModelConfig:
     cls_fusion: str = "ts+c"
     #: Device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
+    #: The segmenter that trains, travels and is evaluated: ``sam-med3d`` (the base's SAM-Med3D with the
+    #: ``[adapter]`` settings, click-prompted) or ``segresnet`` (a fully automatic MONAI SegResNet, no click,
+    #: trained whole from a ``train.seed`` initialisation; its metrics are ``*_auto``; docs/studies.md). The
+    #: adapter manifest records it, and a receiver built for the other refuses the adapter.
+    seg_model: str = "sam-med3d"
+    #: SegResNet only: channels of its first level (doubled at each level below; MONAI's default 8).
+    auto_init_filters: int = 8
+    #: SegResNet only: residual blocks per encoder level, comma-separated (MONAI's default ``1,2,2,4``: 4
+    #: levels, so ``data.patch-size`` must be divisible by 2³).
+    auto_blocks_down: str = "1,2,2,4"
 
     def __post_init__(self) -> None:
+        if self.seg_model not in SEG_MODELS:
+            raise ConfigError(f"model.seg-model = {self.seg_model!r}; allowed: {', '.join(SEG_MODELS)}")
+        blocks = [p.strip() for p in self.auto_blocks_down.split(",") if p.strip()]
+        if not blocks or not all(b.isdigit() and int(b) >= 1 for b in blocks):
+            raise ConfigError(
+                f"model.auto-blocks-down = {self.auto_blocks_down!r}; give comma-separated block counts >= 1, "
+                "e.g. '1,2,2,4'"
+            )
+        if self.auto_init_filters < 1:
+            raise ConfigError(
+                f"model.auto-init-filters = {self.auto_init_filters!r}; give a positive integer"
+            )
         if self.cls_backbone not in CLS_BACKBONES:
             raise ConfigError(
                 f"model.cls-backbone = {self.cls_backbone!r}; allowed: {', '.join(CLS_BACKBONES)}"
@@ -272,8 +301,9 @@ class TrainConfig:
     #: trained. ``data.planes-box-jitter`` adds random misses on top of either.
     cls_boxes: str = "ground-truth"
     #: Model selection: the validation metric (higher is better) that picks the round (federation) or the
-    #: training chunk (local training): ``dice_1click``, ``dice`` (last click), ``auc`` or ``auc_gt_planes``.
-    #: The test split never takes part in selection.
+    #: training chunk (local training): ``dice_1click``, ``dice`` (last click), ``dice_auto``, ``auc`` or
+    #: ``auc_gt_planes``. With an automatic segmenter (``model.seg-model = segresnet``) a click metric selects
+    #: by ``dice_auto`` instead (the config maps it); ``dice_auto`` needs one. The test split never takes part.
     select_metric: str = dice_click_name(1)
     #: FedProx proximal coefficient (0 disables); the federation sets it per round.
     proximal_mu: float = 0.0
@@ -298,7 +328,7 @@ class TrainConfig:
 
 
 #: Validation metrics that may select a model (all higher-is-better; see ``train.select-metric``).
-SELECT_METRICS: tuple[str, ...] = (dice_click_name(1), DICE, AUC, AUC + GT_PLANES)
+SELECT_METRICS: tuple[str, ...] = (dice_click_name(1), DICE, DICE_AUTO, AUC, AUC + GT_PLANES)
 
 #: Values of ``train.precision``.
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -491,6 +521,7 @@ class FedabusConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.train.precision, device=self.model.device, sample_dp=self.privacy.sample_dp)
+        self._check_segmenter()
         grouped = "branches.transverse.layer1.0.conv2"  # a ResNeXt-50 grouped 3x3 convolution (32 groups)
         if (
             self.model.cls_backbone == "resnext50"
@@ -516,6 +547,37 @@ class FedabusConfig:
                 f"per-sample gradients for PEFT's {method!r} layers; use 'lora', or client-level DP "
                 "(privacy.client-dp), which works with every method"
             )
+
+    @property
+    def automatic_seg(self) -> bool:
+        """Whether the segmenter is fully automatic (``model.seg-model`` in :data:`AUTO_SEG_MODELS`)."""
+        return self.model.seg_model in AUTO_SEG_MODELS
+
+    def _check_segmenter(self) -> None:
+        """The cross-section rules of ``model.seg-model``; maps a click selection metric to ``dice_auto``."""
+        select = self.train.select_metric
+        if not self.automatic_seg:
+            if select == DICE_AUTO:
+                raise ConfigError(
+                    "train.select-metric = 'dice_auto' needs an automatic segmenter (model.seg-model = "
+                    f"{', '.join(AUTO_SEG_MODELS)}); model.seg-model is 'sam-med3d': use dice_1click or dice"
+                )
+            return
+        levels = len([p for p in self.model.auto_blocks_down.split(",") if p.strip()])
+        factor = 2 ** (levels - 1)
+        if self.data.patch_size % factor:
+            raise ConfigError(
+                f"data.patch-size = {self.data.patch_size} must be divisible by {factor} for model.seg-model = "
+                f"{self.model.seg_model!r} with model.auto-blocks-down = {self.model.auto_blocks_down!r} "
+                f"({levels} levels, each halving the crop)"
+            )
+        if self.privacy.sample_dp:
+            raise ConfigError(
+                f"privacy.sample-dp = true is not supported with model.seg-model = {self.model.seg_model!r} yet "
+                "(DP-SGD is wired for SAM-Med3D's adapter); use client-level DP (privacy.client-dp) or sam-med3d"
+            )
+        if select in (dice_click_name(1), DICE):  # no click: the automatic model's Dice selects instead
+            object.__setattr__(self, "train", dataclasses.replace(self.train, select_metric=DICE_AUTO))
 
 
 T = TypeVar("T")

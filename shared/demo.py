@@ -25,7 +25,9 @@ from shared.metric_names import (
     CLS_EPSILON,
     DELTA,
     DICE,
+    DICE_AUTO,
     GT_PLANES,
+    HD95_AUTO,
     HD95_MM,
     NUM_EXAMPLES,
     PRIVACY,
@@ -54,6 +56,12 @@ TABLE_METRICS = (
     (metric_key(HD95_MM), "HD95 mm"),
     (metric_key(AUC + GT_PLANES), "AUC GT planes"),
     (metric_key(AUC), "AUC e2e"),
+)
+#: The table of a fully automatic segmenter (``model.seg-model = segresnet``): whole-volume metrics, no click.
+AUTO_TABLE_METRICS = (
+    (metric_key(DICE_AUTO), "Dice auto"),
+    (metric_key(HD95_AUTO), "HD95 auto mm"),
+    *TABLE_METRICS[3:],
 )
 
 
@@ -84,14 +92,16 @@ def print_site_table(
     """Per-site metrics before and after federation, with each site's test split (benign/malignant)."""
     before, after = summary.get("before", {}), summary.get("after", {})
     counts = test_counts or {}
+    automatic = any(metric_key(DICE_AUTO) in values for values in (*before.values(), *after.values()))
+    table = AUTO_TABLE_METRICS if automatic else TABLE_METRICS
     sites = sorted(set(before) | set(after))
     after_round = summary.get("after_round", "?")
-    print(f"{'site':10s} {'test':>6s} " + " ".join(f"{label:>17s}" for _, label in TABLE_METRICS), file=file)
+    print(f"{'site':10s} {'test':>6s} " + " ".join(f"{label:>17s}" for _, label in table), file=file)
     sub = f"before -> r{after_round}"
-    print(f"{'':10s} {'B/M':>6s} " + " ".join(f"{sub:>17s}" for _ in TABLE_METRICS), file=file)
+    print(f"{'':10s} {'B/M':>6s} " + " ".join(f"{sub:>17s}" for _ in table), file=file)
     for site in sites:
         cells = []
-        for key, _ in TABLE_METRICS:
+        for key, _ in table:
             b, a = before.get(site, {}).get(key, math.nan), after.get(site, {}).get(key, math.nan)
             cells.append(f"{b:7.3f} -> {a:6.3f}")
         split = "/".join(str(n) for n in counts[site]) if site in counts else "?"

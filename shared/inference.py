@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from shared.adapters import apply_adapter, attach_lora, load_adapter, recorded_configs, spec_from_manifest
+from shared.adapters import apply_adapter, attach_spec, load_adapter, recorded_configs, spec_from_manifest
 from shared.base import BaseModels, load_base
 from shared.config import FedabusConfig, SiteConfig
 from shared.data.io import read_volume, write_volume
@@ -44,7 +44,7 @@ def adapted_models(base: BaseModels, adapter_path: str | Path | None) -> dict[st
         if spec is None:
             models[prefix] = model
             continue
-        models[prefix] = attach_lora(model, spec_from_manifest(spec))
+        models[prefix] = attach_spec(model, spec_from_manifest(spec))
     present = {k: v for k, v in models.items() if specs.get(k) is not None}
     apply_adapter(present, adapter, base_fingerprints=base.fingerprints)
     return models

@@ -70,7 +70,11 @@ __all__ = [
     "DOWNLOAD_BYTES",
     "UPLOAD_BYTES",
     "VAL",
+    "AUTO_NAMES",
+    "DICE_AUTO",
+    "HD95_AUTO",
     "aggregate_key",
+    "auto_name",
     "ci_names",
     "dice_click_count",
     "dice_click_key",
@@ -162,6 +166,11 @@ CLIENT_EPSILON_NO_AMPLIFICATION = "client_epsilon_no_amplification"
 CLIENT_CLIP_NORM = "client_clip_norm"
 CLIENT_NOISE_STD = "client_noise_std"
 
+#: Suffix of the metrics of a fully automatic segmenter (``model.seg-model = segresnet``): its prediction of the
+#: whole volume without any click, so the click metrics (``dice_1click`` …) are never filled by it. Same
+#: direction as the metric without it (``dice_auto`` higher, ``hd95_mm_auto`` lower).
+AUTO_SUFFIX = "_auto"
+
 _NAME_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _CI_BOUNDS = ("_ci_low", "_ci_high")
 _FIRST_CLICK = "_1click"
@@ -200,6 +209,18 @@ def first_click_name(name: str) -> str:
 OVERLAP_NAMES: tuple[str, ...] = tuple(
     name for base in (IOU, SEG_PRECISION, SEG_RECALL) for name in (first_click_name(base), base)
 )
+
+
+def auto_name(name: str) -> str:
+    """The name of metric ``name`` for a fully automatic segmenter: ``{name}_auto`` (``dice_auto``)."""
+    return f"{_check_name_part(name, 'name')}{AUTO_SUFFIX}"
+
+
+#: Mean whole-volume Dice and HD95 (mm) of a fully automatic segmenter (no click, no lesion location given).
+DICE_AUTO = auto_name(DICE)
+HD95_AUTO = auto_name(HD95_MM)
+#: A fully automatic segmenter's metrics of a split, in place of the click ones: Dice, the overlaps, HD95.
+AUTO_NAMES: tuple[str, ...] = tuple(auto_name(n) for n in (DICE, IOU, SEG_PRECISION, SEG_RECALL, HD95_MM))
 
 
 def dice_click_key(n_clicks: int, *, split: str = TEST) -> str:
@@ -291,7 +312,7 @@ def _base_direction(name: str) -> Direction | None:
     name = _cut_suffix(name, _SOURCE_SUFFIXES)[0]
     if dice_click_count(name) is not None:
         return "higher"
-    return DIRECTIONS.get(_cut_suffix(name, (_FIRST_CLICK,))[0])
+    return DIRECTIONS.get(_cut_suffix(name, (_FIRST_CLICK, AUTO_SUFFIX))[0])
 
 
 def dice_click_count(name: str) -> int | None:

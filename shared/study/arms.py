@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from shared.adapters import extract_adapter, lora_specs_from_config, save_adapter
+from shared.adapters import extract_adapter, model_specs, save_adapter
 from shared.base import load_base, wrap_for_training
 from shared.config import FedabusConfig, to_flat_dict
 from shared.metric_names import VAL, metric_key
@@ -88,7 +88,7 @@ class ArmContext:
 def _fresh_models(context: ArmContext) -> tuple[dict[str, Any], dict[str, str]]:
     base = load_base(context.base_path, attention_impl=context.config.model.attention_impl)
     torch.manual_seed(context.seed)  # the same fresh adapter for every model of a repeat
-    return wrap_for_training(base, lora_specs_from_config(context.config.adapter)), base.fingerprints
+    return wrap_for_training(base, model_specs(context.config)), base.fingerprints
 
 
 def _save(models: dict[str, Any], fingerprints: dict[str, str], path: Path, name: str) -> Path:

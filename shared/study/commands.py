@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.metric_names import AUC, dice_click_name
+from shared.metric_names import AUC, DICE_AUTO, dice_click_name
 
 __all__ = ["register", "run_study_command"]
 
@@ -127,15 +127,19 @@ def run_study_command(args: argparse.Namespace) -> int:
 
 
 def _print_table(summary: dict) -> None:
-    """Per test site and model: Dice@1 and AUC with their 95% CIs (pooled over folds when there are folds)."""
-    rows = [r for r in summary["results"] if r["metric"] in (dice_click_name(1), AUC) and r["repeat"] == 0]
+    """Per test site and model: Dice@1 (``dice_auto`` for an automatic segmenter, marked ``(auto)``) and AUC
+    with their 95% CIs (pooled over folds when there are folds)."""
+    shown = (dice_click_name(1), DICE_AUTO, AUC)
+    rows = [r for r in summary["results"] if r["metric"] in shown and r["repeat"] == 0]
     folds = {r["fold"] for r in rows}
     rows = [r for r in rows if r["fold"] == ("all" if "all" in folds else next(iter(folds), None))]
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for r in rows:
         ci = f"{_num(r['value'])} [{_num(r['ci_low'])}, {_num(r['ci_high'])}]"
         mark = "" if r["internal"] else " (ext)"
-        cells.setdefault((r["test_site"], r["model"] + mark), {})[r["metric"]] = ci
+        metric = dice_click_name(1) if r["metric"] == DICE_AUTO else r["metric"]
+        ci += " (auto)" if r["metric"] == DICE_AUTO else ""
+        cells.setdefault((r["test_site"], r["model"] + mark), {})[metric] = ci
     print(f"\n{'test site':10s} {'model':22s} {'Dice@1 [95% CI]':>24s} {'AUC [95% CI]':>24s}")
     for (site, model), values in sorted(cells.items()):
         print(

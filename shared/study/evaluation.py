@@ -6,6 +6,12 @@ stratum, the malignancy probability (end to end: planes cut from the predicted m
 mask) and the end-to-end call at the arm's ``train.cls-threshold`` (``pred``, 1 = malignant) are kept as
 **case rows** (they stay in the study's own output folder). From them come the **result rows** (one per
 model, test site and metric, with a 95% case-bootstrap or DeLong CI) and the **comparisons** (paired tests between two arms on the same test cases).
+
+An arm with a fully automatic segmenter (``model.seg-model = segresnet``) has no click: its case rows hold the
+whole-volume ``dice_auto``, ``iou_auto``, ``seg_precision_auto``, ``seg_recall_auto`` and ``hd95_mm_auto``
+(:data:`~shared.metric_names.AUTO_NAMES`) and an empty ``dice_curve``, its result rows those metrics with the
+same bootstrap, and two automatic arms are compared on ``dice_auto`` and ``hd95_mm_auto``. A click arm and an
+automatic arm share the classification comparisons only (their segmentation metrics measure different tasks).
 """
 
 from __future__ import annotations
@@ -19,7 +25,16 @@ import torch
 
 from shared.config import FedabusConfig
 from shared.decision_analysis import mcnemar
-from shared.metric_names import ACCURACY, AUC, HD95_MM, OVERLAP_NAMES, dice_click_name
+from shared.metric_names import (
+    ACCURACY,
+    AUC,
+    AUTO_NAMES,
+    DICE_AUTO,
+    HD95_AUTO,
+    HD95_MM,
+    OVERLAP_NAMES,
+    dice_click_name,
+)
 from shared.statistics import (
     Estimate,
     classification_estimates,
@@ -65,14 +80,29 @@ def test_on_sites(
                     "prob": probs.get(("pred", case_id)),
                     "prob_gt": probs.get(("gt", case_id)),
                     "pred": calls.get(case_id),
-                    "dice_curve": [float(v) for v in case["dice_curve"]],
-                    **{name: float(case[name]) for name in OVERLAP_NAMES},
-                    "hd95_mm": float(case["hd95_mm"]),
+                    **_segmentation_fields(case),
                     "birads": case["birads"],
                     "volume_bin": case["volume_bin"],
                 }
             )
     return rows
+
+
+def _segmentation_fields(case: Row) -> Row:
+    """A case's segmentation values for its row: the click curve, overlaps and HD95, or, for an automatic
+    segmenter (no curve), its ``*_auto`` values and an empty curve."""
+    if DICE_AUTO in case:
+        return {"dice_curve": [], **{name: float(case[name]) for name in AUTO_NAMES}}
+    return {
+        "dice_curve": [float(v) for v in case["dice_curve"]],
+        **{name: float(case[name]) for name in OVERLAP_NAMES},
+        "hd95_mm": float(case["hd95_mm"]),
+    }
+
+
+def _automatic(cases: Sequence[Row]) -> bool:
+    """Whether case rows are an automatic segmenter's (no click curve)."""
+    return all(not c["dice_curve"] for c in cases)
 
 
 def _row(tags: Row, metric: str, estimate: Estimate) -> Row:
@@ -88,7 +118,25 @@ def _row(tags: Row, metric: str, estimate: Estimate) -> Row:
 
 
 def _estimates(cases: Sequence[Row], *, n_boot: int, seed: int) -> dict[str, Estimate]:
-    out = dict(
+    if _automatic(cases):
+        from shared.training.seg_auto import auto_segmentation_estimates
+
+        out = auto_segmentation_estimates(
+            [c[DICE_AUTO] for c in cases],
+            [c[HD95_AUTO] for c in cases],
+            overlaps={
+                name: [c[name] for c in cases] for name in AUTO_NAMES if name not in (DICE_AUTO, HD95_AUTO)
+            },
+            n_boot=n_boot,
+            seed=seed,
+        )
+    else:
+        out = _click_estimates(cases, n_boot=n_boot, seed=seed)
+    return out | _classification_estimates(cases, n_boot=n_boot, seed=seed)
+
+
+def _click_estimates(cases: Sequence[Row], *, n_boot: int, seed: int) -> dict[str, Estimate]:
+    return dict(
         segmentation_estimates(
             [c["dice_curve"] for c in cases],
             [c["hd95_mm"] for c in cases],
@@ -97,6 +145,10 @@ def _estimates(cases: Sequence[Row], *, n_boot: int, seed: int) -> dict[str, Est
             seed=seed,
         )
     )
+
+
+def _classification_estimates(cases: Sequence[Row], *, n_boot: int, seed: int) -> dict[str, Estimate]:
+    out: dict[str, Estimate] = {}
     labelled = [c for c in cases if c["label"] is not None and c["prob"] is not None]
     if labelled:
         labels = np.array([int(c["label"]) for c in labelled])
@@ -214,10 +266,14 @@ def _comparison_row(tags: Row, metric: str, result: Any) -> Row:
 def _compare(a: dict[str, Row], b: dict[str, Row], *, n_boot: int, seed: int, tags: Row) -> list[Row]:
     shared = sorted(set(a) & set(b))
     out = []
-    for metric, pick in (
-        (dice_click_name(1), lambda c: c["dice_curve"][0]),
-        (HD95_MM, lambda c: c["hd95_mm"]),
-    ):
+    automatic = {_automatic([a[k] for k in shared]), _automatic([b[k] for k in shared])}
+    if automatic == {False}:
+        picks = ((dice_click_name(1), lambda c: c["dice_curve"][0]), (HD95_MM, lambda c: c["hd95_mm"]))
+    elif automatic == {True}:
+        picks = ((DICE_AUTO, lambda c: c[DICE_AUTO]), (HD95_AUTO, lambda c: c[HD95_AUTO]))
+    else:  # a click arm against an automatic one: different tasks, no paired segmentation test
+        picks = ()
+    for metric, pick in picks:
         result = paired_bootstrap(
             np.array([pick(a[k]) for k in shared]),
             np.array([pick(b[k]) for k in shared]),

@@ -46,8 +46,10 @@ from shared.metric_names import (
     AUC,
     BRIER,
     DICE,
+    DICE_AUTO,
     ECE,
     F1,
+    HD95_AUTO,
     HD95_MM,
     IOU,
     NPV,
@@ -56,6 +58,7 @@ from shared.metric_names import (
     SEG_RECALL,
     SENSITIVITY,
     SPECIFICITY,
+    auto_name,
     dice_click_name,
     first_click_name,
     metric_direction,
@@ -100,6 +103,12 @@ METRIC_LABELS = {
     first_click_name(SEG_RECALL): "Recall@1",
     SEG_RECALL: "Recall",
     HD95_MM: "HD95 (mm)",
+    # A fully automatic segmenter's whole-volume metrics (no click; shared.training.seg_auto).
+    DICE_AUTO: "Dice (auto)",
+    auto_name(IOU): "IoU (auto)",
+    auto_name(SEG_PRECISION): "Precision (auto)",
+    auto_name(SEG_RECALL): "Recall (auto)",
+    HD95_AUTO: "HD95 auto (mm)",
     AUC: "AUC",
     SENSITIVITY: "Sensitivity",
     SPECIFICITY: "Specificity",
@@ -112,8 +121,9 @@ METRIC_LABELS = {
 }
 #: Metrics whose best value is the smallest (as :data:`shared.metric_names.DIRECTIONS` declares them).
 LOWER_IS_BETTER = frozenset(name for name in METRIC_LABELS if metric_direction(name) == "lower")
-#: Metrics named in the findings' "best arm" sentences.
-FINDING_METRICS = (dice_click_name(1), AUC)
+#: Metrics named in the findings' "best arm" sentences (``dice_auto`` only when an arm has an automatic
+#: segmenter).
+FINDING_METRICS = (dice_click_name(1), DICE_AUTO, AUC)
 ALPHA = 0.05
 
 _CSS = """
@@ -202,7 +212,7 @@ def _models_by_arm(results: Sequence[Row], arms: Sequence[str]) -> list[tuple[st
 
 # --------------------------------------------------------------------------------------------- formatting
 def _decimals(metric: str) -> int:
-    return 1 if metric == HD95_MM else 3
+    return 1 if metric in (HD95_MM, HD95_AUTO) else 3
 
 
 def _num(value: float, decimals: int = 3, sign: bool = False) -> str:
@@ -284,7 +294,9 @@ def _comparison_sentence(row: Row) -> str:
 
 def _findings_section(cells: Cells, sites: Sequence[str], pairs: Pairs, comparisons: Sequence[Row]) -> str:
     e = html.escape
-    best = [_best_sentence(cells, site, metric, pairs) for site in sites for metric in FINDING_METRICS]
+    present = {key[3] for key in cells}
+    metrics = [m for m in FINDING_METRICS if m != DICE_AUTO or m in present]
+    best = [_best_sentence(cells, site, metric, pairs) for site in sites for metric in metrics]
     out = ['<h3>Best arm per test site</h3><ul class="best">', *(f"<li>{e(s)}</li>" for s in best), "</ul>"]
     out.append(f"<h3>Paired comparisons (significance at {ALPHA})</h3>")
     if not comparisons:

@@ -27,7 +27,7 @@ import torch
 from shared.base import load_base
 from shared.config import FedabusConfig, load_config, to_flat_dict
 from shared.inference import adapted_models
-from shared.metric_names import OVERLAP_NAMES
+from shared.metric_names import AUTO_NAMES, HD95_AUTO, OVERLAP_NAMES
 from shared.study.arms import ArmContext, TrainedModel, arm_kind, train_arm
 from shared.study.evaluation import compare_arms, result_rows, test_on_sites
 from shared.study.sites import StudyError, StudySite, fold_site
@@ -64,6 +64,7 @@ CASE_COLUMNS = (
     "dice_curve",
     *OVERLAP_NAMES,
     "hd95_mm",
+    *AUTO_NAMES,
     "birads",
     "volume_bin",
 )
@@ -261,9 +262,21 @@ def _reference(arms: Sequence[str]) -> str:
     return arms[0]
 
 
+def _mlflow_name(name: str) -> str:
+    """A result's MLflow metric name: ``local@auto:site_a/site_b/dice_auto`` -> ``local-auto.site_a/site_b/
+    dice_auto`` (MLflow refuses ``@``; ``:`` becomes ``.`` as before)."""
+    return name.replace(":", ".").replace("@", "-")
+
+
 def _restore_nans(case: dict[str, Any]) -> dict[str, Any]:
-    hd95 = case.get("hd95_mm")
-    return {**case, "hd95_mm": math.nan if hd95 is None else float(hd95)}
+    """HD95 values saved as null (JSON has no NaN) back to NaN: ``hd95_mm`` and, for an automatic segmenter's
+    case, ``hd95_mm_auto``."""
+    restored = {
+        key: math.nan if case.get(key) is None else float(case[key])
+        for key in ("hd95_mm", HD95_AUTO)
+        if key in case or key == "hd95_mm"
+    }
+    return {**case, **restored}
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -381,7 +394,7 @@ class _Tracking:
                     row["value"]
                 ):
                     continue
-                name = f"{row['model']}/{row['test_site']}/{row['metric']}".replace(":", ".")
+                name = _mlflow_name(f"{row['model']}/{row['test_site']}/{row['metric']}")
                 metrics.append(Metric(name, float(row["value"]), stamp, 0))
                 for bound in ("ci_low", "ci_high"):
                     if math.isfinite(row[bound]):

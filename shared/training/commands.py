@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from shared.config import CLS_BACKBONES, CLS_FUSIONS, ModelConfig
-from shared.metric_names import AUC, HD95_MM, VAL, dice_click_key, metric_key
+from shared.metric_names import AUC, DICE_AUTO, HD95_AUTO, HD95_MM, VAL, dice_click_key, metric_key
 
 __all__ = ["register", "run_train_local"]
 
@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train_local(args: argparse.Namespace) -> int:
     import torch
 
-    from shared.adapters import extract_adapter, lora_specs_from_config, save_adapter
+    from shared.adapters import extract_adapter, model_specs, save_adapter
     from shared.base import load_base, wrap_for_training
     from shared.config import FLOWER_KEYS, load_config
     from shared.device import resolve_device
@@ -126,7 +126,8 @@ def run_train_local(args: argparse.Namespace) -> int:
     if args.adapter:
         models = adapted_models(base, args.adapter)
     else:
-        models = wrap_for_training(base, lora_specs_from_config(config.adapter))
+        torch.manual_seed(config.train.seed)  # a fresh adapter (or automatic segmenter) from the run seed
+        models = wrap_for_training(base, model_specs(config))
     carved = " (carved from train)" if site.val_carved else ""
     print(
         f"site {site.name}: {len(site.train_cases)} training, {len(site.val_cases)} validation{carved} and "
@@ -177,12 +178,12 @@ def run_train_local(args: argparse.Namespace) -> int:
         "seconds": round(time.monotonic() - started, 1),
     }
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
-    for key in (
-        dice_click_key(1),
-        dice_click_key(config.train.eval_clicks),
-        metric_key(HD95_MM),
-        metric_key(AUC),
-    ):
+    seg_keys = (
+        (metric_key(DICE_AUTO), metric_key(HD95_AUTO))
+        if config.automatic_seg
+        else (dice_click_key(1), dice_click_key(config.train.eval_clicks), metric_key(HD95_MM))
+    )
+    for key in (*seg_keys, metric_key(AUC)):
         print(
             f"  {key:22s} before {before.get(key, float('nan')):.3f}  after {after.get(key, float('nan')):.3f}"
         )

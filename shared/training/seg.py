@@ -54,6 +54,7 @@ from torch import nn
 from shared.adapters import adapter_parameters
 from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_generator
 from shared.config import TrainConfig
+from shared.models.auto_seg import is_auto_segmenter
 from shared.precision import Precision
 from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, frozen_parameters, private_training
 from shared.privacy.steps import ProximalPull, proximal_pull
@@ -400,8 +401,14 @@ def _train(
     loss_fn = _default_loss()
     rng = np.random.default_rng(config.seed)
 
+    automatic = is_auto_segmenter(model)
+
     def batch_loss(tensors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         images, masks = tensors
+        if automatic:  # no click: the network's own prediction of the crop (shared.training.seg_auto)
+            from shared.training.seg_auto import auto_seg_loss
+
+            return auto_seg_loss(model, images, masks, loss_fn=loss_fn), int(images.shape[0])
         loss = seg_click_loss(
             model, images, masks, config=config, rng=rng, loss_fn=loss_fn, fixed_prompt_length=stepper.dp
         )
@@ -440,12 +447,14 @@ def train_segmentation(
     progress: bool | None = None,
     privacy: DPSettings | None = None,
 ) -> dict[str, Any]:
-    """Train the trainable (adapter) parameters of SAM-Med3D on click episodes for ``config.seg_epochs``.
+    """Train the trainable (adapter) parameters of SAM-Med3D on click episodes for ``config.seg_epochs``, or
+    the fully automatic segmenter (:mod:`shared.models.auto_seg`) on the same crops without clicks
+    (:func:`shared.training.seg_auto.auto_seg_loss`; not under ``privacy``).
 
     Args:
         model: SAM-Med3D with an adapter attached (PEFT), or any SAM-Med3D whose parameters to train require
-            grad (e.g. a fully trained base); already on ``device``. Without ``privacy`` it may also come
-            wrapped by Opacus; with ``privacy`` pass the plain (PEFT) model.
+            grad (e.g. a fully trained base), or the automatic segmenter; already on ``device``. Without
+            ``privacy`` it may also come wrapped by Opacus; with ``privacy`` pass the plain (PEFT) model.
         loader: yields batches ``{"image": (B, 1, P, P, P), "mask": (B, 1, P, P, P), ...}`` (as
             :func:`shared.data.loaders.seg_train_loader`) or ``(image, mask)`` pairs, once per epoch; the
             loader sets the batch size (``seg-batch-size``). Empty batches (or ``[]``) are skipped without a
@@ -480,6 +489,10 @@ def train_segmentation(
             optimizer, pull=pull, accumulation=accumulation, scheduler=scheduler, precision=precision
         )
         return _train(model, loader, config=config, device=device, stepper=stepper, show=show)
+    if is_auto_segmenter(model):
+        raise PrivacyConfigError(
+            "privacy.sample-dp is not supported with an automatic segmenter (model.seg-model = segresnet) yet"
+        )
     check_poisson_loader(loader, privacy)
     if accumulation != 1:
         raise PrivacyConfigError(

@@ -57,10 +57,18 @@ from shared.metrics import (
     stratify,
     volume_bin,
 )
+from shared.models.auto_seg import is_auto_segmenter
 from shared.precision import Precision
 from shared.training.seg import decode_clicks, encode_images, patch_size_of, upsample_logits
 
-__all__ = ["CaseResult", "PredictedMask", "SegCase", "SegEvaluation", "evaluate_segmentation"]
+__all__ = [
+    "CaseResult",
+    "PredictedMask",
+    "SegCase",
+    "SegEvaluation",
+    "evaluate_each",
+    "evaluate_segmentation",
+]
 
 #: Click budget per block when rounds are uncapped (``clicks_per_round=None``): effectively unlimited.
 _UNLIMITED_CLICKS = 10**9
@@ -357,7 +365,10 @@ def evaluate_segmentation(
     on_case: Callable[[Any, CaseResult], None] | None = None,
     progress: bool | None = None,
 ) -> SegEvaluation:
-    """Evaluate SAM-Med3D (with or without adapter) on full cases, as the module docstring describes.
+    """Evaluate SAM-Med3D (with or without adapter) on full cases, as the module docstring describes; an
+    automatic segmenter (:mod:`shared.models.auto_seg`) is evaluated on the whole volume without clicks instead
+    (:func:`shared.training.seg_auto.evaluate_auto_segmentation`: ``n_clicks`` and ``clicks_per_round`` do not
+    apply, the result is an :class:`~shared.training.seg_auto.AutoSegEvaluation` with ``*_auto`` metrics).
 
     Args:
         model: SAM-Med3D (plain, PEFT-wrapped or Opacus-wrapped), already on ``device``; it is put in eval mode
@@ -376,6 +387,20 @@ def evaluate_segmentation(
             result (prediction included) as soon as it is evaluated.
         progress: progress bar over cases (None: ``config.progress``).
     """
+    if is_auto_segmenter(model):  # no click: the whole volume, under the automatic metric names
+        from shared.training.seg_auto import evaluate_auto_segmentation
+
+        return evaluate_auto_segmentation(
+            model,
+            cases,
+            config=config,
+            data_config=data_config,
+            device=device,
+            split=split,
+            keep_masks=keep_masks,
+            on_case=on_case,
+            progress=progress,
+        )
     rounds = config.eval_clicks if n_clicks is None else n_clicks
     if rounds < 1:
         raise ValueError(f"evaluation needs at least one click round, got n_clicks = {rounds}")
@@ -387,24 +412,47 @@ def evaluate_segmentation(
         )
     settings = _Settings(data_config, rounds, clicks_per_round, torch.device(device))
     seeds = np.random.SeedSequence(config.seed)
+
+    def one(case: SegCase) -> CaseResult:
+        return _evaluate_case(model, case, np.random.default_rng(seeds.spawn(1)[0]), settings)
+
+    options = {"keep_masks": keep_masks, "on_case": on_case, "progress": progress}
+    return _aggregate(
+        evaluate_each(model, cases, one, config=config, device=settings.device, **options), split
+    )
+
+
+def evaluate_each(
+    model: nn.Module,
+    cases: Iterable[SegCase | Mapping[str, Any]],
+    evaluate: Callable[[SegCase], Any],
+    *,
+    config: TrainConfig,
+    device: torch.device,
+    keep_masks: bool,
+    on_case: Callable[[Any, Any], None] | None,
+    progress: bool | None,
+    description: str = "seg eval",
+) -> list[Any]:
+    """``evaluate(case)`` of every case (as :class:`SegCase`), in order, with ``model`` in eval mode (restored
+    afterwards), under ``inference_mode`` and the autocast of ``config.precision``; ``on_case(case as given,
+    result)`` after each; results keep their ``prediction`` only with ``keep_masks``. Shared by the click and the
+    automatic evaluation (:mod:`shared.training.seg_auto`)."""
+    from tqdm.auto import tqdm
+
+    enabled = config.progress if progress is None else progress
     results = []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), Precision.on(config.precision, settings.device).autocast():
-            for case in _progress(cases, config.progress if progress is None else progress):
-                seg_case = case if isinstance(case, SegCase) else SegCase.from_item(case)
-                rng = np.random.default_rng(seeds.spawn(1)[0])
-                result = _evaluate_case(model, seg_case, rng, settings)
+        with torch.inference_mode(), Precision.on(config.precision, device).autocast():
+            for case in tqdm(
+                cases, desc=description, unit="case", disable=not enabled, leave=False, dynamic_ncols=True
+            ):
+                result = evaluate(case if isinstance(case, SegCase) else SegCase.from_item(case))
                 if on_case is not None:
                     on_case(case, result)
                 results.append(result if keep_masks else replace(result, prediction=None))
     finally:
         model.train(was_training)
-    return _aggregate(results, split)
-
-
-def _progress(cases: Iterable[Any], enabled: bool) -> Iterable[Any]:
-    from tqdm.auto import tqdm
-
-    return tqdm(cases, desc="seg eval", unit="case", disable=not enabled, leave=False, dynamic_ncols=True)
+    return results

@@ -36,6 +36,8 @@ from shared.metric_names import (
     CLS_EPSILON,
     CLS_LOSS,
     DELTA,
+    DICE_AUTO,
+    HD95_AUTO,
     HD95_MM,
     NOISE_MULTIPLIER_CLS,
     NOISE_MULTIPLIER_SEG,
@@ -440,12 +442,18 @@ def evaluate_site(
 
 def _segmentation_bounds(evaluation: Any, split: str, *, seed: int) -> dict[str, float]:
     """95% case-bootstrap bounds of Dice@1 and HD95: ``{split}/dice_1click_ci_low`` ... (aggregates of the
-    site's cases, like the means)."""
-    estimates = segmentation_estimates(
-        [case.dice_curve for case in evaluation.cases], [case.hd95_mm for case in evaluation.cases], seed=seed
-    )
+    site's cases, like the means); of ``dice_auto`` and ``hd95_mm_auto`` for an automatic segmenter."""
+    dice = [case.dice for case in evaluation.cases]
+    hd95 = [case.hd95_mm for case in evaluation.cases]
+    if all(not case.dice_curve for case in evaluation.cases):  # automatic: no click curve
+        from shared.training.seg_auto import auto_segmentation_estimates
+
+        estimates, names = auto_segmentation_estimates(dice, hd95, seed=seed), (DICE_AUTO, HD95_AUTO)
+    else:
+        curves = [case.dice_curve for case in evaluation.cases]
+        estimates, names = segmentation_estimates(curves, hd95, seed=seed), (dice_click_name(1), HD95_MM)
     out = {}
-    for name in (dice_click_name(1), HD95_MM):
+    for name in names:
         low, high = ci_names(name)
         out[metric_key(low, split=split)] = float(estimates[name].ci_low)
         out[metric_key(high, split=split)] = float(estimates[name].ci_high)

@@ -49,6 +49,7 @@ def federation(tmp_path_factory):
         "adapter": adapter,
         "fingerprint": base.fingerprint,
         "state_dir": root / "state",
+        "base": base,
     }
 
 
@@ -264,3 +265,33 @@ def test_int8_site_decodes_the_global_adapter_sends_its_difference_and_keeps_the
     assert (tmp_path / RESIDUAL_FILE).is_file()  # error feedback for the next round of this run
     with pytest.raises(AdapterMismatchError, match="encoded as federation.compression = 'none'.*'int8'"):
         client_app.train(_message(federation, MessageType.TRAIN), context)
+
+
+#: The fully automatic segmenter at a tiny size (shared/models/auto_seg.py).
+AUTO_RUN = {"model.seg-model": "segresnet", "model.auto-init-filters": 4, "model.auto-blocks-down": "1,1"}
+
+
+def test_an_automatic_site_trains_the_whole_segresnet_and_reports_only_auto_metrics(federation):
+    from shared.adapters import AdapterMismatchError, model_specs
+
+    base = federation["base"]
+    torch.manual_seed(0)
+    models = wrap_for_training(base, model_specs(load_config({**RUN_CONFIG, **AUTO_RUN})))
+    start = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
+    message = _message(federation, MessageType.TRAIN)
+    message.content[ARRAYS] = adapter_to_record(start)
+    reply = client_app.train(message, _context(federation, run=AUTO_RUN))
+    update = record_to_adapter(reply.content[ARRAYS], layout_of(start))
+    seg = [name for name in update if name.startswith("seg.")]
+    assert seg and all(name.startswith("seg.net.") for name in seg)
+    assert any(not torch.equal(update[name], start[name]) for name in seg), "the SegResNet did not train"
+    assert math.isfinite(reply.content[METRICS]["train/seg_loss"])
+
+    message = _message(federation, MessageType.EVALUATE, split="val")
+    message.content[ARRAYS] = adapter_to_record(update)
+    reply = client_app.evaluate(message, _context(federation, run=AUTO_RUN))
+    assert set(reply.content[METRICS].keys()) == set(eval_metric_keys(2, split="val", automatic=True))
+    assert 0.0 <= reply.content[METRICS]["val/dice_auto"] <= 1.0
+
+    with pytest.raises(AdapterMismatchError):  # a SAM-Med3D adapter record at a SegResNet site
+        client_app.train(_message(federation, MessageType.TRAIN), _context(federation, run=AUTO_RUN))

@@ -76,6 +76,20 @@ def test_site_table_shows_split_round_and_both_aucs() -> None:
     assert any("never trained on" in line for line in lines)
 
 
+def test_site_table_of_an_automatic_segmenter_shows_its_whole_volume_metrics() -> None:
+    site = {"test/dice_auto": 0.2, "test/hd95_mm_auto": 30.0, "test/auc": 0.5}
+    summary = {
+        "before": {"site_a": site},
+        "after": {"site_a": {**site, "test/dice_auto": 0.4}},
+        "after_round": 2,
+    }
+    stream = io.StringIO()
+    print_site_table(summary, file=stream)
+    lines = stream.getvalue().splitlines()
+    assert "Dice auto" in lines[0] and "HD95 auto mm" in lines[0] and "Dice@1" not in lines[0]
+    assert "0.200 ->  0.400" in next(line for line in lines if line.startswith("site_a"))
+
+
 def test_bad_options_stop_the_demo_before_it_deletes_anything(tmp_path: Path) -> None:
     from shared.demo import run_demo
 
