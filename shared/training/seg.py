@@ -55,7 +55,13 @@ from shared.adapters import adapter_parameters
 from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_generator
 from shared.config import TrainConfig
 from shared.precision import Precision
-from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, frozen_parameters, private_training
+from shared.privacy.dp_sgd import (
+    DPSettings,
+    check_poisson_loader,
+    frozen_parameters,
+    physical_batches,
+    private_training,
+)
 from shared.privacy.steps import ProximalPull, proximal_pull
 from shared.privacy.validation import PrivacyConfigError
 from shared.training.stepper import Stepper, TrainResult, progress_bar
@@ -484,7 +490,7 @@ def train_segmentation(
     if accumulation != 1:
         raise PrivacyConfigError(
             f"train.seg-grad-accumulation = {accumulation}: gradient accumulation is not supported "
-            "under sample-level DP; set it to 1 and raise train.seg-batch-size instead"
+            "under sample-level DP; set it to 1 and raise privacy.seg-batch-size instead"
         )
     with frozen_parameters(dp_frozen_parameters(model, config).values()):
         optimizer, scheduler, pull = _optimisation(model, config, proximal_ref)
@@ -495,6 +501,7 @@ def train_segmentation(
                 scheduler=scheduler,
                 before_step=private.check_per_sample_gradients,
                 precision=precision,
+                split=lambda batch: physical_batches(privacy, batch),
             )
             result = _train(private.module, loader, config=config, device=device, stepper=stepper, show=show)
             return {**result, "privacy_history": private.history()}
