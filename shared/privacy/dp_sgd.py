@@ -76,7 +76,9 @@ class DPSettings:
                 f"{self.expected_batch_size}"
             )
         if self.physical_batch_size < 0:
-            raise PrivacyConfigError(f"physical batch size {self.physical_batch_size} must be >= 0 (0: no limit)")
+            raise PrivacyConfigError(
+                f"physical batch size {self.physical_batch_size} must be >= 0 (0: no limit)"
+            )
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyConfigError(
                 f"privacy.accountant = {self.accountant!r} is unknown; choose one of {', '.join(ACCOUNTANTS)}"

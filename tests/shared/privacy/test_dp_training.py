@@ -186,7 +186,9 @@ def test_a_poisson_batch_in_physical_batches_is_one_noisy_step_with_the_same_upd
         results.append(train_segmentation(model, loader, config=config, device="cpu", privacy=dp))
         params.append({n: p.detach().clone() for n, p in trainable_parameters(model).items()})
     for result in results:
-        assert result["steps"] == 2 and result["examples"] == 8 and result["privacy_history"] == [(1.0, 1.0, 2)]
+        assert (
+            result["steps"] == 2 and result["examples"] == 8 and result["privacy_history"] == [(1.0, 1.0, 2)]
+        )
     np.testing.assert_allclose(results[1]["loss_history"], results[0]["loss_history"], rtol=1e-4)
     for name, value in params[0].items():
         torch.testing.assert_close(params[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
