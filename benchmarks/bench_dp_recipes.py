@@ -5,8 +5,8 @@ adapter locally for ``--rounds`` planned rounds of the run config's local epochs
 accounted exactly as a federated site does (:func:`shared.privacy.planning.plan_private_round`, its ledger) —
 once per recipe (arm), and its test split's Dice@1 is measured before and after. The classifier does not
 train (``train.cls-epochs = 0``): this isolates the segmenter, whose learning DP-SGD stopped. Each arm is a
-set of run-config overrides; ``--arms`` picks them by name. Not a test: run it by hand (about a minute per
-arm on an idle 2-core CPU).
+set of run-config overrides; ``--arms`` picks them by name (``--set ARM:KEY=VALUE`` adds or changes one). Not
+a test: run it by hand on an idle machine; each arm's seconds are in the report.
 
     .venv/bin/python benchmarks/bench_dp_recipes.py --out benchmarks/results/dp_recipes.json
 """
@@ -41,13 +41,15 @@ ARMS: dict[str, dict[str, object]] = {
     "dp-b20": {"eps": 8, "privacy.seg-batch-size": 20},
     "dp-b10-lr2": {"eps": 8, "privacy.seg-batch-size": 10, "train.seg-lr": 2e-2},
     "dp-b20-lr2": {"eps": 8, "privacy.seg-batch-size": 20, "train.seg-lr": 2e-2},
-    "dp-b10-lora": {"eps": 8, "privacy.seg-batch-size": 10, "adapter.seg-trainable": ""},
+    "dp-b10-lora": {"eps": 8, "privacy.seg-batch-size": 10, "privacy.seg-trainable": ""},
     "dp-b10-lora-lr2": {
         "eps": 8,
         "privacy.seg-batch-size": 10,
-        "adapter.seg-trainable": "",
+        "privacy.seg-trainable": "",
         "train.seg-lr": 2e-2,
     },
+    "dp-b8-lora": {"eps": 8, "privacy.seg-batch-size": 8, "privacy.seg-trainable": ""},
+    "dp-b8-lora-eps3": {"eps": 3, "privacy.seg-batch-size": 8, "privacy.seg-trainable": ""},
     "dp-b10-c01": {"eps": 8, "privacy.seg-batch-size": 10, "privacy.max-grad-norm": 0.1},
     "dp-b10-e1": {"eps": 8, "privacy.seg-batch-size": 10, "train.seg-epochs": 1},
 }

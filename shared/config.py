@@ -414,6 +414,10 @@ class PrivacyConfig:
     #: trained in physical batches of ``train.seg-batch-size`` and one noisy step per Poisson batch. Larger
     #: batches divide the noise among more cases (docs/privacy.md, "Choosing settings"). 0: ``train.seg-batch-size``.
     seg_batch_size: int = 0
+    #: Comma-separated fully trained SAM-Med3D submodules (of ``adapter.seg-trainable``) that still train under
+    #: sample-level DP; the others keep the global value and travel unchanged, so fewer dimensions share the
+    #: noise. Empty: only the LoRA matrices train under DP.
+    seg_trainable: str = "prompt_encoder,mask_decoder"
     #: Privacy accountant of DP-SGD: ``rdp`` or ``prv``.
     accountant: str = "rdp"
     #: ε budget per model at a site across rounds (and runs sharing its ledger); a site whose next round would

@@ -66,6 +66,8 @@ class RoundPlan:
     budget: float
     accountant: str
     max_grad_norm: float
+    #: ``privacy.seg-trainable``: the segmenter's fully trained submodules that still train under DP.
+    seg_trainable: str
     n_cases: int
     num_rounds: int
     server_round: int
@@ -200,6 +202,7 @@ def plan_private_round(
         budget=budget,
         accountant=config.privacy.accountant,
         max_grad_norm=config.privacy.max_grad_norm,
+        seg_trainable=config.privacy.seg_trainable,
         n_cases=n_train_cases,
         num_rounds=num_rounds,
         server_round=server_round,

@@ -71,6 +71,7 @@ __all__ = [
     "MASK_PROMPT_PARAMETERS",
     "decode_clicks",
     "dp_frozen_parameters",
+    "dp_untrained_parameters",
     "encode_images",
     "max_prompt_clicks",
     "parse_milestones",
@@ -328,6 +329,27 @@ def dp_frozen_parameters(model: nn.Module, config: TrainConfig) -> dict[str, nn.
                 "DP_FROZEN_PARAMETERS) no longer fits the architecture"
             )
     return {name: p for name, p in named.items() if p.requires_grad and name.startswith(prefixes)}
+
+
+def dp_untrained_parameters(model: nn.Module, keep: str) -> dict[str, nn.Parameter]:
+    """The fully trained (non-LoRA) parameters of ``model`` outside the comma-separated submodules ``keep``
+    (``privacy.seg-trainable``, e.g. ``mask_decoder``; empty: none), by :func:`trainable_parameters` name: frozen
+    for DP-SGD, so that fewer dimensions share the noise; they keep the global value and still travel. Raises
+    ConfigError naming ``privacy.seg-trainable`` for a submodule the model does not train."""
+    names = tuple(part.strip() for part in keep.split(",") if part.strip())
+    params = {
+        key: p
+        for key, p in trainable_parameters(model).items()
+        if ".lora_A." not in key and ".lora_B." not in key
+    }
+    for name in names:
+        if not any(key.startswith(f"{name}.") for key in params):
+            raise PrivacyConfigError(
+                f"privacy.seg-trainable names {name!r}, which the segmenter does not train fully "
+                "(adapter.seg-trainable)"
+            )
+    kept = tuple(f"{name}." for name in names)
+    return {key: p for key, p in params.items() if not key.startswith(kept)}
 
 
 def parse_milestones(text: str) -> list[int]:

@@ -50,6 +50,7 @@ from shared.metric_names import (
     dice_click_name,
     metric_key,
 )
+from shared.privacy.dp_sgd import frozen_parameters
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import RoundPlan
 from shared.privacy.sampling import OneFramePerCase, poisson_loader
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from shared.training.cls import ClsCase, evaluate_classifier, train_classifier, trainable_snapshot
-    from shared.training.seg import snapshot_parameters, train_segmentation
+    from shared.training.seg import dp_untrained_parameters, snapshot_parameters, train_segmentation
     from shared.training.seg_eval import evaluate_segmentation
 
 #: The training and evaluation code, imported when first used (it imports PEFT, which imports transformers:
@@ -71,6 +72,7 @@ _TRAINING = {
     "train_classifier": "shared.training.cls",
     "trainable_snapshot": "shared.training.cls",
     "snapshot_parameters": "shared.training.seg",
+    "dp_untrained_parameters": "shared.training.seg",
     "train_segmentation": "shared.training.seg",
     "evaluate_segmentation": "shared.training.seg_eval",
 }
@@ -319,7 +321,8 @@ def _check_private_round(
 def _train_seg_private(
     model: PeftModel, site: SiteData, data: DataConfig, plan: RoundPlan, **train: Any
 ) -> dict[str, Any]:
-    """DP-SGD of the SAM-Med3D adapter: one crop per case, Poisson-sampled; ``train`` holds the keyword
+    """DP-SGD of the SAM-Med3D adapter: one crop per case, Poisson-sampled, LoRA and the submodules of
+    ``privacy.seg-trainable`` trained (the other fully trained ones keep their value); ``train`` holds the keyword
     arguments of :func:`train_segmentation` (``config``, ``device``, ``proximal_ref``)."""
     if plan.seg.steps == 0:
         return {"epoch_loss": [], "privacy_history": []}
@@ -332,7 +335,8 @@ def _train_seg_private(
         steps_per_epoch=plan.seg.steps_per_epoch,
         keys=("image", "mask"),
     )
-    return train_segmentation(model, loader, privacy=plan.settings("seg"), **train)
+    with frozen_parameters(dp_untrained_parameters(model, plan.seg_trainable).values()):
+        return train_segmentation(model, loader, privacy=plan.settings("seg"), **train)
 
 
 def _train_cls_private(

@@ -182,7 +182,7 @@ def test_a_poisson_batch_in_physical_batches_is_one_noisy_step_with_the_same_upd
     for physical in (0, 1):
         model = sam(seed=3)
         loader = poisson_loader(cases, sample_rate=1.0, steps_per_epoch=2, keys=("image", "mask"), seed=0)
-        dp = replace(settings(4, 4), physical_batch_size=physical)
+        dp = replace(settings(4, 4, steps=2), physical_batch_size=physical)
         results.append(train_segmentation(model, loader, config=config, device="cpu", privacy=dp))
         params.append({n: p.detach().clone() for n, p in trainable_parameters(model).items()})
     for result in results:

@@ -16,7 +16,9 @@ from shared.adapters import extract_adapter
 from shared.config import load_config
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import plan_private_round
+from shared.privacy.validation import PrivacyConfigError
 from shared.training import site as site_module
+from shared.training.seg import dp_untrained_parameters
 from shared.training.site import train_site
 from tests.shared.tiny_sam import TINY_RUN
 
@@ -132,3 +134,23 @@ def test_a_private_round_needs_a_plan_and_a_ledger(site, fresh_models, tmp_path)
             plan=other,
             ledger=PrivacyLedger.open(tmp_path),
         )
+
+
+def test_the_dp_recipe_keys_batch_and_trainable_set(site, fresh_models, tmp_path) -> None:
+    """privacy.seg-batch-size = 6 (every case each step, in physical batches of 2) and privacy.seg-trainable = ""
+    (LoRA only): one DP step per epoch at q = 1, the mask decoder keeps its value and still travels, LoRA B moves."""
+    config = load_config({**RUN, "privacy.seg-batch-size": 6, "privacy.seg-trainable": ""})
+    base, models = fresh_models()
+    start = adapter(base, models)
+    plan = plan_private_round(config, len(site.train_cases), 2, PrivacyLedger.open(tmp_path))
+    assert (plan.seg.sample_rate, plan.seg.steps, plan.seg.physical_batch_size) == (1.0, 1, 2)
+    train_site(
+        models, site, config, device=torch.device("cpu"), plan=plan, ledger=PrivacyLedger.open(tmp_path)
+    )
+    after = adapter(base, models)
+    assert set(after) == set(start)
+    decoder = [k for k in start if k.startswith("seg.mask_decoder.")]
+    assert decoder and all(torch.equal(after[k], start[k]) for k in decoder)
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("seg.") and "lora_B" in k)
+    with pytest.raises(PrivacyConfigError, match="privacy.seg-trainable names 'image_encoder'"):
+        dp_untrained_parameters(models["seg"], "image_encoder")
