@@ -6,7 +6,8 @@ adapter, so a record built from another base or other adapter settings is refuse
 (:func:`shared.adapters.ffa_lora_a`, from ``train.seed`` and the base fingerprint) and freezes it: the record
 holds no A, and the update sends none.
 
-A site may train at its own LoRA rank (node config ``lora-rank``; ``federation.lora-aggregation = product`` and
+A site may train at its own LoRA rank (node config ``lora-rank`` or its site TOML's ``lora-rank``, one of the two;
+``federation.lora-aggregation = product`` and
 ``federation.compression = none`` only): it decodes the global adapter at the run's rank, projects it to its own
 (:func:`shared.lora_aggregation.project`, the optimal rank-r approximation of the global ΔW, alpha kept, so the
 scaling is alpha / r) and sends its update at that rank; the server reads the rank from the record's sizes.
@@ -39,14 +40,14 @@ from shared.adapters import (
     set_ffa_lora_a,
 )
 from shared.base import BaseModels, check_filled, working_copy, wrap_for_training
-from shared.config import ConfigError, FedabusConfig
+from shared.config import ConfigError, FedabusConfig, load_site_config
 from shared.device import resolve_device
 from shared.lora_aggregation import project, rank_layout, scaling_at_rank
 from shared.metric_names import CLS_EPSILON, DELTA, NUM_EXAMPLES, PRIVACY, SEG_EPSILON, metric_key
 from shared.privacy.ledger import PrivacyLedger
 from shared.privacy.planning import RoundPlan, plan_private_round
 from shared.protocol import layout_of, record_to_adapter, update_to_record
-from shared.training.site import SiteData, evaluate_site, train_site
+from shared.training.site import SiteData, evaluate_site, find_site_config, train_site
 
 __all__ = [
     "BaseMismatch",
@@ -94,7 +95,7 @@ class SiteSettings:
     threads: int = 0
     #: Name shown in reports and MLflow (node config ``site-id``; empty: the site config's name or the folder's).
     site_id: str = ""
-    #: This site's LoRA rank (node config ``lora-rank``; 0: the run's ``adapter.lora-rank``).
+    #: This site's LoRA rank (node config ``lora-rank`` or the site TOML's; 0: the run's ``adapter.lora-rank``).
     lora_rank: int = 0
 
     def apply_threads(self) -> None:
@@ -144,13 +145,7 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
             "node config epsilon-budget / threads must be numbers, got "
             f"{node_config.get('epsilon-budget')!r} / {node_config.get('threads')!r}"
         ) from None
-    try:
-        lora_rank = int(node_config.get("lora-rank", 0))
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"node config lora-rank = {node_config.get('lora-rank')!r} must be an integer"
-        ) from None
-    check_site_rank(lora_rank, config)
+    lora_rank = site_rank(node_config, site_dir, Path(str(site_config)) if site_config else None, config)
     return SiteSettings(
         site_dir,
         Path(str(site_config)) if site_config else None,
@@ -164,15 +159,43 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
     )
 
 
-def check_site_rank(rank: int, config: FedabusConfig) -> None:
+def site_rank(
+    node_config: dict[str, Any], site_dir: Path, site_config: Path | None, config: FedabusConfig
+) -> int:
+    """The site's own LoRA rank (0: the run's): node config ``lora-rank`` or ``lora-rank`` in the site TOML
+    (``site_config``, else the one :func:`~shared.training.site.find_site_config` finds beside ``site_dir``), one
+    truth: both set to different ranks raises :class:`~shared.config.ConfigError` naming both; then checked
+    with :func:`check_site_rank`."""
+    try:
+        node_rank = int(node_config.get("lora-rank", 0))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"node config lora-rank = {node_config.get('lora-rank')!r} must be an integer"
+        ) from None
+    path = site_config or find_site_config(site_dir)
+    toml_rank = load_site_config(path).lora_rank if path is not None else 0
+    if node_rank and toml_rank and node_rank != toml_rank:
+        raise ConfigError(
+            f"the site's LoRA rank is given twice and differently: node config lora-rank = {node_rank}, {path} "
+            f"lora-rank = {toml_rank}; give it in one place (the site TOML, or the node config)"
+        )
+    rank = node_rank or toml_rank
+    where = "node config lora-rank" if node_rank else f"{path}: lora-rank"
+    check_site_rank(rank, config, where=where)
+    return rank
+
+
+def check_site_rank(rank: int, config: FedabusConfig, *, where: str = "node config lora-rank") -> None:
     """A site's own ``lora-rank`` (0: the run's) is allowed only with ``federation.lora-aggregation = product``
-    (the only mode that aggregates ΔW across ranks), and ``federation.compression = none``; raises :class:`~shared.config.ConfigError` naming the keys otherwise."""
+    (the only mode that aggregates ΔW across ranks), and ``federation.compression = none`` (a lossy update is a
+    difference from the site's projection, at another layout than the server's reference); raises
+    :class:`~shared.config.ConfigError` naming ``where`` it was set and the keys otherwise."""
     if rank == 0 or rank == config.adapter.lora_rank:
         return
     federation = config.federation
     if rank < 0 or federation.lora_aggregation != "product" or federation.compression != "none":
         raise ConfigError(
-            f"node config lora-rank = {rank} differs from the run's adapter.lora-rank = "
+            f"{where} = {rank} differs from the run's adapter.lora-rank = "
             f"{config.adapter.lora_rank}: a site may train at its own rank (>= 1) only with "
             "federation.lora-aggregation = 'product' and federation.compression = 'none' (this run: "
             f"{federation.lora_aggregation!r}, {federation.compression!r})"

@@ -481,6 +481,14 @@ class PrivacyConfig:
     delta: float = 0.0
     #: Per-sample gradient L2 clipping norm.
     max_grad_norm: float = 1.0
+    #: Expected Poisson batch of the segmenter under sample-level DP, in cases (sample rate min(1, this / n));
+    #: trained in physical batches of ``train.seg-batch-size`` and one noisy step per Poisson batch. Larger
+    #: batches divide the noise among more cases (docs/privacy.md, "Choosing settings"). 0: ``train.seg-batch-size``.
+    seg_batch_size: int = 0
+    #: Comma-separated fully trained SAM-Med3D submodules (of ``adapter.seg-trainable``) that still train under
+    #: sample-level DP; the others keep the global value and travel unchanged, so fewer dimensions share the
+    #: noise. Empty: only the LoRA matrices train under DP.
+    seg_trainable: str = "prompt_encoder,mask_decoder"
     #: Privacy accountant of DP-SGD: ``rdp`` or ``prv``.
     accountant: str = "rdp"
     #: ε budget per model at a site across rounds (and runs sharing its ledger); a site whose next round would
@@ -760,8 +768,14 @@ class SiteConfig:
     #: CSV with columns ``case_id, split`` overriding the split of the cases it lists (wins over ``split``).
     #: Relative paths are resolved against the TOML file's folder (the site folder if not from a file).
     split_file: str = ""
+    #: This site's own LoRA rank (the same setting as the node config's ``lora-rank``; give it in one place):
+    #: 0 trains at the run's ``adapter.lora-rank``; another rank needs ``federation.lora-aggregation = product``
+    #: (docs/training.md, "Heterogeneous ranks"). In simulation the site TOML is the only way to give one.
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"site config: lora-rank = {self.lora_rank!r} must be >= 0 (0: the run's rank)")
         for axis in ("z", "y", "x"):
             value = getattr(self, f"spacing_{axis}")
             if not value >= 0.0 or value == float("inf"):

@@ -164,13 +164,17 @@ def travelling_layout(layout: Layout, mode: str = "naive") -> dict[str, tuple[in
     return {name: tuple(shape) for name, shape in layout.items() if not (mode == "ffa" and is_lora_a(name))}
 
 
-def record_rank(found: Mapping[str, tuple[int, ...]], layout: Layout, mode: str = "naive") -> int | None:
-    """The LoRA rank at which a packed float32 record whose arrays have shapes ``found`` fits ``layout`` exactly
-    (:func:`shared.lora_aggregation.rank_layout`, under ``mode``), or None when it fits no rank.
+def record_rank(
+    found: Mapping[str, tuple[int, ...]], layout: Layout, mode: str = "naive", compression: str = "none"
+) -> int | None:
+    """The LoRA rank at which a packed record (float32, or as ``compression`` encodes it) whose arrays have shapes
+    ``found`` fits ``layout`` exactly (:func:`shared.lora_aggregation.rank_layout`, under ``mode``), or None when
+    it fits no rank.
 
     A model's packed size is ``n₁ + (r − 1)·k`` (``k``: the elements one rank adds to its LoRA A and B), strictly
     increasing in ``r``, so a record decodes at one rank at most; both models must give the same rank (a site has
-    one ``adapter.lora-rank``). Heterogeneous ranks are for uncompressed records only."""
+    one ``adapter.lora-rank``). Heterogeneous ranks are for uncompressed records only (a compressed record at
+    another rank is recognised only to say so)."""
     try:
         if not lora_modules(layout):
             return None
@@ -191,7 +195,7 @@ def record_rank(found: Mapping[str, tuple[int, ...]], layout: Layout, mode: str 
     if len(ranks) != 1:
         return None
     rank = ranks.pop()
-    wanted = _wire_shapes(travelling_layout(rank_layout(layout, rank), mode), "none")
+    wanted = _wire_shapes(travelling_layout(rank_layout(layout, rank), mode), compression)
     return rank if {key: tuple(shape) for key, shape in found.items()} == wanted else None
 
 
@@ -427,9 +431,15 @@ def _mode_hint(layout: Layout, mode: str, found: Mapping[str, tuple[int, ...]], 
         if other != mode and _wire_shapes(travelling_layout(layout, other), compression) == dict(found)
     ]
     if not fits:
-        rank = record_rank(found, layout, mode) if compression == "none" and mode != "product" else None
-        if rank is None:
+        rank = record_rank(found, layout, mode, compression)
+        if rank is None or (compression == "none" and mode == "product"):
             return ""
+        if compression != "none":
+            return (
+                f"; the record fits this adapter at LoRA rank {rank}, not {layout_rank(layout)}: a site may train "
+                "at its own LoRA rank only with federation.compression = 'none' (a compressed update is the "
+                f"difference from the site's own-rank projection; this run uses {compression!r})"
+            )
         return (
             f"; the record fits this adapter at LoRA rank {rank}, not {layout_rank(layout)}: a site may train at "
             "its own adapter.lora-rank only with federation.lora-aggregation = 'product'"

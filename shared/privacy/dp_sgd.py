@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,14 @@ from shared.privacy.opacus_loader import load_opacus
 from shared.privacy.sampling import secret_seed
 from shared.privacy.validation import ACCOUNTANTS, PrivacyConfigError, check_no_running_stats
 
-__all__ = ["DPSettings", "PrivateModel", "check_poisson_loader", "frozen_parameters", "private_training"]
+__all__ = [
+    "DPSettings",
+    "PrivateModel",
+    "check_poisson_loader",
+    "frozen_parameters",
+    "physical_batches",
+    "private_training",
+]
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,9 @@ class DPSettings:
     ``noise_multiplier`` σ (noise std = σ × ``max_grad_norm``); ``max_grad_norm`` the per-sample L2 clipping
     norm; ``sample_rate`` q and ``steps_per_epoch`` of the Poisson loader; ``expected_batch_size`` q × n (the
     divisor of the summed clipped gradients); ``accountant`` ``rdp`` or ``prv``; ``seed`` of the noise generator
-    (None: OS entropy, always in production).
+    (None: OS entropy, always in production); ``physical_batch_size``: the most samples one forward/backward
+    pass takes (a larger Poisson batch is split and summed by Opacus' virtual steps, one noisy step per Poisson
+    batch; 0: no limit).
     """
 
     noise_multiplier: float
@@ -50,6 +59,7 @@ class DPSettings:
     expected_batch_size: int
     accountant: str = "rdp"
     seed: int | None = None
+    physical_batch_size: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
@@ -65,10 +75,23 @@ class DPSettings:
                 f"DP-SGD needs steps_per_epoch >= 1 and expected_batch_size >= 1, got {self.steps_per_epoch}, "
                 f"{self.expected_batch_size}"
             )
+        if self.physical_batch_size < 0:
+            raise PrivacyConfigError(
+                f"physical batch size {self.physical_batch_size} must be >= 0 (0: no limit)"
+            )
         if self.accountant not in ACCOUNTANTS:
             raise PrivacyConfigError(
                 f"privacy.accountant = {self.accountant!r} is unknown; choose one of {', '.join(ACCOUNTANTS)}"
             )
+
+
+def physical_batches(settings: DPSettings, batch: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """``batch`` (tensors with the samples along dimension 0) as physical batches of at most
+    ``settings.physical_batch_size`` samples, in order (one part when it fits or there is no limit)."""
+    size = settings.physical_batch_size
+    if size < 1 or len(batch[0]) <= size:
+        return [tuple(batch)]
+    return list(zip(*(tensor.split(size) for tensor in batch), strict=True))
 
 
 @dataclass

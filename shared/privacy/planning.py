@@ -4,7 +4,9 @@
 n and its :class:`~shared.privacy.ledger.PrivacyLedger` into a :class:`RoundPlan`: for each model the Poisson
 sample rate q = min(1, B / n) and ceil(n / B) steps per epoch (B = ``train.seg-batch-size`` /
 ``train.cls-batch-size``), the steps of this round (local epochs × steps per epoch), the noise multiplier, and
-the cumulative ε after the round; the round is allowed when no model would exceed the budget.
+the cumulative ε after the round; the round is allowed when no model would exceed the budget. The segmenter's
+expected batch under DP is ``privacy.seg-batch-size`` when set (larger batches: less noise per case, see
+docs/privacy.md), trained in physical batches of ``train.seg-batch-size``.
 
 * Noise multiplier: with ``privacy.target-epsilon`` > 0, Opacus' ``get_noise_multiplier`` for the whole planned
   run, ``num_rounds`` (Flower's ``num-server-rounds``) × the steps of one round, so that a run that starts
@@ -44,6 +46,9 @@ class ModelPlan:
     epsilon_before: float
     epsilon_after: float
     allowed: bool
+    #: The most cases one forward/backward pass takes (``train.seg-batch-size`` / ``train.cls-batch-size``); a
+    #: larger Poisson batch is trained in physical batches of this size and one noisy step.
+    physical_batch_size: int = 0
 
     @property
     def steps(self) -> int:
@@ -61,6 +66,8 @@ class RoundPlan:
     budget: float
     accountant: str
     max_grad_norm: float
+    #: ``privacy.seg-trainable``: the segmenter's fully trained submodules that still train under DP.
+    seg_trainable: str
     n_cases: int
     num_rounds: int
     server_round: int
@@ -99,6 +106,7 @@ class RoundPlan:
             expected_batch_size=plan.expected_batch_size,
             accountant=self.accountant,
             seed=seed,
+            physical_batch_size=plan.physical_batch_size,
         )
 
 
@@ -122,16 +130,18 @@ def _model_plan(
     ledger: PrivacyLedger,
 ) -> ModelPlan:
     privacy, train = config.privacy, config.train
-    batch, epochs = (
-        (train.seg_batch_size, train.seg_epochs)
-        if model == "seg"
-        else (train.cls_batch_size, train.cls_epochs)
-    )
+    if model == "seg":
+        physical, epochs = train.seg_batch_size, train.seg_epochs
+        batch = privacy.seg_batch_size or physical
+    else:
+        physical = batch = train.cls_batch_size
+        epochs = train.cls_epochs
     rate, per_epoch = poisson_sampling(n_cases, batch)
     steps = epochs * per_epoch
     before = ledger.epsilon(model, delta, accountant=privacy.accountant)
+    expected = min(batch, n_cases)
     if steps == 0:
-        return ModelPlan(model, 0.0, rate, per_epoch, epochs, min(batch, n_cases), before, before, True)
+        return ModelPlan(model, 0.0, rate, per_epoch, epochs, expected, before, before, True, physical)
     sigma = privacy.noise_multiplier
     if privacy.target_epsilon > 0:
         sigma = noise_multiplier_for(
@@ -150,7 +160,7 @@ def _model_plan(
         budget=budget,
         accountant=privacy.accountant,
     )
-    return ModelPlan(model, sigma, rate, per_epoch, epochs, min(batch, n_cases), before, after, not over)
+    return ModelPlan(model, sigma, rate, per_epoch, epochs, expected, before, after, not over, physical)
 
 
 def plan_private_round(
@@ -192,6 +202,7 @@ def plan_private_round(
         budget=budget,
         accountant=config.privacy.accountant,
         max_grad_norm=config.privacy.max_grad_norm,
+        seg_trainable=config.privacy.seg_trainable,
         n_cases=n_train_cases,
         num_rounds=num_rounds,
         server_round=server_round,

@@ -106,11 +106,16 @@ def _check_training(config: FedabusConfig) -> None:
         raise PrivacyConfigError(
             f"train.seg-grad-accumulation = {train.seg_grad_accumulation}: gradient accumulation is not "
             "supported with privacy.sample-dp (each Poisson batch is one DP-SGD step); set it to 1 and raise "
-            "train.seg-batch-size instead"
+            "privacy.seg-batch-size instead (larger Poisson batches, trained in physical batches of "
+            "train.seg-batch-size)"
         )
     for key, value in (("seg-batch-size", train.seg_batch_size), ("cls-batch-size", train.cls_batch_size)):
         if value < 1:
             raise PrivacyConfigError(f"train.{key} = {value} must be >= 1 (the expected Poisson batch size)")
+    if config.privacy.seg_batch_size < 0:
+        raise PrivacyConfigError(
+            f"privacy.seg-batch-size = {config.privacy.seg_batch_size} must be >= 0 (0: train.seg-batch-size)"
+        )
     for key, value in (("seg-epochs", train.seg_epochs), ("cls-epochs", train.cls_epochs)):
         if value < 0:
             raise PrivacyConfigError(f"train.{key} = {value} must be >= 0")

@@ -56,7 +56,13 @@ from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_
 from shared.config import TrainConfig
 from shared.models.auto_seg import is_auto_segmenter
 from shared.precision import Precision
-from shared.privacy.dp_sgd import DPSettings, check_poisson_loader, frozen_parameters, private_training
+from shared.privacy.dp_sgd import (
+    DPSettings,
+    check_poisson_loader,
+    frozen_parameters,
+    physical_batches,
+    private_training,
+)
 from shared.privacy.steps import ProximalPull, proximal_pull
 from shared.privacy.validation import PrivacyConfigError
 from shared.training.stepper import Stepper, TrainResult, progress_bar
@@ -66,6 +72,7 @@ __all__ = [
     "MASK_PROMPT_PARAMETERS",
     "decode_clicks",
     "dp_frozen_parameters",
+    "dp_untrained_parameters",
     "encode_images",
     "max_prompt_clicks",
     "parse_milestones",
@@ -325,6 +332,27 @@ def dp_frozen_parameters(model: nn.Module, config: TrainConfig) -> dict[str, nn.
     return {name: p for name, p in named.items() if p.requires_grad and name.startswith(prefixes)}
 
 
+def dp_untrained_parameters(model: nn.Module, keep: str) -> dict[str, nn.Parameter]:
+    """The fully trained (non-LoRA) parameters of ``model`` outside the comma-separated submodules ``keep``
+    (``privacy.seg-trainable``, e.g. ``mask_decoder``; empty: none), by :func:`trainable_parameters` name: frozen
+    for DP-SGD, so that fewer dimensions share the noise; they keep the global value and still travel. Raises
+    ConfigError naming ``privacy.seg-trainable`` for a submodule the model does not train."""
+    names = tuple(part.strip() for part in keep.split(",") if part.strip())
+    params = {
+        key: p
+        for key, p in trainable_parameters(model).items()
+        if ".lora_A." not in key and ".lora_B." not in key
+    }
+    for name in names:
+        if not any(key.startswith(f"{name}.") for key in params):
+            raise PrivacyConfigError(
+                f"privacy.seg-trainable names {name!r}, which the segmenter does not train fully "
+                "(adapter.seg-trainable)"
+            )
+    kept = tuple(f"{name}." for name in names)
+    return {key: p for key, p in params.items() if not key.startswith(kept)}
+
+
 def parse_milestones(text: str) -> list[int]:
     """``"120,180"`` -> ``[120, 180]`` (epochs, increasing); empty -> ``[]``."""
     try:
@@ -497,7 +525,7 @@ def train_segmentation(
     if accumulation != 1:
         raise PrivacyConfigError(
             f"train.seg-grad-accumulation = {accumulation}: gradient accumulation is not supported "
-            "under sample-level DP; set it to 1 and raise train.seg-batch-size instead"
+            "under sample-level DP; set it to 1 and raise privacy.seg-batch-size instead"
         )
     with frozen_parameters(dp_frozen_parameters(model, config).values()):
         optimizer, scheduler, pull = _optimisation(model, config, proximal_ref)
@@ -508,6 +536,7 @@ def train_segmentation(
                 scheduler=scheduler,
                 before_step=private.check_per_sample_gradients,
                 precision=precision,
+                split=lambda batch: physical_batches(privacy, batch),
             )
             result = _train(private.module, loader, config=config, device=device, stepper=stepper, show=show)
             return {**result, "privacy_history": private.history()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ from shared.metric_names import (
     dice_click_name,
     metric_key,
 )
+from shared.privacy.dp_sgd import frozen_parameters
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import RoundPlan
 from shared.privacy.sampling import OneFramePerCase, poisson_loader
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from shared.training.cls import ClsCase, evaluate_classifier, train_classifier, trainable_snapshot
-    from shared.training.seg import snapshot_parameters, train_segmentation
+    from shared.training.seg import dp_untrained_parameters, snapshot_parameters, train_segmentation
     from shared.training.seg_eval import evaluate_segmentation
 
 #: The training and evaluation code, imported when first used (it imports PEFT, which imports transformers:
@@ -72,6 +74,7 @@ _TRAINING = {
     "train_classifier": "shared.training.cls",
     "trainable_snapshot": "shared.training.cls",
     "snapshot_parameters": "shared.training.seg",
+    "dp_untrained_parameters": "shared.training.seg",
     "train_segmentation": "shared.training.seg",
     "evaluate_segmentation": "shared.training.seg_eval",
 }
@@ -189,31 +192,76 @@ def train_site(
         return _train_site_private(
             models, site, config, device=device, seed=seed, proximal=proximal, plan=plan, ledger=ledger
         )
-    train_config = replace(config.train, seed=seed)
     cases = list(site.train_cases)
-    seg = models["seg"].to(device)
-    seg_ref = snapshot_parameters(seg) if proximal else None
-    seg_loader = seg_train_loader(
-        cases, config.data, batch_size=train_config.seg_batch_size, site_config=site.site_config, seed=seed
-    )
-    seg_result = train_segmentation(seg, seg_loader, config=train_config, device=device, proximal_ref=seg_ref)
-    cls = models["cls"].to(device)
-    cls_ref = trainable_snapshot(cls) if proximal else None
-    loader = cls_loader(
-        cases,
-        config.data,
-        batch_size=train_config.cls_batch_size,
-        site_config=site.site_config,
+
+    def seg_step(model: PeftModel, **train: Any) -> dict[str, Any]:
+        loader = seg_train_loader(
+            cases,
+            config.data,
+            batch_size=config.train.seg_batch_size,
+            site_config=site.site_config,
+            seed=seed,
+        )
+        return train_segmentation(model, loader, **train)
+
+    def cls_step(model: PeftModel, *, box_errors: dict[str, BoxError] | None, **train: Any) -> dict[str, Any]:
+        loader = cls_loader(
+            cases,
+            config.data,
+            batch_size=config.train.cls_batch_size,
+            site_config=site.site_config,
+            seed=seed,
+            box_errors=box_errors,
+        )
+        return train_classifier(model, loader, **train)
+
+    seg_result, cls_result = _train_models(
+        models,
+        site,
+        config,
+        device=device,
         seed=seed,
-        box_errors=_classifier_boxes(seg, site, config, device=device),
+        proximal=proximal,
+        seg_step=seg_step,
+        cls_step=cls_step,
     )
-    cls_result = train_classifier(cls, loader, config=train_config, device=device, proximal_ref=cls_ref)
     seg_losses = seg_result["epoch_loss"]
     return {
         NUM_EXAMPLES: float(len(cases)),
         metric_key(SEG_LOSS, split=TRAIN): float(seg_losses[-1]) if seg_losses else float("nan"),
         metric_key(CLS_LOSS, split=TRAIN): float(cls_result["loss"]),
     }
+
+
+def _train_models(
+    models: dict[str, PeftModel],
+    site: SiteData,
+    config: FedabusConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    proximal: bool,
+    seg_step: Callable[..., dict[str, Any]],
+    cls_step: Callable[..., dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one order of a site's round, private or not: the segmenter trains first (``seg_step(model, config=,
+    device=, proximal_ref=)``), then the classifier (``cls_step`` with the same and ``box_errors=``, the boxes
+    :func:`_classifier_boxes` measures with the segmenter just trained). ``config.train.seed`` is ``seed``; with
+    ``proximal`` each model's adapter before training is its FedProx reference. Returns both steps' results."""
+    train_config = replace(config.train, seed=seed)
+    seg = models["seg"].to(device)
+    seg_ref = snapshot_parameters(seg) if proximal else None
+    seg_result = seg_step(seg, config=train_config, device=device, proximal_ref=seg_ref)
+    cls = models["cls"].to(device)
+    cls_ref = trainable_snapshot(cls) if proximal else None
+    cls_result = cls_step(
+        cls,
+        config=train_config,
+        device=device,
+        proximal_ref=cls_ref,
+        box_errors=_classifier_boxes(seg, site, config, device=device),
+    )
+    return seg_result, cls_result
 
 
 def _classifier_boxes(
@@ -275,7 +323,8 @@ def _check_private_round(
 def _train_seg_private(
     model: PeftModel, site: SiteData, data: DataConfig, plan: RoundPlan, **train: Any
 ) -> dict[str, Any]:
-    """DP-SGD of the SAM-Med3D adapter: one crop per case, Poisson-sampled; ``train`` holds the keyword
+    """DP-SGD of the SAM-Med3D adapter: one crop per case, Poisson-sampled, LoRA and the submodules of
+    ``privacy.seg-trainable`` trained (the other fully trained ones keep their value); ``train`` holds the keyword
     arguments of :func:`train_segmentation` (``config``, ``device``, ``proximal_ref``)."""
     if plan.seg.steps == 0:
         return {"epoch_loss": [], "privacy_history": []}
@@ -288,7 +337,8 @@ def _train_seg_private(
         steps_per_epoch=plan.seg.steps_per_epoch,
         keys=("image", "mask"),
     )
-    return train_segmentation(model, loader, privacy=plan.settings("seg"), **train)
+    with frozen_parameters(dp_untrained_parameters(model, plan.seg_trainable).values()):
+        return train_segmentation(model, loader, privacy=plan.settings("seg"), **train)
 
 
 def _train_cls_private(
@@ -340,19 +390,17 @@ def _train_site_private(
     ``privacy/noise_multiplier_cls`` (0 for a model that trained no step).
     """
     plan, ledger = _check_private_round(site, config, plan, ledger)
-    train_config = replace(config.train, seed=seed)
-    seg, cls = models["seg"].to(device), models["cls"].to(device)
-    results = {
-        "seg": _train_seg_private(
-            seg, site, config.data, plan, config=train_config, device=device,
-            proximal_ref=snapshot_parameters(seg) if proximal else None,
-        )
-    }  # fmt: skip
-    results["cls"] = _train_cls_private(
-        cls, site, config.data, plan, config=train_config, device=device,
-        proximal_ref=trainable_snapshot(cls) if proximal else None,
-        box_errors=_classifier_boxes(seg, site, config, device=device),
-    )  # fmt: skip
+    seg_result, cls_result = _train_models(
+        models,
+        site,
+        config,
+        device=device,
+        seed=seed,
+        proximal=proximal,
+        seg_step=lambda model, **train: _train_seg_private(model, site, config.data, plan, **train),
+        cls_step=lambda model, **train: _train_cls_private(model, site, config.data, plan, **train),
+    )
+    results = {"seg": seg_result, "cls": cls_result}
     for name, result in results.items():
         for sigma, rate, steps in result["privacy_history"]:
             ledger.record(

@@ -16,7 +16,7 @@ optimiser and its schedule, the DP set-up.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -115,6 +115,11 @@ class Stepper:
             parameter got a per-sample gradient).
         precision: autocast around each ``loss(batch)`` and, for ``fp16``, gradient scaling (fp32: neither);
             only ``fp32`` with a DPOptimizer (ConfigError otherwise, see :func:`shared.config.check_precision`).
+        split: DP only: a batch -> its physical batches (e.g. of at most ``train.seg-batch-size`` samples), for a
+            Poisson batch larger than memory allows. Every physical batch but the last is back-propagated, then
+            clipped and summed into the batch's gradient by a skipped step (Opacus' virtual step,
+            ``signal_skip_step``); the last one's step adds the noise once and divides by the expected batch
+            size, so the update and the accounting are those of the whole Poisson batch.
     """
 
     def __init__(
@@ -126,12 +131,16 @@ class Stepper:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         before_step: Callable[[], None] | None = None,
         precision: Precision = FP32,
+        split: Callable[[Any], Sequence[Any]] | None = None,
     ) -> None:
         if accumulation < 1:
             raise ValueError(f"gradient accumulation {accumulation} must be >= 1")
         self.optimizer, self.pull, self.accumulation = optimizer, pull, accumulation
         self.scheduler, self.before_step = scheduler, before_step
         self.dp = is_dp_optimizer(optimizer)
+        if split is not None and not self.dp:
+            raise ValueError("physical batches (split) are for DP-SGD; without DP use gradient accumulation")
+        self.split = split
         check_precision(precision.name, device=precision.device_type, sample_dp=self.dp)
         self.precision, self.scaler = precision, precision.grad_scaler()
 
@@ -148,6 +157,27 @@ class Stepper:
 
     def _backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _forward_backward(
+        self, batch: Batch, loss: Callable[[Batch], tuple[torch.Tensor, int]]
+    ) -> tuple[float, int]:
+        """Back-propagate ``batch`` (split into physical batches when ``split`` is set: every one but the last is
+        clipped and summed by a skipped DP step); returns its mean loss per sample and its sample count."""
+        parts = list(self.split(batch)) if self.split is not None else [batch]
+        done: list[tuple[float, int]] = []
+        for index, part in enumerate(parts):
+            with self.precision.autocast():
+                value, size = loss(part)
+            value = value.float()
+            self._backward(value / self.accumulation)
+            done.append((float(value.detach()), size))
+            if index + 1 < len(parts):
+                self.optimizer.signal_skip_step(do_skip=True)
+                self._step()
+        if len(done) == 1:
+            return done[0]
+        count = sum(size for _, size in done)
+        return sum(value * size for value, size in done) / count, count
 
     def epoch(
         self,
@@ -178,11 +208,8 @@ class Stepper:
                 continue
             if not window:  # the caller's stale gradients never reach the first step
                 self.optimizer.zero_grad(set_to_none=True)
-            with self.precision.autocast():
-                value, size = loss(batch)
-            value = value.float()
-            self._backward(value / self.accumulation)
-            losses.append(float(value.detach()))
+            value, size = self._forward_backward(batch, loss)
+            losses.append(value)
             sizes.append(size)
             window.append(losses[-1])
             if len(window) == self.accumulation:

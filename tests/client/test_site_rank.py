@@ -1,23 +1,71 @@
-"""A site's own LoRA rank (node config ``lora-rank``): allowed only with product aggregation, uncompressed."""
+"""A site's own LoRA rank (node config ``lora-rank`` or its site TOML's): allowed only with product aggregation,
+uncompressed; one truth between the two places; and the site's models at that rank from a global adapter."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from client.task import site_settings
+from client.task import _models, site_settings
+from shared.adapters import extract_adapter, lora_specs_from_config
+from shared.base import build_random_base, working_copy, wrap_for_training
 from shared.config import ConfigError, load_run_config
+from shared.lora_aggregation import delta_weight, lora_modules, project, rank_layout
+from shared.protocol import adapter_to_record, layout_of
+from tests.shared.tiny_sam import TINY_SAM
+
+PRODUCT = {"federation.lora-aggregation": "product"}
 
 
-def _settings(tmp_path, rank, **run):
+def _settings(tmp_path, rank=None, *, toml_rank=None, **run):
+    """Site settings of a deployed site with node config ``lora-rank = rank`` and, when given, a site TOML
+    ``site/site.toml`` with ``lora-rank = toml_rank``; the run's rank is 4."""
     (tmp_path / "site").mkdir(exist_ok=True)
-    node = {"data-path": str(tmp_path / "site"), "base-path": str(tmp_path / "base"), "lora-rank": rank}
+    if toml_rank is not None:
+        (tmp_path / "site" / "site.toml").write_text(f"[site]\nlora-rank = {toml_rank}\n", encoding="utf-8")
+    node = {"data-path": str(tmp_path / "site"), "base-path": str(tmp_path / "base")}
+    if rank is not None:
+        node["lora-rank"] = rank
     return site_settings(node, load_run_config({"adapter.lora-rank": 4, **run}))
 
 
 def test_a_site_rank_is_read_from_the_node_config_under_product(tmp_path):
-    assert _settings(tmp_path, 8, **{"federation.lora-aggregation": "product"}).lora_rank == 8
+    assert _settings(tmp_path, 8, **PRODUCT).lora_rank == 8
     assert _settings(tmp_path, 4).lora_rank == 4  # the run's rank needs no product mode
     assert _settings(tmp_path, 0).lora_rank == 0
+    assert _settings(tmp_path).lora_rank == 0
+
+
+def test_a_site_rank_is_read_from_the_site_toml_and_must_agree_with_the_node_config(tmp_path):
+    assert _settings(tmp_path, toml_rank=2, **PRODUCT).lora_rank == 2
+    assert _settings(tmp_path, 2, toml_rank=2, **PRODUCT).lora_rank == 2  # the same rank twice is one truth
+    with pytest.raises(
+        ConfigError, match=r"node config lora-rank = 8, .*site\.toml lora-rank = 2; give it in one"
+    ):
+        _settings(tmp_path, 8, toml_rank=2, **PRODUCT)
+    with pytest.raises(
+        ConfigError, match=r"site\.toml: lora-rank = 2 differs from the run's adapter.lora-rank"
+    ):
+        _settings(tmp_path, toml_rank=2)
+    with pytest.raises(ConfigError, match=r"lora-rank = -1 must be >= 0"):
+        _settings(tmp_path, toml_rank=-1, **PRODUCT)
+
+
+def test_a_simulated_site_takes_its_rank_from_its_site_toml(tmp_path):
+    for name, rank in (("site_a", 2), ("site_b", 0)):
+        (tmp_path / "sites" / name).mkdir(parents=True)
+        if rank:
+            (tmp_path / "sites" / f"{name}.toml").write_text(f"lora-rank = {rank}\n", encoding="utf-8")
+    config = load_run_config(
+        {
+            "adapter.lora-rank": 4,
+            "federation.sites-dir": str(tmp_path / "sites"),
+            "model.base-path": "b",
+            **PRODUCT,
+        }
+    )
+    ranks = [site_settings({"partition-id": index}, config).lora_rank for index in (0, 1)]
+    assert ranks == [2, 0]
 
 
 @pytest.mark.parametrize(
@@ -26,12 +74,50 @@ def test_a_site_rank_is_read_from_the_node_config_under_product(tmp_path):
         {},
         {"federation.lora-aggregation": "ffa"},
         {"federation.lora-aggregation": "product", "federation.compression": "int8"},
+        {"federation.lora-aggregation": "product", "federation.compression": "fp16"},
     ],
 )
 def test_another_site_rank_is_refused_outside_uncompressed_product(tmp_path, run):
     with pytest.raises(
-        ConfigError, match=r"lora-rank = 2 .*adapter.lora-rank = 4.*federation.lora-aggregation"
+        ConfigError,
+        match=r"node config lora-rank = 2 .*adapter.lora-rank = 4.*federation.lora-aggregation = 'product' and "
+        r"federation.compression = 'none'",
     ):
         _settings(tmp_path, 2, **run)
     with pytest.raises(ConfigError, match="must be an integer"):
-        _settings(tmp_path, "two", **{"federation.lora-aggregation": "product"})
+        _settings(tmp_path, "two", **PRODUCT)
+
+
+def test_the_site_models_at_their_own_rank_hold_the_projected_global_adapter():
+    """client/task.py ``_models`` at rank 2 receiving a global adapter of rank 4 (alpha 16): every LoRA module of
+    both models is at rank 2 and applies the optimal rank-2 approximation of the global ΔW (its truncated SVD, at
+    the site's scaling 16 / 2); every fully trained tensor is the global one."""
+    config = load_run_config({"adapter.lora-rank": 4, "adapter.lora-alpha": 16.0, **PRODUCT})
+    base = build_random_base(TINY_SAM, cls_depth=18, cls_norm_groups=8, seed=0)
+    specs = lora_specs_from_config(config.adapter)
+    global_models = wrap_for_training(working_copy(base, specs), specs)
+    torch.manual_seed(1)
+    for model in global_models.values():  # PEFT starts B at 0 (ΔW = 0): give the global adapter a real ΔW
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param.data)
+    global_tensors = extract_adapter(global_models, base_fingerprints=base.fingerprints).tensors
+
+    models, received = _models(base, config, adapter_to_record(global_tensors, mode="product"), rank=2)
+
+    own = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
+    assert layout_of(own) == rank_layout(layout_of(global_tensors), 2) == layout_of(received)
+    scaling4, scaling2 = {"seg": 4.0, "cls": 4.0}, {"seg": 8.0, "cls": 8.0}
+    want = project(global_tensors, rank=2, scaling=scaling4, to_scaling=scaling2)
+    modules = lora_modules(global_tensors)
+    assert modules and {m.split(".", 1)[0] for m in modules} == {"seg", "cls"}
+    for name, tensor in own.items():
+        torch.testing.assert_close(tensor, want[name])
+        torch.testing.assert_close(received[name], want[name])
+    for a_name, b_name in list(modules.values())[:: max(1, len(modules) // 4)]:
+        full = delta_weight(global_tensors[a_name], global_tensors[b_name], 4.0)
+        u, s, vh = torch.linalg.svd(full)
+        best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+        torch.testing.assert_close(delta_weight(own[a_name], own[b_name], 8.0), best, rtol=1e-4, atol=1e-5)
+    decoder = [n for n in own if n.startswith("seg.mask_decoder.")]
+    assert decoder and all(torch.equal(own[n], global_tensors[n]) for n in decoder)

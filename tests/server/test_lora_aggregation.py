@@ -13,45 +13,18 @@ from shared.lora_aggregation import (
     weighted_mean,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-LIN = "seg.enc.qkv"
-CONV = "cls.conv"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `lora`: tests/server/conftest.py
 
 
-def site(rank: int, seed: int, *, out: int = 6, inp: int = 5) -> dict[str, torch.Tensor]:
-    """A site adapter: one linear LoRA module, one conv LoRA module, one fully trained tensor."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        f"{LIN}.lora_A.weight": torch.randn(rank, inp, generator=g),
-        f"{LIN}.lora_B.weight": torch.randn(out, rank, generator=g),
-        f"{CONV}.lora_A.weight": torch.randn(rank, 3, 3, 3, generator=g),
-        f"{CONV}.lora_B.weight": torch.randn(4, rank, 1, 1, generator=g),
-        "seg.mask_decoder.w": torch.randn(3, generator=g),
-    }
-
-
-def layout(rank: int) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in site(rank, 0).items()}
-
-
-def dense_mean(updates, weights, module: str, scaling: float) -> torch.Tensor:
-    total = sum(weights)
-    return sum(
-        w / total * delta_weight(u[f"{module}.lora_A.weight"], u[f"{module}.lora_B.weight"], scaling)
-        for w, u in zip(weights, updates, strict=True)
-    )
-
-
-def test_product_is_the_exact_weighted_mean_of_delta_w_when_the_rank_suffices():
-    updates, weights, scaling = [site(2, 1), site(2, 2)], [3.0, 1.0], {"seg": 0.5, "cls": 2.0}
-    result = product_aggregate(updates, weights, layout=layout(4), scaling=scaling)
-    for module, prefix in ((LIN, "seg"), (CONV, "cls")):
+def test_product_is_the_exact_weighted_mean_of_delta_w_when_the_rank_suffices(lora):
+    updates, weights, scaling = [lora.site(2, 1), lora.site(2, 2)], [3.0, 1.0], {"seg": 0.5, "cls": 2.0}
+    result = product_aggregate(updates, weights, layout=lora.layout(4), scaling=scaling)
+    for module, prefix in ((lora.LIN, "seg"), (lora.CONV, "cls")):
         a, b = result.tensors[f"{module}.lora_A.weight"], result.tensors[f"{module}.lora_B.weight"]
         assert a.shape[0] == 4 and b.shape[1] == 4 and a.dtype == torch.float32
         got = delta_weight(a, b, scaling[prefix])
         torch.testing.assert_close(
-            got, dense_mean(updates, weights, module, scaling[prefix]), atol=1e-5, rtol=1e-5
+            got, lora.dense_mean(updates, weights, module, scaling[prefix]), atol=1e-5, rtol=1e-5
         )
     torch.testing.assert_close(
         result.tensors["seg.mask_decoder.w"],
@@ -60,28 +33,25 @@ def test_product_is_the_exact_weighted_mean_of_delta_w_when_the_rank_suffices():
     assert result.discarded_energy == pytest.approx(0.0, abs=1e-10)
 
 
-def test_product_keeps_sites_of_another_scaling_consistent():
-    updates, weights = [site(2, 3), site(4, 4)], [1.0, 1.0]
+def test_product_keeps_sites_of_another_scaling_consistent(lora):
+    updates, weights = [lora.site(2, 3), lora.site(4, 4)], [1.0, 1.0]
     site_scaling = [{"seg": 2.0, "cls": 2.0}, {"seg": 1.0, "cls": 1.0}]  # alpha 4, ranks 2 and 4
     result = product_aggregate(
         updates,
         weights,
-        layout=layout(6),
+        layout=lora.layout(6),
         scaling={"seg": 4.0 / 6, "cls": 4.0 / 6},
         site_scaling=site_scaling,
     )
-    a, b = result.tensors[f"{LIN}.lora_A.weight"], result.tensors[f"{LIN}.lora_B.weight"]
-    want = 0.5 * delta_weight(
-        *[updates[0][f"{LIN}.lora_{x}.weight"] for x in "AB"], 2.0
-    ) + 0.5 * delta_weight(*[updates[1][f"{LIN}.lora_{x}.weight"] for x in "AB"], 1.0)
-    torch.testing.assert_close(delta_weight(a, b, 4.0 / 6), want, atol=1e-5, rtol=1e-5)
+    want = lora.dense_mean(updates, weights, lora.LIN, [2.0, 1.0])
+    torch.testing.assert_close(lora.delta(result.tensors, lora.LIN, 4.0 / 6), want, atol=1e-5, rtol=1e-5)
 
 
-def test_truncation_is_the_optimal_rank_r_approximation():
-    updates, weights, s = [site(2, 5), site(2, 6), site(2, 7)], [1.0, 2.0, 3.0], 1.5
-    result = product_aggregate(updates, weights, layout=layout(2), scaling={"seg": s, "cls": s})
-    target = dense_mean(updates, weights, LIN, s)
-    a, b = result.tensors[f"{LIN}.lora_A.weight"], result.tensors[f"{LIN}.lora_B.weight"]
+def test_truncation_is_the_optimal_rank_r_approximation(lora):
+    updates, weights, s = [lora.site(2, 5), lora.site(2, 6), lora.site(2, 7)], [1.0, 2.0, 3.0], 1.5
+    result = product_aggregate(updates, weights, layout=lora.layout(2), scaling={"seg": s, "cls": s})
+    target = lora.dense_mean(updates, weights, lora.LIN, s)
+    a, b = result.tensors[f"{lora.LIN}.lora_A.weight"], result.tensors[f"{lora.LIN}.lora_B.weight"]
     error = torch.linalg.norm(target - delta_weight(a, b, s))
     u, sigma, vh = torch.linalg.svd(target)
     best = u[:, :2] @ torch.diag(sigma[:2]) @ vh[:2]
@@ -96,7 +66,7 @@ def test_truncation_is_the_optimal_rank_r_approximation():
     # the reported energy is over both modules: check the linear one on its own
     _, _, dropped, total = refactorise(
         [
-            (w / 6 * s * u_[f"{LIN}.lora_B.weight"].double(), u_[f"{LIN}.lora_A.weight"].double())
+            (w / 6 * s * u_[f"{lora.LIN}.lora_B.weight"].double(), u_[f"{lora.LIN}.lora_A.weight"].double())
             for w, u_ in zip(weights, updates, strict=True)
         ],
         rank=2,
@@ -117,21 +87,21 @@ def test_refactorise_with_more_rank_than_the_sum_uses_a_dense_svd():
     assert new_a.shape == (3, 5) and dropped == pytest.approx(0.0, abs=1e-20)
 
 
-def test_zero_update_keeps_lora_trainable():
-    update = site(2, 8)
-    update[f"{LIN}.lora_B.weight"].zero_()
-    result = product_aggregate([update], [1.0], layout=layout(2), scaling={"seg": 1.0, "cls": 1.0})
-    assert torch.count_nonzero(result.tensors[f"{LIN}.lora_B.weight"]) == 0
-    rows = torch.linalg.norm(result.tensors[f"{LIN}.lora_A.weight"], dim=1)
+def test_zero_update_keeps_lora_trainable(lora):
+    update = lora.site(2, 8)
+    update[f"{lora.LIN}.lora_B.weight"].zero_()
+    result = product_aggregate([update], [1.0], layout=lora.layout(2), scaling={"seg": 1.0, "cls": 1.0})
+    assert torch.count_nonzero(result.tensors[f"{lora.LIN}.lora_B.weight"]) == 0
+    rows = torch.linalg.norm(result.tensors[f"{lora.LIN}.lora_A.weight"], dim=1)
     torch.testing.assert_close(rows, torch.full((2,), 3**-0.5))
 
 
-def test_refusals():
+def test_refusals(lora):
     with pytest.raises(ValueError, match="no partner"):
         lora_modules(["seg.x.lora_A.weight"])
     with pytest.raises(ValueError, match="no partner"):
         lora_modules(["seg.x.lora_B.weight"])
     with pytest.raises(ValueError, match="weights"):
-        weighted_mean([site(2, 0)], [0.0])
+        weighted_mean([lora.site(2, 0)], [0.0])
     with pytest.raises(ValueError, match="product"):
         delta_weight(torch.zeros(2, 5), torch.zeros(6, 3), 1.0)

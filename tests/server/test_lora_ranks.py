@@ -1,5 +1,6 @@
 """Heterogeneous LoRA ranks under federation.lora-aggregation = product: exact ΔW aggregation across ranks, the
-optimal projection to a site's rank, PEFT's per-rank scaling, one rank per record, and admission."""
+optimal projection to a site's rank, PEFT's per-rank scaling, one rank per record, admission, the product
+strategy on Flower replies at mixed ranks, and compression's refusal."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from server.admission import AdmissionLimits, Candidate, admit
+from shared.config import FederationConfig
 from shared.lora_aggregation import (
     delta_weight,
     layout_rank,
@@ -17,61 +19,40 @@ from shared.lora_aggregation import (
     rank_layout,
     scaling_at_rank,
 )
-from shared.protocol import adapter_to_record, record_rank, record_to_adapter, travelling_layout
+from shared.metric_names import LORA_DISCARDED_ENERGY
+from shared.protocol import (
+    adapter_to_record,
+    record_rank,
+    record_to_adapter,
+    travelling_layout,
+    update_to_record,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-LIN = "seg.enc.qkv"
-CONV = "cls.conv"
-ALPHA = 16.0
-
-
-def site(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    """A site adapter at ``rank``: one linear and one conv LoRA module, one fully trained tensor."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        f"{LIN}.lora_A.weight": torch.randn(rank, 5, generator=g),
-        f"{LIN}.lora_B.weight": torch.randn(6, rank, generator=g),
-        f"{CONV}.lora_A.weight": torch.randn(rank, 3, 3, 3, generator=g),
-        f"{CONV}.lora_B.weight": torch.randn(4, rank, 1, 1, generator=g),
-        "seg.mask_decoder.w": torch.randn(3, generator=g),
-    }
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `lora`: tests/server/conftest.py
 
 
-def layout(rank: int) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in site(rank, 0).items()}
-
-
-def scaling(rank: int) -> dict[str, float]:
-    return {"seg": ALPHA / rank, "cls": ALPHA / rank}
-
-
-def delta(tensors, module: str, s: float) -> torch.Tensor:
-    return delta_weight(tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"], s)
-
-
-def test_rank_layout_and_the_scaling_rule_keep_alpha():
-    assert rank_layout(layout(4), 2) == layout(2)
-    assert layout_rank(layout(3)) == 3
-    assert scaling_at_rank(scaling(4), 4, 2) == scaling(2)  # alpha / r at every rank
+def test_rank_layout_and_the_scaling_rule_keep_alpha(lora):
+    assert rank_layout(lora.layout(4), 2) == lora.layout(2)
+    assert layout_rank(lora.layout(3)) == 3
+    assert scaling_at_rank(lora.scaling(4), 4, 2) == lora.scaling(2)  # alpha / r at every rank
 
 
 @pytest.mark.parametrize("global_rank", [6, 8])
-def test_mixed_ranks_aggregate_to_the_exact_weighted_mean_of_their_delta_w(global_rank):
+def test_mixed_ranks_aggregate_to_the_exact_weighted_mean_of_their_delta_w(global_rank, lora):
     """Sites at rank 2 and 4 (alpha fixed, so scalings 8 and 4): with a global rank >= 2 + 4 the aggregate's ΔW is
     exactly Σ wᵢ sᵢ Bᵢ Aᵢ, and nothing is discarded."""
-    sites, weights = [site(2, 1), site(4, 2)], [3.0, 1.0]
+    sites, weights = [lora.site(2, 1), lora.site(4, 2)], [3.0, 1.0]
     result = product_aggregate(
         sites,
         weights,
-        layout=layout(global_rank),
-        scaling=scaling(global_rank),
-        site_scaling=[scaling(2), scaling(4)],
+        layout=lora.layout(global_rank),
+        scaling=lora.scaling(global_rank),
+        site_scaling=[lora.scaling(2), lora.scaling(4)],
     )
     assert result.discarded_energy == pytest.approx(0.0, abs=1e-12)
-    for module in (LIN, CONV):
-        want = 0.75 * delta(sites[0], module, ALPHA / 2) + 0.25 * delta(sites[1], module, ALPHA / 4)
-        got = delta(result.tensors, module, ALPHA / global_rank)
+    for module in (lora.LIN, lora.CONV):
+        want = lora.dense_mean(sites, weights, module, [lora.alpha / 2, lora.alpha / 4])
+        got = lora.delta(result.tensors, module, lora.alpha / global_rank)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
         result.tensors["seg.mask_decoder.w"],
@@ -80,36 +61,36 @@ def test_mixed_ranks_aggregate_to_the_exact_weighted_mean_of_their_delta_w(globa
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
-def test_projection_to_a_site_rank_is_the_optimal_truncated_svd(rank):
+def test_projection_to_a_site_rank_is_the_optimal_truncated_svd(rank, lora):
     """project() gives torch.linalg.svd's rank-r truncation of the global ΔW (at the site's own scaling), and its
     error is the discarded singular values' energy (Eckart–Young)."""
-    global_adapter = site(4, 7)
-    projected = project(global_adapter, rank=rank, scaling=scaling(4), to_scaling=scaling(rank))
-    assert {n: tuple(t.shape) for n, t in projected.items()} == layout(rank)
+    global_adapter = lora.site(4, 7)
+    projected = project(global_adapter, rank=rank, scaling=lora.scaling(4), to_scaling=lora.scaling(rank))
+    assert {n: tuple(t.shape) for n, t in projected.items()} == lora.layout(rank)
     torch.testing.assert_close(projected["seg.mask_decoder.w"], global_adapter["seg.mask_decoder.w"])
-    for module in (LIN, CONV):
-        full = delta(global_adapter, module, ALPHA / 4)
+    for module in (lora.LIN, lora.CONV):
+        full = lora.delta(global_adapter, module, lora.alpha / 4)
         u, s, vh = torch.linalg.svd(full)
         best = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-        got = delta(projected, module, ALPHA / rank)
+        got = lora.delta(projected, module, lora.alpha / rank)
         torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-5)
         error = float(torch.linalg.matrix_norm(full - got) ** 2)
         assert error == pytest.approx(float(s[rank:].square().sum()), rel=1e-5)
 
 
-def test_projection_to_a_higher_rank_is_exact():
-    global_adapter = site(2, 3)
-    projected = project(global_adapter, rank=4, scaling=scaling(2), to_scaling=scaling(4))
-    for module in (LIN, CONV):
+def test_projection_to_a_higher_rank_is_exact(lora):
+    global_adapter = lora.site(2, 3)
+    projected = project(global_adapter, rank=4, scaling=lora.scaling(2), to_scaling=lora.scaling(4))
+    for module in (lora.LIN, lora.CONV):
         torch.testing.assert_close(
-            delta(projected, module, ALPHA / 4),
-            delta(global_adapter, module, ALPHA / 2),
+            lora.delta(projected, module, lora.alpha / 4),
+            lora.delta(global_adapter, module, lora.alpha / 2),
             rtol=1e-6,
             atol=1e-6,
         )
 
 
-def test_the_delta_w_is_what_peft_applies_at_each_rank():
+def test_the_delta_w_is_what_peft_applies_at_each_rank(lora):
     """A PEFT-wrapped nn.Linear at r=2 and r=4, both alpha 16: the ΔW the aggregation uses (scaling alpha / r) is
     PEFT's own merged weight delta."""
     from peft import LoraConfig, get_peft_model
@@ -119,34 +100,34 @@ def test_the_delta_w_is_what_peft_applies_at_each_rank():
         base = nn.Sequential()
         base.add_module("lin", nn.Linear(5, 6, bias=False))
         weight = base.lin.weight.detach().clone()
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=["lin"]))
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=lora.alpha, target_modules=["lin"]))
         layer = model.base_model.model.lin
         nn.init.normal_(layer.lora_B["default"].weight)  # PEFT starts B at 0
         a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-        s = scaling_at_rank({"seg": ALPHA / 4}, 4, rank)["seg"]
+        s = scaling_at_rank({"seg": lora.alpha / 4}, 4, rank)["seg"]
         merged = model.merge_and_unload().lin.weight.detach()
         torch.testing.assert_close(delta_weight(a, b, s).float(), merged - weight, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["naive", "ffa", "product"])
-def test_a_record_decodes_at_exactly_one_rank(mode):
-    record = adapter_to_record(site(2, 1), mode=mode)
+def test_a_record_decodes_at_exactly_one_rank(mode, lora):
+    record = adapter_to_record(lora.site(2, 1), mode=mode)
     shapes = {key: tuple(record[key].shape) for key in record.keys()}
-    assert record_rank(shapes, layout(4), mode) == 2
-    assert record_rank(shapes, layout(1), mode) == 2
+    assert record_rank(shapes, lora.layout(4), mode) == 2
+    assert record_rank(shapes, lora.layout(1), mode) == 2
     wrong = {**shapes, "seg": (shapes["seg"][0] + 1,)}
-    assert record_rank(wrong, layout(4), mode) is None
-    decoded = record_to_adapter(record, rank_layout(layout(4), 2), mode=mode)
-    assert set(decoded) == set(travelling_layout(layout(2), mode))
+    assert record_rank(wrong, lora.layout(4), mode) is None
+    decoded = record_to_adapter(record, rank_layout(lora.layout(4), 2), mode=mode)
+    assert set(decoded) == set(travelling_layout(lora.layout(2), mode))
 
 
 def _packed(tensors) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in adapter_to_record(tensors, mode="product").items()}
 
 
-def test_a_reply_at_another_rank_is_refused_outside_product_mode():
-    reference = _packed(site(4, 0))
-    candidate = Candidate("site-2", 1, _packed(site(2, 1)), {"num-examples": 3.0}, rank=2)
+def test_a_reply_at_another_rank_is_refused_outside_product_mode(lora):
+    reference = _packed(lora.site(4, 0))
+    candidate = Candidate("site-2", 1, _packed(lora.site(2, 1)), {"num-examples": 3.0}, rank=2)
     for mode in ("naive", "ffa"):
         decision = admit(
             [candidate], reference=reference, server_round=1, limits=AdmissionLimits(), lora_aggregation=mode
@@ -159,10 +140,10 @@ def test_a_reply_at_another_rank_is_refused_outside_product_mode():
         )
 
 
-def test_a_reply_at_another_rank_is_admitted_in_product_mode_against_the_projected_global():
-    global_adapter = site(4, 0)
-    projected = _packed(project(global_adapter, rank=2, scaling=scaling(4), to_scaling=scaling(2)))
-    update = _packed(site(2, 1))
+def test_a_reply_at_another_rank_is_admitted_in_product_mode_against_the_projected_global(lora):
+    global_adapter = lora.site(4, 0)
+    projected = _packed(project(global_adapter, rank=2, scaling=lora.scaling(4), to_scaling=lora.scaling(2)))
+    update = _packed(lora.site(2, 1))
     candidate = Candidate("site-2", 1, update, {"num-examples": 3.0}, rank=2, reference=projected)
     decision = admit(
         [candidate],
@@ -184,3 +165,82 @@ def test_a_reply_at_another_rank_is_admitted_in_product_mode_against_the_project
         lora_aggregation="product",
     )
     assert decision.admitted == [] and "shape" in decision.refused[0][2]
+
+
+def _start(global_adapter, global_rank: int, rank: int, lora):
+    """What a site of ``rank`` trains from: the global adapter, projected to its rank when that is another."""
+    if rank == global_rank:
+        return dict(global_adapter)
+    return project(
+        global_adapter, rank=rank, scaling=lora.scaling(global_rank), to_scaling=lora.scaling(rank)
+    )
+
+
+def _mixed_rank_round(train_round, lora, global_rank: int, sites: int, **federation):
+    global_adapter = lora.site(global_rank, 0)
+    config = FederationConfig(strategy="fedavg", lora_aggregation="product", **federation)
+    rnd = train_round(
+        config,
+        sites=sites,
+        global_value=_packed(global_adapter),
+        adapter_layout=lora.layout(global_rank),
+        lora_scaling=lora.scaling(global_rank),
+    )
+    return rnd, global_adapter
+
+
+@pytest.mark.parametrize("global_rank", [6, 4])
+def test_the_product_strategy_aggregates_flower_replies_at_mixed_ranks(train_round, lora, global_rank):
+    """Flower Messages through build_strategy's product FedAvg: sites at rank 2 and 4 (3 and 1 training cases)
+    each send their own-rank start plus a step. The absolute norm bound (2.0) admits them only because the
+    server measures each against the global adapter projected to that site's rank; a third site's far-away
+    rank-2 update is refused. The aggregate's ΔW is the dense weighted mean of the sites' ΔW (each at its own
+    scaling alpha / rᵢ), exactly at global rank 6 = 2 + 4, and its optimal rank-4 truncation at global rank 4."""
+    rnd, global_adapter = _mixed_rank_round(
+        train_round, lora, global_rank, sites=3, min_sites=2, max_update_norm=2.0
+    )
+    ranks, weights = (2, 4), (3.0, 1.0)
+    updates = []
+    for node, rank in enumerate(ranks, start=1):
+        step = lora.site(rank, 10 + node)
+        start = _start(global_adapter, global_rank, rank, lora)
+        updates.append({name: value + 0.1 * step[name] for name, value in start.items()})
+    replies = [
+        rnd.reply(node, adapter_to_record(update, mode="product"), examples=w)
+        for node, (update, w) in enumerate(zip(updates, weights, strict=True), start=1)
+    ]
+    replies.append(rnd.reply(3, adapter_to_record(lora.site(2, 99), mode="product"), examples=5.0))
+    arrays, _ = rnd.strategy.aggregate_train(1, replies)
+    assert list(rnd.strategy.last_refusals) == ["site-3"] and "norm" in rnd.strategy.last_refusals["site-3"]
+    out = record_to_adapter(arrays, lora.layout(global_rank), mode="product")
+    for module in lora.MODULES:
+        want = lora.dense_mean(updates, weights, module, [lora.alpha / r for r in ranks])
+        if global_rank < sum(ranks):
+            u, s, vh = torch.linalg.svd(want)
+            want = u[:, :global_rank] @ torch.diag(s[:global_rank]) @ vh[:global_rank]
+        got = lora.delta(out, module, lora.alpha / global_rank)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out[lora.DECODER], 0.75 * updates[0][lora.DECODER] + 0.25 * updates[1][lora.DECODER]
+    )
+    energy = rnd.strategy.aggregation_metrics()[LORA_DISCARDED_ENERGY]
+    assert (energy == pytest.approx(0.0, abs=1e-9)) == (global_rank >= sum(ranks))
+
+
+@pytest.mark.parametrize("compression", ["fp16", "int8"])
+def test_a_compressed_update_at_another_rank_is_refused_naming_the_site(train_round, lora, compression):
+    """Mixed ranks and federation.compression: a lossy update is a difference from what the site received (its
+    projection), at another layout than the server's reference, so the server refuses it with a reason (the site
+    refuses to train that way in the first place: tests/client/test_site_rank.py); the site at the global rank
+    is aggregated."""
+    rnd, global_adapter = _mixed_rank_round(
+        train_round, lora, 4, sites=2, min_sites=1, compression=compression
+    )
+    same, _ = update_to_record(lora.site(4, 1), global_adapter, mode="product", compression=compression)
+    start = _start(global_adapter, 4, 2, lora)
+    other, _ = update_to_record(lora.site(2, 2), start, mode="product", compression=compression)
+    arrays, _ = rnd.strategy.aggregate_train(1, [rnd.reply(1, same), rnd.reply(2, other)])
+    assert arrays is not None and list(rnd.strategy.last_refusals) == ["site-2"]
+    reason = rnd.strategy.last_refusals["site-2"]
+    assert "at LoRA rank 2, not 4" in reason and "federation.compression = 'none'" in reason, reason
+    assert compression in reason, reason

@@ -172,6 +172,28 @@ def test_fedprox_survives_privatisation_in_segmentation() -> None:
     assert distances[20.0] < 0.8 * distances[0.0]
 
 
+def test_a_poisson_batch_in_physical_batches_is_one_noisy_step_with_the_same_update() -> None:
+    """privacy.seg-batch-size above train.seg-batch-size: a Poisson batch of 4 cases trained as physical batches
+    of 1 (Opacus' virtual steps: clipped and summed, then one noisy step) gives the update of the whole batch at
+    once, with the same noise, and the accountant counts one step per Poisson batch."""
+    cases = seg_cases(4)
+    config = replace(SEG_CONFIG, seg_epochs=1)
+    results, params = [], []
+    for physical in (0, 1):
+        model = sam(seed=3)
+        loader = poisson_loader(cases, sample_rate=1.0, steps_per_epoch=2, keys=("image", "mask"), seed=0)
+        dp = replace(settings(4, 4, steps=2), physical_batch_size=physical)
+        results.append(train_segmentation(model, loader, config=config, device="cpu", privacy=dp))
+        params.append({n: p.detach().clone() for n, p in trainable_parameters(model).items()})
+    for result in results:
+        assert (
+            result["steps"] == 2 and result["examples"] == 8 and result["privacy_history"] == [(1.0, 1.0, 2)]
+        )
+    np.testing.assert_allclose(results[1]["loss_history"], results[0]["loss_history"], rtol=1e-4)
+    for name, value in params[0].items():
+        torch.testing.assert_close(params[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_empty_poisson_batches_are_noise_only_steps_and_accounted() -> None:
     model = sam()
     before = snapshot_parameters(model)

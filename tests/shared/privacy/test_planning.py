@@ -21,6 +21,7 @@ N_CASES = 20
 #: Segmentation: batch 4 of 20 cases (q = 0.2, 5 steps per epoch), 2 epochs; classifier: batch 8 (q = 0.4,
 #: 3 steps per epoch), 1 epoch.
 TRAIN = {
+    "privacy.seg-batch-size": 0,
     "train.seg-batch-size": 4,
     "train.seg-epochs": 2,
     "train.cls-batch-size": 8,
@@ -70,6 +71,20 @@ def test_target_epsilon_is_spread_over_the_planned_run(tmp_path) -> None:
     extra = plan_private_round(config, N_CASES, 2, final, server_round=3)
     assert not extra.allowed
     assert "seg: ε would reach" in extra.reason and "cls:" in extra.reason and "budget 3" in extra.reason
+
+
+def test_the_segmenter_has_its_own_dp_batch_trained_in_physical_batches(tmp_path) -> None:
+    """privacy.seg-batch-size = 10 of 20 cases: q = 0.5, 2 steps per epoch, the noise divided by 10, and physical
+    batches of train.seg-batch-size (4); the classifier keeps train.cls-batch-size."""
+    config = dp_config(**{"privacy.seg-batch-size": 10, "privacy.target-epsilon": 8.0})
+    plan = plan_private_round(config, N_CASES, 1, PrivacyLedger.open(tmp_path))
+    seg = plan.seg
+    assert (seg.sample_rate, seg.steps_per_epoch, seg.steps, seg.expected_batch_size) == (0.5, 2, 4, 10)
+    assert seg.physical_batch_size == 4 and plan.settings("seg").physical_batch_size == 4
+    assert plan.settings("seg").expected_batch_size == 10
+    assert (plan.cls.sample_rate, plan.cls.expected_batch_size, plan.cls.physical_batch_size) == (0.4, 8, 8)
+    default = plan_private_round(dp_config(), N_CASES, 1, PrivacyLedger.open(tmp_path / "b"))
+    assert (default.seg.sample_rate, default.seg.expected_batch_size) == (0.2, 4)  # 0: train.seg-batch-size
 
 
 def test_noise_multiplier_and_delta_as_given_and_no_budget(tmp_path) -> None:
@@ -131,6 +146,7 @@ def test_a_negative_site_budget_is_refused() -> None:
         ({"privacy.client-dp": "server-fixed", "privacy.client-clip-norm": 0.0}, "privacy.client-clip-norm"),
         ({"train.seg-grad-accumulation": 2}, "train.seg-grad-accumulation"),
         ({"train.cls-batch-size": 0}, "train.cls-batch-size"),
+        ({"privacy.seg-batch-size": -1}, "privacy.seg-batch-size"),
     ],
 )
 def test_misconfigurations_are_refused_naming_the_setting(tmp_path, values, setting) -> None:

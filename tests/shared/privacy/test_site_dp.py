@@ -12,30 +12,20 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from shared.adapters import extract_adapter, lora_specs_from_config
-from shared.base import build_random_base, wrap_for_training
+from shared.adapters import extract_adapter
 from shared.config import load_config
-from shared.data.synth import SynthOptions, generate_consortium
 from shared.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
 from shared.privacy.planning import plan_private_round
+from shared.privacy.validation import PrivacyConfigError
 from shared.training import site as site_module
-from shared.training.site import open_site, train_site
-from tests.shared.tiny_sam import TINY_SAM, P
+from shared.training.seg import dp_untrained_parameters
+from shared.training.site import train_site
+from tests.shared.tiny_sam import TINY_RUN
 
 RUN = {
-    "data.patch-size": P,
-    "data.crop-jitter-voxels": 2,
-    "data.planes-frames": 2,
-    "data.planes-size": 32,
-    "model.cls-depth": 18,
-    "model.cls-norm-groups": 8,
-    "train.seg-epochs": 1,
-    "train.seg-batch-size": 2,
+    **TINY_RUN,
     "train.seg-click-iterations": 2,
     "train.seg-clicks-per-step": 2,
-    "train.cls-epochs": 1,
-    "train.cls-batch-size": 2,
-    "train.progress": False,
     "privacy.sample-dp": True,
     "privacy.target-epsilon": 20.0,
 }
@@ -49,29 +39,24 @@ METRICS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; tiny_*: tests/shared/conftest.py
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    options = SynthOptions(shape=(40, 48, 48), lesion_median_cm3=0.3, second_lesion_prob=0.0)
-    site_dir = generate_consortium(
-        tmp_path_factory.mktemp("sites"), sites=1, cases=6, seed=3, options=options
-    )[0]
-    return open_site(site_dir)
+@pytest.fixture
+def site(tiny_site):
+    return tiny_site
 
 
-def fresh_models():
-    base = build_random_base(TINY_SAM, cls_depth=18, cls_norm_groups=8, seed=0)
-    models = wrap_for_training(base, lora_specs_from_config(load_config(RUN).adapter))
-    return base, models
+@pytest.fixture
+def fresh_models(tiny_models):
+    return lambda: tiny_models(load_config(RUN).adapter)
 
 
 def adapter(base, models) -> dict[str, torch.Tensor]:
     return extract_adapter(models, base_fingerprints=base.fingerprints).tensors
 
 
-def test_private_rounds_spend_the_budget_and_record_it(site, tmp_path) -> None:
+def test_private_rounds_spend_the_budget_and_record_it(site, fresh_models, tmp_path) -> None:
     config = load_config(RUN)
     n = len(site.train_cases)
     base, models = fresh_models()
@@ -120,7 +105,7 @@ def test_private_rounds_spend_the_budget_and_record_it(site, tmp_path) -> None:
     assert PrivacyLedger.open(tmp_path).steps("seg") == 2 * plan.seg.steps
 
 
-def test_nothing_is_recorded_when_a_round_fails(site, tmp_path, monkeypatch) -> None:
+def test_nothing_is_recorded_when_a_round_fails(site, fresh_models, tmp_path, monkeypatch) -> None:
     config = load_config(RUN)
     _, models = fresh_models()
     plan = plan_private_round(config, len(site.train_cases), 2, PrivacyLedger.open(tmp_path))
@@ -135,7 +120,7 @@ def test_nothing_is_recorded_when_a_round_fails(site, tmp_path, monkeypatch) -> 
     assert PrivacyLedger.open(tmp_path).steps("seg") == 0 and not ledger.path.exists()
 
 
-def test_a_private_round_needs_a_plan_and_a_ledger(site, tmp_path) -> None:
+def test_a_private_round_needs_a_plan_and_a_ledger(site, fresh_models, tmp_path) -> None:
     _, models = fresh_models()
     with pytest.raises(ValueError, match="plan="):
         train_site(models, site, load_config(RUN), device=torch.device("cpu"))
@@ -149,3 +134,23 @@ def test_a_private_round_needs_a_plan_and_a_ledger(site, tmp_path) -> None:
             plan=other,
             ledger=PrivacyLedger.open(tmp_path),
         )
+
+
+def test_the_dp_recipe_keys_batch_and_trainable_set(site, fresh_models, tmp_path) -> None:
+    """privacy.seg-batch-size = 6 (every case each step, in physical batches of 2) and privacy.seg-trainable = ""
+    (LoRA only): one DP step per epoch at q = 1, the mask decoder keeps its value and still travels, LoRA B moves."""
+    config = load_config({**RUN, "privacy.seg-batch-size": 6, "privacy.seg-trainable": ""})
+    base, models = fresh_models()
+    start = adapter(base, models)
+    plan = plan_private_round(config, len(site.train_cases), 2, PrivacyLedger.open(tmp_path))
+    assert (plan.seg.sample_rate, plan.seg.steps, plan.seg.physical_batch_size) == (1.0, 1, 2)
+    train_site(
+        models, site, config, device=torch.device("cpu"), plan=plan, ledger=PrivacyLedger.open(tmp_path)
+    )
+    after = adapter(base, models)
+    assert set(after) == set(start)
+    decoder = [k for k in start if k.startswith("seg.mask_decoder.")]
+    assert decoder and all(torch.equal(after[k], start[k]) for k in decoder)
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("seg.") and "lora_B" in k)
+    with pytest.raises(PrivacyConfigError, match="privacy.seg-trainable names 'image_encoder'"):
+        dp_untrained_parameters(models["seg"], "image_encoder")

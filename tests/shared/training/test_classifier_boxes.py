@@ -6,48 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from shared.adapters import lora_specs_from_config
-from shared.base import build_random_base, wrap_for_training
 from shared.config import ConfigError, load_config
 from shared.data.loaders import LoadCased, TriPlanesd
 from shared.data.planes import BoxError, largest_lesion_box, planes_from_config
-from shared.data.synth import SynthOptions, generate_consortium
 from shared.training import site as site_module
-from shared.training.site import open_site, train_site
-from tests.shared.tiny_sam import TINY_SAM, P
+from shared.training.site import train_site
+from tests.shared.tiny_sam import TINY_RUN
 
 RUN = {
-    "data.patch-size": P,
-    "data.crop-jitter-voxels": 2,
-    "data.planes-frames": 2,
-    "data.planes-size": 32,
+    **TINY_RUN,
     "data.augment": False,
-    "model.cls-depth": 18,
-    "model.cls-norm-groups": 8,
-    "train.seg-epochs": 1,
-    "train.seg-batch-size": 2,
     "train.seg-click-iterations": 1,
     "train.eval-clicks": 2,
-    "train.cls-epochs": 1,
-    "train.cls-batch-size": 2,
-    "train.progress": False,
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    options = SynthOptions(shape=(40, 48, 48), lesion_median_cm3=0.3, second_lesion_prob=0.0)
-    site_dir = generate_consortium(
-        tmp_path_factory.mktemp("sites"), sites=1, cases=5, seed=3, options=options
-    )[0]
-    return open_site(site_dir)
-
-
-def models_for(config):
-    base = build_random_base(TINY_SAM, cls_depth=18, cls_norm_groups=8, seed=0)
-    return wrap_for_training(base, lora_specs_from_config(config.adapter))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; tiny_*: tests/shared/conftest.py
 
 
 def test_the_key_is_checked() -> None:
@@ -64,7 +37,10 @@ def test_box_error_measured_on_a_case_gives_back_the_found_box() -> None:
 
 
 @pytest.mark.parametrize("boxes", ["ground-truth", "predicted"])
-def test_a_round_trains_the_classifier_on_the_boxes_asked_for(site, monkeypatch, boxes: str) -> None:
+def test_a_round_trains_the_classifier_on_the_boxes_asked_for(
+    tiny_site, tiny_models, monkeypatch, boxes: str
+) -> None:
+    site = tiny_site
     config = load_config({**RUN, "train.cls-boxes": boxes})
     seen = {}
     real_loader = site_module.cls_loader
@@ -74,7 +50,7 @@ def test_a_round_trains_the_classifier_on_the_boxes_asked_for(site, monkeypatch,
         return real_loader(*args, **kwargs)
 
     monkeypatch.setattr(site_module, "cls_loader", spy)
-    metrics = train_site(models_for(config), site, config, device=torch.device("cpu"), seed=1)
+    metrics = train_site(tiny_models(config.adapter)[1], site, config, device=torch.device("cpu"), seed=1)
     assert np.isfinite(metrics["train/cls_loss"])
     if boxes == "ground-truth":
         assert seen["box_errors"] is None
