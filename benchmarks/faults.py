@@ -1,5 +1,8 @@
 """Fault injection on a real deployment: what a federation does when a site, the server or MLflow fails.
 
+Just over 500 lines on purpose: one harness, one file — every fault's script and its measurement side by side,
+so a reader sees what was done to the federation next to what was counted.
+
 Each fault runs its own consortium on 127.0.0.1 — a SuperLink with TLS and site authentication, 3 SuperNodes,
 ``flwr run`` of a cheap federation (random small base, 8 synthetic cases per site, one local epoch) — made and
 started with the deployment tests' helpers (``make_consortium``, ``start_consortium`` in

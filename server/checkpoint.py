@@ -1,5 +1,8 @@
 """Server checkpoints: what a federation needs to continue after the server stops, saved after every round.
 
+Just over 500 lines on purpose: the checkpoint format is one concept — writing, verifying, pruning, reading
+and falling back to an older round share one layout, and splitting them would spread that layout over modules.
+
 A checkpoint folder holds one complete folder per saved round and a ``LATEST`` pointer::
 
     <folder>/

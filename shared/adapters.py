@@ -1,5 +1,8 @@
 """The one adapter format of fedabus: the only model state that ever leaves a site.
 
+Just over 500 lines on purpose: the adapter format is one concept (the engineering rule "one adapter format"),
+and every way a model becomes an adapter and back is defined here.
+
 An adapter is a flat dict of float32 tensors whose names carry the model as a prefix — ``seg.`` for SAM-Med3D,
 ``cls.`` for the tri-plane classifier — followed by the parameter name in the un-wrapped base model, e.g.
 ``seg.image_encoder.blocks.0.attn.qkv.lora_A.weight`` or ``seg.mask_decoder.iou_token.weight``. It holds the PEFT

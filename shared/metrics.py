@@ -1,5 +1,8 @@
 """The metrics of fedabus: segmentation and classification values, and the flat dicts they are logged as.
 
+Just over 500 lines on purpose: the one metrics module (an engineering rule); names and directions live in
+:mod:`shared.metric_names`, statistics in :mod:`shared.statistics`.
+
 Segmentation (seed 000): Dice, the voxel overlap (Jaccard/IoU, precision, recall), HD95 in millimetres (MONAI, with the voxel spacing), lesion volume in cm³, the
 volume bins 0–5, 5–20 and 20–100 cm³, per-group summaries (BI-RADS category or volume bin, Tables 4–5) and the
 Dice-vs-clicks curve. Classification (seed 003): ROC AUC with a 95% confidence interval, sensitivity,

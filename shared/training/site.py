@@ -1,5 +1,8 @@
 """One site's work: train both models on its training split, evaluate both on its test split.
 
+Just over 500 lines on purpose: a site's round exists twice by necessity — plain and under sample-level DP —
+and both must stay next to the one training order they share (:func:`_train_models`).
+
 Used by ``fedabus train-local``, by the ClientApp every round, and by the demo. Plain torch; no Flower.
 Only aggregate numbers come out of :func:`train_site` and :func:`evaluate_site` — no case ids, no images.
 
