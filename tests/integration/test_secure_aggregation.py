@@ -1,5 +1,7 @@
-"""Secure aggregation in a real Flower simulation (3 sites, `fedabus demo`): the global adapter equals the one of
-the same run without it, to float32 rounding. Dropouts are tested in-process (tests/server/test_secure_aggregation.py)."""
+"""Secure aggregation in a real Flower simulation (3 sites, `fedabus demo`): the extra exchanges run through the real
+grid, the server unmasks the sum of all three sites and the global adapter is a trained, finite one. That it equals
+the plain run's to float32 rounding (FedAvg, FedProx, FedAdam) and that dropouts are recovered is tested with
+Flower's own round loop in-process (tests/server/test_secure_aggregation.py), at a fraction of the cost."""
 
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from shared.base import build_random_base, save_base
 pytestmark = [pytest.mark.integration]
 
 
-def _demo(tmp_path, base_path, *, secure: bool):
-    out = tmp_path / ("secure" if secure else "plain")
+def _secure_demo(tmp_path, base_path):
+    out = tmp_path / "secure"
     command = [sys.executable, "-m", "shared.cli", "demo", "--sites", "3", "--cases", "6", "--rounds", "1"]
     command += ["--local-epochs", "1", "--out", str(out), "--base", str(base_path)]
     sets = {
-        "federation.secure-aggregation": "true" if secure else "false",
+        "federation.secure-aggregation": "true",
         "federation.final-test": "false",
         "train.seg-click-iterations": "1",
         "train.eval-clicks": "2",
@@ -36,12 +38,14 @@ def _demo(tmp_path, base_path, *, secure: bool):
     return load_adapter(out / "server" / "final_adapter.safetensors"), output
 
 
-@pytest.mark.timeout(1800)
-def test_a_secure_federation_gives_the_plain_global_adapter(tmp_path):
-    base_path = save_base(build_random_base("small", cls_depth=18, seed=0), tmp_path / "base")
-    plain, _ = _demo(tmp_path, base_path, secure=False)
-    masked, output = _demo(tmp_path, base_path, secure=True)
+@pytest.mark.timeout(1200)
+def test_a_secure_federation_unmasks_the_sum_of_every_site(tmp_path):
+    base = build_random_base("small", cls_depth=18, seed=0)
+    base_path = save_base(base, tmp_path / "base")
+    masked, output = _secure_demo(tmp_path, base_path)
     assert "secure aggregation unmasked the sum of 3 site(s)" in output
-    assert plain.tensors.keys() == masked.tensors.keys()
-    for name, tensor in plain.tensors.items():
-        torch.testing.assert_close(masked.tensors[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert "Traceback" not in output
+    for name, tensor in masked.tensors.items():
+        assert torch.isfinite(tensor).all(), name
+    lora_b = [t for n, t in masked.tensors.items() if "lora_B" in n]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero: the sites' training arrived"

@@ -39,6 +39,7 @@ class Recorder:
     """Stands for the tracker and the checkpoints: remembers the round numbers it is given."""
 
     run_id, tracking_uri = "run", "sqlite:///x"
+    backlog: tuple = ()  # rounds kept while MLflow is unreachable: none here
 
     def __init__(self) -> None:
         self.logged: list[int] = []
