@@ -687,7 +687,7 @@ class FederationTracker:
         for sub in ("summary", "plots", "adapters"):
             (root / sub).mkdir()
         summary = json.dumps(self.summary(), indent=1, allow_nan=False)
-        (root / "summary" / "rounds.json").write_text(summary + "\n")
+        (root / "summary" / "rounds.json").write_text(summary + "\n", encoding="utf-8")
         write_round_plots(self.history, root / "plots")
         if final_adapter is not None:
             self._write_adapter(root / "adapters", final_adapter, "final", {"round": self.last_logged_round})

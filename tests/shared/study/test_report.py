@@ -178,7 +178,7 @@ def test_decision_curves_and_confusion_matrices_are_drawn(page: tuple[Path, str]
 def test_without_mcnemar_rows_the_table_says_n_a(tmp_path: Path) -> None:
     results, _, comparisons, meta = _study(cases_per_site=6, folds=1)
     kept = [row for row in comparisons if row["metric"] != "accuracy"]
-    text = render_report(results, [], kept, meta, tmp_path / "r.html").read_text()
+    text = render_report(results, [], kept, meta, tmp_path / "r.html").read_text(encoding="utf-8")
     assert "n/a: no McNemar tests" in _section(text, "McNemar tests at the operating point")
 
 
@@ -186,7 +186,7 @@ def test_every_string_from_the_study_is_escaped(tmp_path: Path) -> None:
     results, _, comparisons, meta = _study(cases_per_site=6, folds=1)
     meta = {**meta, "title": "<script>alert(1)</script>", "notes": ["a < b & c"]}
     comparisons[0] = {**comparisons[0], "method": "<b>bold</b>"}
-    text = render_report(results, [], comparisons, meta, tmp_path / "r.html").read_text()  # no cases: fast
+    text = render_report(results, [], comparisons, meta, tmp_path / "r.html").read_text(encoding="utf-8")  # no cases: fast
     assert "<script>" not in text and "<b>bold</b>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "a &lt; b &amp; c" in text
 
@@ -260,7 +260,7 @@ def _nothing(study):
     ],
 )
 def test_degenerate_studies_render_with_n_a(tmp_path: Path, make, figures: int, expected: list[str]) -> None:
-    text = render_report(*make(_study(cases_per_site=8, folds=1)), tmp_path / "r.html").read_text()
+    text = render_report(*make(_study(cases_per_site=8, folds=1)), tmp_path / "r.html").read_text(encoding="utf-8")
     assert len(DATA_PNG.findall(text)) == figures
     assert "could not draw" not in text
     for phrase in expected:
@@ -277,7 +277,7 @@ def test_a_failed_write_keeps_the_old_report_and_leaves_no_temp_file(tmp_path: P
     monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         render_report([], [], [], {}, out)
-    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    assert out.read_text(encoding="utf-8") == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
 def test_cells_average_folds_and_read_flags_written_as_text() -> None:
