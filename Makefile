@@ -19,7 +19,7 @@ lint: install
 # Two workers, one test file each at a time: module-scoped process fixtures stay on one worker, and every
 # simulation has its own SuperLink ports (shared/simulation.py), so the process tests can run side by side.
 test: install lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 # The main job: a simulated 3-site federation on synthetic data with local MLflow (see docs/operations.md).
 demo: install
