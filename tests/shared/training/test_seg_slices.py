@@ -184,3 +184,16 @@ def test_the_2d_evaluation_gives_the_same_whole_volume_metrics_as_the_3d_one():
     assert only.prediction.full()[0, 0, 0]  # kept, though one voxel lies below HD95's 95th percentile
     assert np.isfinite(only.hd95_mm)
     assert {"test/dice_auto", "test/iou_auto", "test/hd95_mm_auto"} <= set(result.metrics)
+
+
+def test_sample_level_dp_is_refused_for_a_2d_segmenter_naming_it():
+    from shared.privacy.dp_sgd import DPSettings
+    from shared.privacy.validation import PrivacyConfigError
+    from shared.training.seg import train_segmentation
+
+    model = build_auto_segmenter(AutoSegSpec(kind="u2net-lite", init_filters=2), seed=0)
+    settings = DPSettings(
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps_per_epoch=1, expected_batch_size=1
+    )
+    with pytest.raises(PrivacyConfigError, match="model.seg-model = 'u2net-lite'.*client-level DP"):
+        train_segmentation(model, [], config=TrainConfig(progress=False), device="cpu", privacy=settings)
