@@ -9,9 +9,10 @@ An adapter is a flat dict of float32 tensors whose names carry the model as a pr
 adapter's tensors (``adapter.method``: LoRA's ``lora_A``/``lora_B``, DoRA's also ``lora_magnitude_vector``, LoHa's
 ``hada_*``, LoKr's ``lokr_*``) and the parameters of the fully trained submodules, nothing else.
 
-With ``model.seg-model = segresnet`` the ``seg.`` part is instead every parameter of the fully automatic
-segmenter (``seg.net.…``, :mod:`shared.models.auto_seg`), and the manifest records its :class:`AutoSegSpec`
-(``method = "full"``) where a PEFT config would be: same format, same checks.
+With an automatic ``model.seg-model`` (``segresnet``, ``dynunet2d``, ``u2net-lite``) the ``seg.`` part is
+instead every parameter of the fully automatic segmenter (``seg.net.…``, :mod:`shared.models.auto_seg`), and
+the manifest records its :class:`AutoSegSpec` (``method = "full"``) where a PEFT config would be: same format,
+same checks.
 
 On disk an adapter is ``NAME.safetensors`` plus ``NAME.json``, a manifest with the tensor names, shapes and
 dtypes, the PEFT config of each model (:meth:`LoraSpec.describe`), the fingerprints of the frozen base weights it
@@ -169,10 +170,12 @@ def spec_from_manifest(entry: Mapping[str, Any]) -> LoraSpec | AutoSegSpec:
     :func:`apply_adapter` refuses the adapter if the recorded ones differ), or the :class:`AutoSegSpec` of an
     automatic segmenter's entry (``method = "full"``)."""
     if entry.get("method") == "full":
+        default = AutoSegSpec()
         return AutoSegSpec(
             kind=str(entry["segmenter"]),
             init_filters=int(entry["init_filters"]),
-            blocks_down=tuple(int(b) for b in entry["blocks_down"]),
+            blocks_down=tuple(int(b) for b in entry.get("blocks_down", default.blocks_down)),
+            levels=int(entry.get("levels", default.levels)),
             trainable=tuple(entry.get("trainable", ("net",))),
         )
     fields = {k: v for k, v in entry.items() if k != "options"}
@@ -210,6 +213,7 @@ def model_specs(config: FedabusConfig, *, lora_rank: int | None = None) -> dict[
             kind=model.seg_model,
             init_filters=model.auto_init_filters,
             blocks_down=parse_blocks(model.auto_blocks_down),
+            levels=model.dynunet_levels,
         )
     return specs
 

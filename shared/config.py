@@ -31,6 +31,7 @@ __all__ = [
     "ADAPTER_METHODS",
     "AUTO_SEG_MODELS",
     "SEG_MODELS",
+    "SLICE_SEG_MODELS",
     "AdapterConfig",
     "CLS_BACKBONES",
     "CLS_FUSIONS",
@@ -69,11 +70,14 @@ class ConfigError(ValueError):
 CLS_BACKBONES: tuple[str, ...] = ("resnet", "resnet101", "resnext50", "densenet161", "vgg19")
 #: ``model.cls-fusion`` values: ``ts+c`` (seed 003), ``late-mean``, ``concat`` — :mod:`shared.models.triplane`.
 CLS_FUSIONS: tuple[str, ...] = ("ts+c", "late-mean", "concat")
-#: ``model.seg-model`` values: ``sam-med3d`` (click-prompted, LoRA on the frozen base) or ``segresnet`` (fully
-#: automatic MONAI SegResNet, trained whole) — :mod:`shared.models.auto_seg`.
-SEG_MODELS: tuple[str, ...] = ("sam-med3d", "segresnet")
+#: ``model.seg-model`` values: ``sam-med3d`` (click-prompted, LoRA on the frozen base) or a fully automatic
+#: network trained whole — ``segresnet`` (MONAI SegResNet, 3D), ``dynunet2d`` (seed 001's deep-supervised 2D
+#: UNet, MONAI DynUNet) or ``u2net-lite`` (seed 004's U2NET-Lite, 2D) — :mod:`shared.models.auto_seg`.
+SEG_MODELS: tuple[str, ...] = ("sam-med3d", "segresnet", "dynunet2d", "u2net-lite")
 #: The fully automatic ones among :data:`SEG_MODELS`.
-AUTO_SEG_MODELS: tuple[str, ...] = ("segresnet",)
+AUTO_SEG_MODELS: tuple[str, ...] = ("segresnet", "dynunet2d", "u2net-lite")
+#: The 2D ones among :data:`AUTO_SEG_MODELS`: trained on sweep slices, evaluated slice by slice stacked to 3D.
+SLICE_SEG_MODELS: tuple[str, ...] = ("dynunet2d", "u2net-lite")
 
 
 @dataclass(frozen=True)
@@ -107,15 +111,22 @@ class ModelConfig:
     #: Device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
     #: The segmenter that trains, travels and is evaluated: ``sam-med3d`` (the base's SAM-Med3D with the
-    #: ``[adapter]`` settings, click-prompted) or ``segresnet`` (a fully automatic MONAI SegResNet, no click,
-    #: trained whole from a ``train.seed`` initialisation; its metrics are ``*_auto``; docs/studies.md). The
-    #: adapter manifest records it, and a receiver built for the other refuses the adapter.
+    #: ``[adapter]`` settings, click-prompted) or a fully automatic network, no click, trained whole from a
+    #: ``train.seed`` initialisation, its metrics ``*_auto`` (docs/studies.md): ``segresnet`` (MONAI SegResNet on
+    #: 3D crops), ``dynunet2d`` (seed 001's deep-supervised 2D UNet) or ``u2net-lite`` (seed 004), both trained
+    #: on sweep slices (``data.slice-*``) and evaluated slice by slice stacked back to 3D. The adapter manifest
+    #: records it, and a receiver built for another refuses the adapter.
     seg_model: str = "sam-med3d"
-    #: SegResNet only: channels of its first level (doubled at each level below; MONAI's default 8).
-    auto_init_filters: int = 8
+    #: Automatic segmenters: channels of the first level, 0 for the model's own default. SegResNet: doubled at
+    #: each level below (MONAI's 8); dynunet2d: doubled per level up to 16× (nnU-Net's 32); u2net-lite: the inner
+    #: channels of every RSU stage, outer 4× (seed 004's U2NETP: 16).
+    auto_init_filters: int = 0
     #: SegResNet only: residual blocks per encoder level, comma-separated (MONAI's default ``1,2,2,4``: 4
     #: levels, so ``data.patch-size`` must be divisible by 2³).
     auto_blocks_down: str = "1,2,2,4"
+    #: dynunet2d only: resolution levels (at least 3; each below the first halves the frame, so
+    #: ``data.slice-size`` must be divisible by 2^(levels - 1)); deep-supervision heads: levels - 2.
+    dynunet_levels: int = 5
 
     def __post_init__(self) -> None:
         if self.seg_model not in SEG_MODELS:
@@ -126,9 +137,15 @@ class ModelConfig:
                 f"model.auto-blocks-down = {self.auto_blocks_down!r}; give comma-separated block counts >= 1, "
                 "e.g. '1,2,2,4'"
             )
-        if self.auto_init_filters < 1:
+        if self.auto_init_filters < 0:
             raise ConfigError(
-                f"model.auto-init-filters = {self.auto_init_filters!r}; give a positive integer"
+                f"model.auto-init-filters = {self.auto_init_filters!r}; give a positive integer (0: the model's "
+                "own default)"
+            )
+        if self.dynunet_levels < 3:
+            raise ConfigError(
+                f"model.dynunet-levels = {self.dynunet_levels!r}; give at least 3 (one deep-supervision head "
+                "needs two levels below the top)"
             )
         if self.cls_backbone not in CLS_BACKBONES:
             raise ConfigError(
@@ -223,6 +240,12 @@ class DataConfig:
     #: fraction of the lesion's extent per axis (0-1; 0: the true box), as the box of a segmenter's mask misses
     #: the true one at inference (shared/data/planes.py ``jitter_box``; docs/training.md).
     planes_box_jitter: float = 0.0
+    #: 2D segmenters (``model.seg-model = dynunet2d | u2net-lite``): side (pixels) of the square frame a sweep
+    #: slice is resized (longer side) and padded to, in training and evaluation (shared/data/slices2d.py).
+    slice_size: int = 128
+    #: 2D segmenters: lesion-free training slices per lesion slice of a case, drawn at random (seeded) from the
+    #: case's lesion-free slices (0: lesion slices only).
+    slice_negative_fraction: float = 0.25
     #: Fraction of each label's training cases carved out as the validation split when a site has no ``val``
     #: cases (deterministic, seeded by ``train.seed``; 0: no validation, the last round/epoch is kept).
     val_fraction: float = 0.2
@@ -258,6 +281,12 @@ class DataConfig:
             "augment_gamma": (0.0, math.inf),
             "augment_intensity": (0.0, math.inf),
         }
+        if self.slice_size < 8:
+            raise ConfigError(f"data.slice-size = {self.slice_size!r} must be at least 8 pixels")
+        if not (math.isfinite(self.slice_negative_fraction) and self.slice_negative_fraction >= 0):
+            raise ConfigError(
+                f"data.slice-negative-fraction = {self.slice_negative_fraction!r} must be a finite number >= 0"
+            )
         for name, (low, high) in limits.items():
             value = getattr(self, name)
             if not low <= value <= high:
@@ -571,13 +600,24 @@ class FedabusConfig:
                     f"{', '.join(AUTO_SEG_MODELS)}); model.seg-model is 'sam-med3d': use dice_1click or dice"
                 )
             return
-        levels = len([p for p in self.model.auto_blocks_down.split(",") if p.strip()])
+        model = self.model
+        if model.seg_model == "segresnet":
+            levels, size, key = (
+                len([p for p in model.auto_blocks_down.split(",") if p.strip()]),
+                "patch",
+                "crop",
+            )
+            how = f"model.auto-blocks-down = {model.auto_blocks_down!r}"
+        elif model.seg_model == "dynunet2d":
+            levels, size, key = model.dynunet_levels, "slice", "frame"
+            how = f"model.dynunet-levels = {levels}"
+        else:  # u2net-lite takes any frame size
+            levels = 1
         factor = 2 ** (levels - 1)
-        if self.data.patch_size % factor:
+        if levels > 1 and getattr(self.data, f"{size}_size") % factor:
             raise ConfigError(
-                f"data.patch-size = {self.data.patch_size} must be divisible by {factor} for model.seg-model = "
-                f"{self.model.seg_model!r} with model.auto-blocks-down = {self.model.auto_blocks_down!r} "
-                f"({levels} levels, each halving the crop)"
+                f"data.{size}-size = {getattr(self.data, f'{size}_size')} must be divisible by {factor} for "
+                f"model.seg-model = {model.seg_model!r} with {how} ({levels} levels, each halving the {key})"
             )
         if self.privacy.sample_dp:
             raise ConfigError(

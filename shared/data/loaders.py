@@ -61,6 +61,8 @@ __all__ = [
     "seg_train_dataset",
     "seg_train_loader",
     "site_cases",
+    "SiteConfigs",
+    "split_site_configs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -280,7 +282,7 @@ class _RandomTriPlanesd(TriPlanesd, RandomizableTrait):
 SiteConfigs = SiteConfig | Mapping[str, SiteConfig | None] | None
 
 
-def _split_configs(site_config: SiteConfigs) -> tuple[SiteConfig | None, Mapping[str, SiteConfig | None]]:
+def split_site_configs(site_config: SiteConfigs) -> tuple[SiteConfig | None, Mapping[str, SiteConfig | None]]:
     """(the config for every case, per-case configs)."""
     if isinstance(site_config, Mapping):
         return None, site_config
@@ -318,7 +320,7 @@ def seg_train_dataset(
     (``data.augment``) seeded by ``seed``."""
     crop = LesionCropd(config, build_augmentation(config, seed=seed, stream="seg"))
     crop.set_random_state(seed=seed)
-    common, per_case = _split_configs(site_config)
+    common, per_case = split_site_configs(site_config)
     return _dataset(cases, Compose([LoadCased(config, common), crop]), cache_rate, per_case)
 
 
@@ -347,7 +349,7 @@ def seg_eval_dataset(
     cases: Sequence[CaseRecord], config: DataConfig, *, site_config: SiteConfigs = None
 ) -> Dataset:
     """Whole preprocessed cases with their covering blocks (items in the module docstring)."""
-    common, per_case = _split_configs(site_config)
+    common, per_case = split_site_configs(site_config)
     return _dataset(cases, Compose([LoadCased(config, common), EvalBlocksd(config)]), 0.0, per_case)
 
 
@@ -381,7 +383,7 @@ def cls_dataset(
     augmented lesion regions when ``data.augment`` is on and around jittered boxes when ``data.planes-box-jitter``
     is above 0 (both seeded by ``seed``), never when ``training`` is False. ``box_errors``: case id -> how the
     segmenter's box missed that case (:class:`TriPlanesd`)."""
-    common, per_case = _split_configs(site_config)
+    common, per_case = split_site_configs(site_config)
     augment = build_augmentation(config, seed=seed, stream="cls") if training else None
     box_draws = CaseDraws(seed, "cls-box") if training and config.planes_box_jitter > 0 else None
     if augment is None and box_draws is None:

@@ -16,6 +16,9 @@ image). S is ``size``; the image keeps its aspect ratio and is padded to a squar
   slices plus a sampled share of lesion-free ones, :func:`shared.data.slices2d.choose_slices`), preprocessed as
   for the 3D models and held in memory at S × S.
 
+:func:`slice_train_loader` is what the 2D segmenters (``model.seg-model = dynunet2d | u2net-lite``) train on:
+the chosen slices of a site's training cases at ``data.slice-size`` with ``data.slice-negative-fraction``.
+
 No augmentation yet (the 3D augmentations of :mod:`shared.data.augment` are for volumes).
 """
 
@@ -28,11 +31,14 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Transform
 
+from shared.config import DataConfig
 from shared.data.busi import BusiImage, read_busi_mask, read_png
-from shared.data.slices2d import frame_sample
+from shared.data.layouts import CaseRecord
+from shared.data.loaders import SiteConfigs
+from shared.data.slices2d import frame_sample, volume_slice_samples
 from shared.data.transforms import NORMALISATIONS, fit_intensity
 
-__all__ = ["LoadBusid", "busi_dataset", "frame_loader"]
+__all__ = ["LoadBusid", "busi_dataset", "frame_loader", "slice_train_loader"]
 
 
 class LoadBusid(Transform):
@@ -80,3 +86,25 @@ def frame_loader(
     return DataLoader(
         items, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator
     )
+
+
+def slice_train_loader(
+    cases: Sequence[CaseRecord],
+    config: DataConfig,
+    *,
+    batch_size: int,
+    site_config: SiteConfigs = None,
+    seed: int = 0,
+) -> DataLoader:
+    """Shuffled batches of the training slices of ABUS ``cases`` for a 2D segmenter: ``image``/``mask``
+    (B, 1, S, S) with S = ``data.slice-size``, lesion slices plus ``data.slice-negative-fraction`` lesion-free
+    ones per case (:func:`~shared.data.slices2d.volume_slice_samples`, seeded by ``seed``; held in memory)."""
+    items = volume_slice_samples(
+        cases,
+        config,
+        size=config.slice_size,
+        negative_fraction=config.slice_negative_fraction,
+        seed=seed,
+        site_config=site_config,
+    )
+    return frame_loader(items, batch_size=batch_size, shuffle=True, seed=seed)

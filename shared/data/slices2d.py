@@ -16,7 +16,9 @@ slice instead (``negative_fraction=None``).
 **Frame format** (:func:`fit_square`): a 2D image is resized so that its longer side is ``size`` pixels
 (MONAI ``Resize``: area averaging when shrinking, bilinear when enlarging; the aspect ratio is kept, so a taller-than-wide lesion stays
 taller than wide) and padded to ``size × size`` (MONAI ``SpatialPad``, centred) with ``pad_value``; the mask is
-resized with nearest neighbour and padded with 0.
+resized with nearest neighbour and padded with 0. :func:`unfit_square` is its inverse for predictions: the
+padding is cut off and the rest resized back to the slice's (H, W), so a 2D segmenter's frames stack back
+into the (D, H, W) volume they were cut from (:func:`shared.training.seg_auto.predict_volume`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,19 @@ import numpy as np
 import torch
 from monai.transforms import Resize, SpatialPad
 
-from shared.config import DataConfig, SiteConfig
+from shared.config import DataConfig
 from shared.data.layouts import CaseRecord
-from shared.data.loaders import LoadCased
+from shared.data.loaders import LoadCased, SiteConfigs, split_site_configs
 
-__all__ = ["choose_slices", "fit_square", "frame_sample", "slice_samples", "volume_slice_samples"]
+__all__ = [
+    "choose_slices",
+    "fit_square",
+    "fitted_shape",
+    "frame_sample",
+    "slice_samples",
+    "unfit_square",
+    "volume_slice_samples",
+]
 
 
 def choose_slices(
@@ -79,6 +89,31 @@ def fit_square(array: np.ndarray, *, size: int, pad_value: float = 0.0, is_mask:
     pad = SpatialPad(spatial_size=(size, size), mode="constant", value=0.0 if is_mask else pad_value)
     fitted = np.asarray(pad(resize(array[None].astype(np.float32)))[0], dtype=np.float32)
     return (fitted > 0.5).astype(np.uint8) if is_mask else fitted
+
+
+def fitted_shape(shape: Sequence[int], size: int) -> tuple[int, int]:
+    """The (h, w) an (H, W) image has inside its ``size × size`` frame: MONAI ``Resize(size_mode="longest")``'s
+    ``round(side × size / max(H, W))``."""
+    scale = size / max(shape)
+    return int(round(shape[0] * scale)), int(round(shape[1] * scale))
+
+
+def unfit_square(frames: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Frames ``(B, C, S, S)`` made by :func:`fit_square` from (H, W) = ``shape`` images -> ``(B, C, H, W)``:
+    the centred ``fitted_shape`` region (``SpatialPad``'s symmetric padding: ``(S - h) // 2`` before) is cut out
+    and resized bilinearly to ``shape`` (a no-op resize when no resize was needed). Use it on probabilities or
+    logits, then threshold."""
+    from torch.nn import functional
+
+    size = int(frames.shape[-1])
+    h, w = fitted_shape(shape, size)
+    top, left = (size - h) // 2, (size - w) // 2
+    region = frames[..., top : top + h, left : left + w]
+    if (h, w) == tuple(shape):
+        return region
+    return functional.interpolate(
+        region, size=tuple(int(v) for v in shape), mode="bilinear", align_corners=False
+    )
 
 
 def frame_sample(
@@ -141,19 +176,21 @@ def volume_slice_samples(
     negative_fraction: float | None = 0.25,
     min_lesion_pixels: int = 1,
     seed: int = 0,
-    site_config: SiteConfig | None = None,
+    site_config: SiteConfigs = None,
 ) -> list[dict[str, Any]]:
     """2D items of ABUS ``cases`` (validated, e.g. :func:`~shared.data.loaders.site_cases`): each case is read
     and preprocessed as for the 3D models (:class:`~shared.data.loaders.LoadCased`: canonical orientation,
     ``config``'s spacing and normalisation), one at a time, and only its chosen slices are kept, at
     ``size × size`` (memory: about 8 × size² bytes per slice). The lesion-free sample of case ``i`` is drawn
-    from ``SeedSequence([seed, i])``: the same cases and seed give the same items."""
-    load = LoadCased(config, site_config)
+    from ``SeedSequence([seed, i])``: the same cases and seed give the same items. ``site_config`` is one
+    site's config or, for cases of several sites (a study's pooled arm), a mapping case id -> config."""
+    common, per_case = split_site_configs(site_config)
+    load = LoadCased(config, common)
     samples: list[dict[str, Any]] = []
     for number, case in enumerate(cases):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), number]))
         samples += slice_samples(
-            load({"case": case}),
+            load({"case": case, "site_config": per_case[case.case_id]} if per_case else {"case": case}),
             size=size,
             negative_fraction=negative_fraction,
             min_lesion_pixels=min_lesion_pixels,

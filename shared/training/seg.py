@@ -54,7 +54,7 @@ from torch import nn
 from shared.adapters import adapter_parameters
 from shared.clicks import DEFAULT_MAX_TOTAL_CLICKS, PAD_LABEL, ClickSession, as_generator
 from shared.config import TrainConfig
-from shared.models.auto_seg import is_auto_segmenter
+from shared.models.auto_seg import auto_segmenter_of, is_auto_segmenter
 from shared.precision import Precision
 from shared.privacy.dp_sgd import (
     DPSettings,
@@ -517,9 +517,11 @@ def train_segmentation(
             optimizer, pull=pull, accumulation=accumulation, scheduler=scheduler, precision=precision
         )
         return _train(model, loader, config=config, device=device, stepper=stepper, show=show)
-    if is_auto_segmenter(model):
+    segmenter = auto_segmenter_of(model)
+    if segmenter is not None:
         raise PrivacyConfigError(
-            "privacy.sample-dp is not supported with an automatic segmenter (model.seg-model = segresnet) yet"
+            "privacy.sample-dp is not supported with an automatic segmenter (model.seg-model = "
+            f"{segmenter.spec.kind!r}) yet: DP-SGD is wired for SAM-Med3D's adapter; use client-level DP"
         )
     check_poisson_loader(loader, privacy)
     if accumulation != 1:

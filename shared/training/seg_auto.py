@@ -1,18 +1,26 @@
-"""Training loss and whole-volume evaluation of the fully automatic segmenter (``model.seg-model = segresnet``).
+"""Training loss and whole-volume evaluation of the fully automatic segmenters (``model.seg-model = segresnet``,
+``dynunet2d`` or ``u2net-lite``; :mod:`shared.models.auto_seg`).
 
-**Training** uses exactly the SAM path's data: the lesion-centred ``P³`` crops of
-:func:`shared.data.loaders.seg_train_loader` with the same augmentation and crop jitter, the same AdamW,
-schedule, FedProx and autocast (:func:`shared.training.seg.train_segmentation` runs both); only the loss
-differs: MONAI's ``DiceCELoss(sigmoid=True)`` on the network's logits of the crop, with no click.
+**Training.** SegResNet uses exactly the SAM path's data: the lesion-centred ``P³`` crops of
+:func:`shared.data.loaders.seg_train_loader` with the same augmentation and crop jitter. The 2D segmenters use
+the chosen sweep slices of the training cases (:func:`shared.data.loaders2d.slice_train_loader`: every lesion
+slice plus ``data.slice-negative-fraction`` lesion-free ones, ``data.slice-size`` square frames). All share
+AdamW, schedule, FedProx and autocast (:func:`shared.training.seg.train_segmentation` runs them); only the loss
+differs from the click path: MONAI's ``DiceCELoss(sigmoid=True)`` on the network's logits, with no click, and
+for a deep-supervised 2D network MONAI's ``DeepSupervisionLoss`` of it over every head (:func:`auto_seg_loss`).
 
-**Evaluation sees the whole volume, never the lesion's location.** The preprocessed volume is swept by MONAI's
-``sliding_window_inference`` with ``P³`` windows (``data.patch-size``), 25% overlap and Gaussian blending; the
-probabilities are thresholded at 0.5 into the full-volume prediction. Dice, IoU, precision, recall and HD95
-(mm) are those of that prediction against the whole ground truth, so every false positive anywhere in the
-volume counts. This is harder than the click path's setting (its prediction lives only in the lesion-covering
-blocks that the ground truth chooses and a click prompts), and the metrics carry their own names
-(``dice_auto``, ``hd95_mm_auto``, ``iou_auto`` …, :data:`shared.metric_names.AUTO_NAMES`): a click metric is
-never filled by an automatic prediction.
+**Evaluation sees the whole volume, never the lesion's location.** Only "predict a volume" differs between the
+3D and the 2D networks (:func:`predict_volume`): SegResNet sweeps the preprocessed volume with MONAI's
+``sliding_window_inference`` (``P³`` windows, ``data.patch-size``, 25% overlap, Gaussian blending); a 2D
+network predicts every sweep slice ``image[k]`` (H, W) as a ``data.slice-size`` frame
+(:func:`shared.data.slices2d.fit_square`), whose probabilities are cut back to (H, W)
+(:func:`~shared.data.slices2d.unfit_square`) and stacked along the sweep axis into (D, H, W). The probabilities
+are thresholded at 0.5 into the full-volume prediction. Dice, IoU, precision, recall and HD95 (mm) are those of
+that prediction against the whole ground truth, so every false positive anywhere in the volume counts. This is
+harder than the click path's setting (its prediction lives only in the lesion-covering blocks that the ground
+truth chooses and a click prompts), and the metrics carry their own names (``dice_auto``, ``hd95_mm_auto``,
+``iou_auto`` …, :data:`shared.metric_names.AUTO_NAMES`): a click metric is never filled by an automatic
+prediction.
 
 The metrics are computed on the box holding every predicted and every lesion voxel plus one voxel (outside it
 both masks are empty, so the values are those of the full volume); :class:`~shared.training.seg_eval.PredictedMask`
@@ -41,7 +49,7 @@ from shared.metrics import (
     stratify,
     volume_bin,
 )
-from shared.models.auto_seg import auto_segmenter_of
+from shared.models.auto_seg import SUPERVISION_WEIGHTS, auto_segmenter_of
 from shared.statistics import Estimate, segmentation_estimates
 from shared.training.seg_eval import PredictedMask, SegCase, evaluate_each
 
@@ -52,21 +60,35 @@ __all__ = [
     "auto_seg_loss",
     "auto_segmentation_estimates",
     "evaluate_auto_segmentation",
+    "predict_volume",
 ]
 
 #: Fraction by which neighbouring sliding windows overlap (MONAI's ``overlap``).
 SLIDING_WINDOW_OVERLAP = 0.25
+#: Slices per forward pass of a 2D segmenter's evaluation (memory: about 4 × this × slice-size² bytes per
+#: feature channel).
+SLICES_PER_FORWARD = 16
 
 
 def auto_seg_loss(
     model: nn.Module, images: torch.Tensor, masks: torch.Tensor, *, loss_fn: nn.Module
 ) -> torch.Tensor:
-    """``loss_fn(logits, masks)`` of the automatic segmenter on crops ``(B, 1, P, P, P)``; masks ``(B, 1, P, P, P)``
-    binary. The logits are cast to float32 for the loss (as the click path does). Returns a scalar tensor."""
+    """``loss_fn(logits, masks)`` of the automatic segmenter on crops ``(B, 1, P, P, P)`` or frames
+    ``(B, 1, S, S)``; masks of the same shape, binary. A deep-supervised 2D network's heads ``(B, K, 1, S, S)``
+    are summed by MONAI's ``DeepSupervisionLoss(loss_fn)`` with its kind's weights
+    (:data:`~shared.models.auto_seg.SUPERVISION_WEIGHTS`: halving per head for DynUNet, equal for U2NET-Lite).
+    The logits are cast to float32 for the loss (as the click path does). Returns a scalar tensor."""
     if tuple(masks.shape) != tuple(images.shape):
         raise ValueError(f"masks shape {tuple(masks.shape)} differs from images shape {tuple(images.shape)}")
     logits = model(images).float()
-    return loss_fn(logits, masks.to(images.device, torch.float32))
+    masks = masks.to(images.device, torch.float32)
+    if logits.ndim == images.ndim + 1:  # deep supervision: (B, K, 1, ...), the main output first
+        from monai.losses import DeepSupervisionLoss
+
+        segmenter = auto_segmenter_of(model)
+        weights = SUPERVISION_WEIGHTS[segmenter.spec.kind] if segmenter is not None else "exp"
+        return DeepSupervisionLoss(loss_fn, weight_mode=weights)(list(logits.unbind(1)), masks)
+    return loss_fn(logits, masks)
 
 
 @dataclass(frozen=True)
@@ -141,22 +163,51 @@ def auto_segmentation_estimates(
     return out
 
 
-def _sweep(
-    model: nn.Module, image: np.ndarray, *, patch: int, batch: int, device: torch.device
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    data_config: DataConfig,
+    pad_value: float,
+    batch: int,
+    device: torch.device,
 ) -> np.ndarray:
-    """Binary prediction (D, H, W) of a whole volume by sliding ``patch³`` windows (module docstring)."""
+    """Binary prediction (D, H, W) of a whole preprocessed volume ``image`` (D, H, W) by the automatic segmenter
+    (module docstring): sliding ``data.patch-size``³ windows (3D, ``batch`` windows per forward) or every sweep
+    slice as a ``data.slice-size`` frame padded with ``pad_value`` (2D, :data:`SLICES_PER_FORWARD` per
+    forward), stacked back along the sweep axis."""
+    segmenter = auto_segmenter_of(model)
+    if segmenter is not None and segmenter.spec.spatial_dims == 2:
+        return _predict_slices(model, image, size=data_config.slice_size, pad_value=pad_value, device=device)
     from monai.inferers import sliding_window_inference  # imported here: importing MONAI takes seconds
 
     volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
     logits = sliding_window_inference(
         volume,
-        roi_size=(patch,) * 3,
+        roi_size=(data_config.patch_size,) * 3,
         sw_batch_size=max(1, batch),
         predictor=model,
         overlap=SLIDING_WINDOW_OVERLAP,
         mode="gaussian",
     )
     return (logits[0, 0].float() > 0).cpu().numpy()
+
+
+def _predict_slices(
+    model: nn.Module, image: np.ndarray, *, size: int, pad_value: float, device: torch.device
+) -> np.ndarray:
+    """A 2D network's prediction of every slice ``image[k]`` (H, W), stacked to (D, H, W) bool."""
+    from shared.data.slices2d import fit_square, unfit_square
+
+    depth, shape = image.shape[0], image.shape[1:]
+    predicted = np.zeros(image.shape, dtype=bool)
+    for start in range(0, depth, SLICES_PER_FORWARD):
+        stop = min(start + SLICES_PER_FORWARD, depth)
+        frames = np.stack([fit_square(image[k], size=size, pad_value=pad_value) for k in range(start, stop)])
+        logits = model(torch.from_numpy(frames)[:, None].to(device)).float()
+        probabilities = unfit_square(torch.sigmoid(logits), shape)  # (n, 1, H, W)
+        predicted[start:stop] = (probabilities[:, 0] > 0.5).cpu().numpy()
+    return predicted
 
 
 def _box(predicted: np.ndarray, mask: np.ndarray) -> tuple[tuple[int, ...], tuple[slice, ...]]:
@@ -170,14 +221,16 @@ def _box(predicted: np.ndarray, mask: np.ndarray) -> tuple[tuple[int, ...], tupl
 
 
 def _evaluate_case(
-    model: nn.Module, case: SegCase, *, patch: int, batch: int, device: torch.device
+    model: nn.Module, case: SegCase, *, data_config: DataConfig, batch: int, device: torch.device
 ) -> AutoCaseResult:
     mask = np.asarray(case.mask) > 0
     if mask.shape != np.shape(case.image) or mask.ndim != 3:
         raise ValueError(
             f"case {case.case_id!r}: mask shape {mask.shape} differs from image shape {np.shape(case.image)}"
         )
-    predicted = _sweep(model, case.image, patch=patch, batch=batch, device=device)
+    predicted = predict_volume(
+        model, case.image, data_config=data_config, pad_value=case.pad_value, batch=batch, device=device
+    )
     start, box = _box(predicted, mask)
     pred_box, gt_box = predicted[box], mask[box]
     overlap = overlap_metrics(pred_box, gt_box)
@@ -235,15 +288,15 @@ def evaluate_auto_segmentation(
 ) -> AutoSegEvaluation:
     """Evaluate the automatic segmenter on whole cases (module docstring); arguments as
     :func:`shared.training.seg_eval.evaluate_segmentation` (which calls this for an automatic model), without
-    clicks: ``data_config.patch_size`` is the window side, ``config.seg_batch_size`` the windows per forward,
-    ``config.precision`` the autocast."""
+    clicks: ``data_config.patch_size`` is the window side (3D; ``data_config.slice_size`` the frame side in 2D),
+    ``config.seg_batch_size`` the windows per forward, ``config.precision`` the autocast."""
     if auto_segmenter_of(model) is None:
         raise TypeError(f"{type(model).__name__} is not the automatic segmenter (shared.models.auto_seg)")
     device = torch.device(device)
 
     def one(case: SegCase) -> AutoCaseResult:
         return _evaluate_case(
-            model, case, patch=data_config.patch_size, batch=config.seg_batch_size, device=device
+            model, case, data_config=data_config, batch=config.seg_batch_size, device=device
         )
 
     options = {"keep_masks": keep_masks, "on_case": on_case, "progress": progress}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shared.config import SPLITS, DataConfig, FedabusConfig, SiteConfig, load_site_config
+from shared.config import SLICE_SEG_MODELS, SPLITS, DataConfig, FedabusConfig, SiteConfig, load_site_config
 from shared.data.layouts import CaseRecord
 from shared.data.loaders import (
     cls_dataset,
@@ -198,7 +198,10 @@ def train_site(
     cases = list(site.train_cases)
 
     def seg_step(model: PeftModel, **train: Any) -> dict[str, Any]:
-        loader = seg_train_loader(
+        make_loader = seg_train_loader
+        if config.model.seg_model in SLICE_SEG_MODELS:  # a 2D segmenter trains on sweep slices
+            from shared.data.loaders2d import slice_train_loader as make_loader
+        loader = make_loader(
             cases,
             config.data,
             batch_size=config.train.seg_batch_size,

@@ -269,29 +269,36 @@ def test_int8_site_decodes_the_global_adapter_sends_its_difference_and_keeps_the
 
 #: The fully automatic segmenter at a tiny size (shared/models/auto_seg.py).
 AUTO_RUN = {"model.seg-model": "segresnet", "model.auto-init-filters": 4, "model.auto-blocks-down": "1,1"}
+#: The 2D ones (sweep slices, stacked back to 3D for evaluation) at tiny sizes of the same architectures.
+SLICE_RUNS = {
+    "dynunet2d": {"model.dynunet-levels": 3, "data.slice-size": 32, "model.auto-init-filters": 2},
+    "u2net-lite": {"data.slice-size": 32, "model.auto-init-filters": 2, "train.seg-batch-size": 8},
+}
 
 
-def test_an_automatic_site_trains_the_whole_segresnet_and_reports_only_auto_metrics(federation):
+@pytest.mark.parametrize("kind", ["segresnet", *SLICE_RUNS])
+def test_an_automatic_site_trains_the_whole_network_and_reports_only_auto_metrics(federation, kind):
     from shared.adapters import AdapterMismatchError, model_specs
 
+    run = AUTO_RUN if kind == "segresnet" else {"model.seg-model": kind, **SLICE_RUNS[kind]}
     base = federation["base"]
     torch.manual_seed(0)
-    models = wrap_for_training(base, model_specs(load_config({**RUN_CONFIG, **AUTO_RUN})))
+    models = wrap_for_training(base, model_specs(load_config({**RUN_CONFIG, **run})))
     start = extract_adapter(models, base_fingerprints=base.fingerprints).tensors
     message = _message(federation, MessageType.TRAIN)
     message.content[ARRAYS] = adapter_to_record(start)
-    reply = client_app.train(message, _context(federation, run=AUTO_RUN))
+    reply = client_app.train(message, _context(federation, run=run))
     update = record_to_adapter(reply.content[ARRAYS], layout_of(start))
     seg = [name for name in update if name.startswith("seg.")]
     assert seg and all(name.startswith("seg.net.") for name in seg)
-    assert any(not torch.equal(update[name], start[name]) for name in seg), "the SegResNet did not train"
+    assert any(not torch.equal(update[name], start[name]) for name in seg), f"the {kind} did not train"
     assert math.isfinite(reply.content[METRICS]["train/seg_loss"])
 
     message = _message(federation, MessageType.EVALUATE, split="val")
     message.content[ARRAYS] = adapter_to_record(update)
-    reply = client_app.evaluate(message, _context(federation, run=AUTO_RUN))
+    reply = client_app.evaluate(message, _context(federation, run=run))
     assert set(reply.content[METRICS].keys()) == set(eval_metric_keys(2, split="val", automatic=True))
     assert 0.0 <= reply.content[METRICS]["val/dice_auto"] <= 1.0
 
-    with pytest.raises(AdapterMismatchError):  # a SAM-Med3D adapter record at a SegResNet site
-        client_app.train(_message(federation, MessageType.TRAIN), _context(federation, run=AUTO_RUN))
+    with pytest.raises(AdapterMismatchError):  # a SAM-Med3D adapter record at an automatic site
+        client_app.train(_message(federation, MessageType.TRAIN), _context(federation, run=run))

@@ -3,6 +3,7 @@ preprocessed volume, and BUSI items (shapes, labels, normalisation, padding)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from shared.config import DataConfig, load_site_config
 from shared.data.busi import usable_busi_images
 from shared.data.loaders import LoadCased, site_cases
-from shared.data.loaders2d import busi_dataset, frame_loader
+from shared.data.loaders2d import busi_dataset, frame_loader, slice_train_loader
 from shared.data.slices2d import choose_slices, fit_square, volume_slice_samples
 from shared.data.synth import SynthOptions, generate_consortium
 from shared.data.synth_busi import BusiSynthOptions, write_busi_site
@@ -100,6 +101,19 @@ def test_abus_slices_are_sweep_frames_of_the_preprocessed_case(abus_site) -> Non
     assert [int(s["slice_index"]) for s in again] == [int(s["slice_index"]) for s in samples]
     batch = next(iter(frame_loader(samples, batch_size=3, seed=1)))
     assert batch["image"].shape == (3, 1, 24, 24) and batch["label"].dtype == torch.int64
+
+
+def test_the_2d_segmenters_training_loader_takes_its_slices_from_the_data_config(abus_site) -> None:
+    """``data.slice-size`` and ``data.slice-negative-fraction`` choose the frames; per-case site configs (a study's
+    pooled arm) read each case as its own site's config does."""
+    site_dir, site_config = abus_site
+    cases = site_cases(site_dir, site_config)[:2]
+    config = replace(CONFIG, slice_size=16, slice_negative_fraction=0.0)
+    per_case = {case.case_id: site_config for case in cases}
+    batches = list(slice_train_loader(cases, config, batch_size=4, site_config=per_case, seed=2))
+    expected = volume_slice_samples(cases, CONFIG, size=16, negative_fraction=0.0, site_config=site_config)
+    assert sum(len(b["case_id"]) for b in batches) == len(expected)  # lesion slices only
+    assert all(b["image"].shape[1:] == (1, 16, 16) and b["mask"].sum() > 0 for b in batches)
 
 
 def test_busi_items_are_square_normalised_and_labelled(tmp_path: Path) -> None:

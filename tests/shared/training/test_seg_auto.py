@@ -91,8 +91,11 @@ def test_a_false_positive_far_from_the_lesion_counts(monkeypatch):
         if blob:
             predicted = predicted.copy()
             predicted[-6:, :6, -6:] = True
-        monkeypatch.setattr(seg_auto, "_sweep", lambda *a, p=predicted, **k: p)
-        results[blob] = seg_auto._evaluate_case(model, case, patch=32, batch=1, device=torch.device("cpu"))
+        monkeypatch.setattr(seg_auto, "predict_volume", lambda *a, p=predicted, **k: p)
+        data = DataConfig(patch_size=32)
+        results[blob] = seg_auto._evaluate_case(
+            model, case, data_config=data, batch=1, device=torch.device("cpu")
+        )
     assert results[False].dice == 1.0 and results[False].hd95_mm == 0.0
     assert results[True].dice < 1.0 and results[True].hd95_mm > 10.0
     assert results[True].prediction.full()[-1, 0, -1]  # the blob is in the kept prediction
