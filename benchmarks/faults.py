@@ -358,6 +358,11 @@ SECURE_ROUND = (
     r"secure aggregation (set up|unmasked)|secure-aggregation threshold|cannot unmask|Secure aggregation"
 )
 
+#: What a site logs when it checks the relayed round keys (client/secure_aggregation.py).
+SITE_KEY_CHECK = (
+    r"Round \d+: secure-aggregation keys of [^\n]*(?:verified against|taken unverified)|fail signature"
+)
+
 
 FAULTS: dict[str, Callable[[Fed], tuple[bool, str]]] = {
     "kill-site": fault_kill_site,
@@ -507,6 +512,9 @@ def run_fault(name: str, consortium: Consortium, root: Path, args: argparse.Name
         "secure_aggregation": [
             line.strip()[:300] for line in output.splitlines() if re.search(SECURE_ROUND, line)
         ],
+        "site_key_checks": {
+            site: re.findall(SITE_KEY_CHECK, _text(log)) for site, (_, log) in fed.nodes.items()
+        },
         "stopped": summary.get("stopped"),
         "notes": fed.notes,
         "log_tail": output[-3000:],

@@ -25,11 +25,12 @@ here, to ``‖adapter − global‖`` before masking, because the server cannot 
 
 from __future__ import annotations
 
-import logging
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
 
 from client.egress import EgressRefused, outgoing_update_norm
 from shared.config import load_run_config
@@ -84,8 +85,6 @@ __all__ = ["STATE", "answer_keys", "answer_shares", "answer_unmask", "mask_updat
 STATE = "secagg-state"
 _MASK_PRIVATE, _SHARE_PRIVATE, _SELF_SEED = "mask-private", "share-private", "self-seed"
 _HELD_FROM, _DONE = "held-from", "unmasked"
-
-logger = logging.getLogger(__name__)
 
 
 def _ids(values) -> list[int]:
@@ -159,7 +158,8 @@ def _verify_keys(msg: Message, context: Context, state: ConfigRecord, nodes: lis
         )
     source = context.node_config.get(TRUSTED_KEYS_NODE_CONFIG)
     if not source:
-        logger.warning(
+        log(
+            WARNING,
             "Round %d: secure-aggregation keys of %d site(s) taken unverified: node config %s is not set, so a "
             "server substituting keys would go unnoticed",
             server_round,
@@ -178,12 +178,19 @@ def _verify_keys(msg: Message, context: Context, state: ConfigRecord, nodes: lis
         KeyBundle(node, bytes(masks[k]), bytes(shares[k]), bytes(signers[k]), bytes(signatures[k]))
         for k, node in enumerate(nodes)
     ]
-    verify_round_keys(
+    names = verify_round_keys(
         bundles,
         load_trusted_keys(str(source)),
         run_id=int(context.run_id),
         server_round=server_round,
         source=str(source),
+    )
+    log(
+        INFO,
+        "Round %d: secure-aggregation keys of %s verified against %s",
+        server_round,
+        ", ".join(sorted(names.values())),
+        source,
     )
 
 

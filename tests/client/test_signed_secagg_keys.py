@@ -190,7 +190,7 @@ def test_without_trusted_keys_a_site_goes_on_and_warns(creds, caplog):
     contexts = _contexts(creds, verify=False, sign=False)
     request = _step1(contexts)
     assert request[SECAGG_SIGNATURE] == [b"", b"", b""]
-    with caplog.at_level(logging.WARNING, logger="client.secure_aggregation"):
+    with caplog.at_level(logging.WARNING, logger="flwr"):
         assert len(_step2(contexts, request)[SECAGG_PEERS]) == 2
     assert "taken unverified" in caplog.text and TRUSTED_KEYS_NODE_CONFIG in caplog.text
 
