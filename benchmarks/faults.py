@@ -121,7 +121,7 @@ class Fed:
             "federation.tracking-uri": self.tracking_uri
             or f"sqlite:///{self.work.parent / (self.work.name + '-mlflow.db')}",
             "federation.min-sites": 1,
-            "federation.sample-timeout": 120.0,
+            "federation.sample-timeout": self.args.sample_timeout,
             "federation.round-timeout": self.args.round_timeout,
             "federation.checkpoint-keep": 1000,
             "federation.resume": True,
@@ -551,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0, help="bound of every wait, seconds")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="federation.round-timeout")
+    parser.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=120.0,
+        help="federation.sample-timeout: raise it on a loaded machine, where the handshake alone can take minutes",
+    )
     parser.add_argument(
         "--mlflow-down", type=float, default=60.0, help="seconds the mlflow server stays down"
     )
