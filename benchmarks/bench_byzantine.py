@@ -15,7 +15,8 @@ and aggregate at 2 cases per site, and up to ~25 distinct aggregates per round w
 The attack lasts one round from a shared trajectory: the honest updates of a round are trained once, from the
 clean FedAvg aggregate of the round before, and every (strategy, attack, admission) aggregate of the round is
 measured against the clean aggregate of the same strategy (``drop``) and against clean FedAvg
-(``drop_vs_fedavg``). Drops are clean − attacked of the site mean, so positive = damage.
+(``drop_vs_fedavg``). Drops are clean − attacked of the site mean, so positive = damage. The report is written
+after every round (``complete``: false until the last), so a run stopped early keeps the rounds it finished.
 
     .venv/bin/python benchmarks/bench_byzantine.py --out benchmarks/results/byzantine.json
     .venv/bin/python benchmarks/bench_byzantine.py --rounds 1 --cases 2 --out /tmp/byzantine-smoke.json  # smoke
@@ -370,17 +371,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return cache[digest]
 
         rows, global_ = [], sites.initial_packed()
+        splits = {s.name: eval_split(s) for s in evaluated}
+
+        def report(complete: bool) -> dict[str, Any]:
+            return {
+                "benchmark": "byzantine",
+                "complete": complete,
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "evaluated_on": splits,
+                "rows": rows,
+                "conditions": conditions.report(),
+            }
+
         for server_round in range(1, args.rounds + 1):
             new_rows, global_ = _round(args, sites, data, flipped, global_, server_round, evaluate, started)
             rows += new_rows
-        splits = {s.name: eval_split(s) for s in evaluated}
-    return {
-        "benchmark": "byzantine",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "evaluated_on": splits,
-        "rows": rows,
-        "conditions": conditions.report(),
-    }
+            if server_round < args.rounds:  # a run stopped later still leaves the rounds it finished
+                write_report(args.out, json_safe(report(complete=False)))
+    return report(complete=True)
 
 
 def json_safe(value: Any) -> Any:

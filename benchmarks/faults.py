@@ -12,6 +12,9 @@ Every wait has a bound; a run that does not end within ``--timeout`` is recorded
 Faults (``--faults``, comma-separated; default all):
 
 - ``kill-site``: SIGKILL 1 of 3 SuperNodes once it received its train message of round 1;
+- ``kill-site-secure``: ``kill-site`` under ``federation.secure-aggregation`` (signed keys, as the deployment
+  helpers configure every SuperNode): the killed site has exchanged keys and Shamir shares but sends no masked
+  input, so the survivors' sum is unmasked with its rebuilt mask key, or the round is recorded as skipped;
 - ``kill-all-but-one``: the same for 2 of 3 (``min-sites`` 1, so one site may go on);
 - ``stall``: SIGSTOP 1 site at its round-1 train message, SIGCONT once ``--round-timeout`` has passed; with
   ``--rounds 3`` or more, whether it trains again in a later round (``stall_site_trained_rounds``, from its MLflow
@@ -106,6 +109,8 @@ class Fed:
     notes: list[str] = field(default_factory=list)
     #: ``stall``: rounds checkpointed when the stopped site was resumed (SIGCONT).
     resumed_after_round: int | None = None
+    #: Run-config overrides a fault adds (``kill-site-secure``: secure aggregation on).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -116,11 +121,12 @@ class Fed:
             "federation.tracking-uri": self.tracking_uri
             or f"sqlite:///{self.work.parent / (self.work.name + '-mlflow.db')}",
             "federation.min-sites": 1,
-            "federation.sample-timeout": 120.0,
+            "federation.sample-timeout": self.args.sample_timeout,
             "federation.round-timeout": self.args.round_timeout,
             "federation.checkpoint-keep": 1000,
             "federation.resume": True,
             **CHEAP,
+            **self.extra,
         }
 
     def start(self) -> None:
@@ -227,6 +233,11 @@ def _kill_sites(fed: Fed, victims: list[str]) -> tuple[bool, str]:
 
 
 def fault_kill_site(fed: Fed) -> tuple[bool, str]:
+    return _kill_sites(fed, ["site_b"])
+
+
+def fault_kill_site_secure(fed: Fed) -> tuple[bool, str]:
+    fed.extra["federation.secure-aggregation"] = True
     return _kill_sites(fed, ["site_b"])
 
 
@@ -342,8 +353,20 @@ MLFLOW_DOWN = (
 )
 
 
+#: What the server logs of a secure round: its setup, the unmasked sum (with the dropped sites) or a skip.
+SECURE_ROUND = (
+    r"secure aggregation (set up|unmasked)|secure-aggregation threshold|cannot unmask|Secure aggregation"
+)
+
+#: What a site logs when it checks the relayed round keys (client/secure_aggregation.py).
+SITE_KEY_CHECK = (
+    r"Round \d+: secure-aggregation keys of [^\n]*(?:verified against|taken unverified)|fail signature"
+)
+
+
 FAULTS: dict[str, Callable[[Fed], tuple[bool, str]]] = {
     "kill-site": fault_kill_site,
+    "kill-site-secure": fault_kill_site_secure,
     "kill-all-but-one": fault_kill_all_but_one,
     "stall": fault_stall,
     "kill-server": fault_kill_server,
@@ -486,6 +509,12 @@ def run_fault(name: str, consortium: Consortium, root: Path, args: argparse.Name
         "fallbacks": re.findall(
             r"Falling back to the previous good checkpoint: resuming after round \d+", output
         ),
+        "secure_aggregation": [
+            line.strip()[:300] for line in output.splitlines() if re.search(SECURE_ROUND, line)
+        ],
+        "site_key_checks": {
+            site: re.findall(SITE_KEY_CHECK, _text(log)) for site, (_, log) in fed.nodes.items()
+        },
         "stopped": summary.get("stopped"),
         "notes": fed.notes,
         "log_tail": output[-3000:],
@@ -522,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0, help="bound of every wait, seconds")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="federation.round-timeout")
+    parser.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=120.0,
+        help="federation.sample-timeout: raise it on a loaded machine, where the handshake alone can take minutes",
+    )
     parser.add_argument(
         "--mlflow-down", type=float, default=60.0, help="seconds the mlflow server stays down"
     )

@@ -3,8 +3,11 @@
 A round runs four messages at the site (maths: :mod:`shared.secagg`; server side: :mod:`server.secure_aggregation`):
 
 1. ``query.secagg_keys`` (:func:`answer_keys`): draw two fresh X25519 key pairs for this round (one agrees the
-   pairwise mask seeds, one encrypts Shamir shares) and send the public halves;
-2. ``query.secagg_shares`` (:func:`answer_shares`): with every keyed site's public keys, draw the self-mask seed,
+   pairwise mask seeds, one encrypts Shamir shares) and send the public halves, signed with the site's
+   authentication key when its node config names one (``secagg-signing-key``, :mod:`shared.secagg_signing`);
+2. ``query.secagg_shares`` (:func:`answer_shares`): when the node config names the consortium's keys
+   (``secagg-trusted-keys``), refuse the round unless every keyed site's keys are signed by a distinct consortium
+   key (a server substituting keys is caught here); then, with every keyed site's public keys, draw the self-mask seed,
    split it and the mask private key into Shamir shares (threshold ``t``) and send each peer its share, encrypted
    and bound to (round, sender, receiver); the site keeps its own;
 3. ``train`` (:func:`secure_aggregation_mod`, around the train handler): after local training, decrypt the
@@ -22,9 +25,12 @@ here, to ``‖adapter − global‖`` before masking, because the server cannot 
 
 from __future__ import annotations
 
+from logging import INFO, WARNING
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
 
 from client.egress import EgressRefused, outgoing_update_norm
 from shared.config import load_run_config
@@ -41,6 +47,8 @@ from shared.protocol import (
     SECAGG_PEERS,
     SECAGG_SEED_SHARES,
     SECAGG_SHARE_PUBLIC,
+    SECAGG_SIGNATURE,
+    SECAGG_SIGNER,
     SECAGG_SURVIVORS,
     SECAGG_THRESHOLD,
     SERVER_ROUND,
@@ -60,6 +68,15 @@ from shared.secagg import (
     split_secret,
     threshold_for,
     unflatten,
+)
+from shared.secagg_signing import (
+    SIGNING_KEY_NODE_CONFIG,
+    TRUSTED_KEYS_NODE_CONFIG,
+    KeyBundle,
+    key_statement,
+    load_signer,
+    load_trusted_keys,
+    verify_round_keys,
 )
 
 __all__ = ["STATE", "answer_keys", "answer_shares", "answer_unmask", "mask_update", "secure_aggregation_mod"]
@@ -100,7 +117,81 @@ def answer_keys(msg: Message, context: Context) -> Message:
     context.state[STATE] = ConfigRecord(
         {SERVER_ROUND: server_round, _MASK_PRIVATE: masking.private, _SHARE_PRIVATE: sharing.private}
     )
-    return _reply(msg, {SECAGG_MASK_PUBLIC: masking.public, SECAGG_SHARE_PUBLIC: sharing.public})
+    signer, signature = b"", b""
+    key_path = context.node_config.get(SIGNING_KEY_NODE_CONFIG)
+    if key_path:
+        statement = key_statement(
+            run_id=int(context.run_id),
+            server_round=server_round,
+            node_id=int(msg.metadata.dst_node_id),
+            mask_public=masking.public,
+            share_public=sharing.public,
+        )
+        signer, signature = load_signer(str(key_path)).sign(statement)
+    return _reply(
+        msg,
+        {
+            SECAGG_MASK_PUBLIC: masking.public,
+            SECAGG_SHARE_PUBLIC: sharing.public,
+            SECAGG_SIGNER: signer,
+            SECAGG_SIGNATURE: signature,
+        },
+    )
+
+
+def _verify_keys(msg: Message, context: Context, state: ConfigRecord, nodes: list[int]) -> None:
+    """Under ``secagg-trusted-keys``: every keyed site's keys in the step-2 request are signed by a distinct
+    consortium key, and this site's own entry is the keys it drew (:class:`SecAggError` naming the node or site
+    otherwise). Without it: a WARNING per round that the keys are taken on trust."""
+    request = _request(msg)
+    server_round, me = int(request[SERVER_ROUND]), int(msg.metadata.dst_node_id)
+    masks, shares = list(request[SECAGG_MASK_PUBLIC]), list(request[SECAGG_SHARE_PUBLIC])
+    own = nodes.index(me)
+    mine = (
+        KeyPair.from_private(bytes(state[_MASK_PRIVATE])),
+        KeyPair.from_private(bytes(state[_SHARE_PRIVATE])),
+    )
+    if (bytes(masks[own]), bytes(shares[own])) != (mine[0].public, mine[1].public):
+        raise SecAggError(
+            f"round {server_round}: the server relayed other keys for this site (node {me}) than it sent; "
+            "no shares sent"
+        )
+    source = context.node_config.get(TRUSTED_KEYS_NODE_CONFIG)
+    if not source:
+        log(
+            WARNING,
+            "Round %d: secure-aggregation keys of %d site(s) taken unverified: node config %s is not set, so a "
+            "server substituting keys would go unnoticed",
+            server_round,
+            len(nodes),
+            TRUSTED_KEYS_NODE_CONFIG,
+        )
+        return
+    signers = list(request.get(SECAGG_SIGNER, [b""] * len(nodes)))
+    signatures = list(request.get(SECAGG_SIGNATURE, [b""] * len(nodes)))
+    if len(signers) != len(nodes) or len(signatures) != len(nodes):
+        raise SecAggError(
+            f"round {server_round}: {len(signers)} signer(s) and {len(signatures)} signature(s) relayed for "
+            f"{len(nodes)} keyed site(s); no shares sent"
+        )
+    bundles = [
+        KeyBundle(node, bytes(masks[k]), bytes(shares[k]), bytes(signers[k]), bytes(signatures[k]))
+        for k, node in enumerate(nodes)
+    ]
+    names = verify_round_keys(
+        bundles,
+        load_trusted_keys(str(source)),
+        run_id=int(context.run_id),
+        server_round=server_round,
+        source=str(source),
+    )
+    log(
+        INFO,
+        "Round %d: secure-aggregation keys of %s verified against %s",
+        server_round,
+        ", ".join(sorted(names.values())),
+        source,
+    )
 
 
 def answer_shares(msg: Message, context: Context) -> Message:
@@ -116,6 +207,7 @@ def answer_shares(msg: Message, context: Context) -> Message:
             f"round {server_round}: threshold {threshold} for {len(nodes)} keyed sites; at least "
             f"{threshold_for(len(nodes))} (a strict majority) is required"
         )
+    _verify_keys(msg, context, state, nodes)
     self_seed = new_seed()
     seed_shares = split_secret(self_seed, threshold=threshold, num_shares=len(nodes))
     key_shares = split_secret(bytes(state[_MASK_PRIVATE]), threshold=threshold, num_shares=len(nodes))

@@ -8,7 +8,8 @@ maths in :mod:`shared.secagg`, the site's part in :mod:`client.secure_aggregatio
 loop, through two strategy hooks (:class:`server.strategies.FedabusHooks`):
 
 * :meth:`SecureAggregation.prepare`, in ``configure_train`` once the sites are sampled: ``query.secagg_keys``
-  (fresh per-round keys) then ``query.secagg_shares`` (encrypted Shamir shares, routed here); every train message
+  (fresh per-round keys, signed by sites that hold a signing key) then ``query.secagg_shares`` (every keyed site's
+  keys and signatures relayed for the sites to verify; encrypted Shamir shares routed back here); every train message
   then carries, for its site, the shares addressed to it. A site that misses either step gets no train message;
   a round with fewer than ``t`` sites left is skipped (global adapter unchanged);
 * :meth:`SecureAggregation.unmask`, in ``aggregate_train`` after admission (which under secure aggregation checks
@@ -50,6 +51,8 @@ from shared.protocol import (
     SECAGG_SEED_SHARES,
     SECAGG_SHARE_PUBLIC,
     SECAGG_SHARES,
+    SECAGG_SIGNATURE,
+    SECAGG_SIGNER,
     SECAGG_SURVIVORS,
     SECAGG_THRESHOLD,
     SECAGG_UNMASK,
@@ -126,6 +129,8 @@ class SecureAggregation:
                 SECAGG_NODES: _strings(keyed),
                 SECAGG_MASK_PUBLIC: [keys[node][SECAGG_MASK_PUBLIC] for node in keyed],
                 SECAGG_SHARE_PUBLIC: [keys[node][SECAGG_SHARE_PUBLIC] for node in keyed],
+                SECAGG_SIGNER: [bytes(keys[node].get(SECAGG_SIGNER, b"")) for node in keyed],
+                SECAGG_SIGNATURE: [bytes(keys[node].get(SECAGG_SIGNATURE, b"")) for node in keyed],
             },
         )
         holders = sorted(shares)

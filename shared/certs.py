@@ -6,6 +6,9 @@ One call makes everything a consortium needs to start a SuperLink with TLS and S
 - the SuperLink's TLS key and certificate (``superlink.key``, ``superlink.crt``), signed by the CA, whose
   subject alternative names (SANs) list every DNS name and IP address under which sites, the reverse proxy
   and the coordinator reach the SuperLink;
+- ``consortium.pub``: every site's public key, one OpenSSH line each (comment ``fedabus-<name>``), copied into
+  every site's folder: the keys a site checks its peers' signed secure-aggregation keys against
+  (:mod:`shared.secagg_signing`, node config ``secagg-trusted-keys``);
 - one ECDSA P-384 key pair per site in OpenSSH format, the format Flower 1.41 reads:
   ``flower-supernode --auth-supernode-private-key`` loads the private key with ``load_ssh_private_key`` (no
   passphrase) and ``flwr supernode register KEY.pub`` loads the public key with ``load_ssh_public_key``
@@ -32,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.atomic import write_bytes_atomic
+from shared.secagg_signing import CONSORTIUM_FILE, consortium_line
 
 __all__ = [
     "DEFAULT_SERVER_NAMES",
@@ -63,6 +67,8 @@ class SiteKeyPaths:
     public_key: Path
     #: Copy of the CA certificate: the site's ``--root-certificates``.
     ca_cert: Path
+    #: Copy of ``consortium.pub``: the site's node config ``secagg-trusted-keys``.
+    consortium: Path
 
 
 @dataclass(frozen=True)
@@ -76,11 +82,23 @@ class CertPaths:
     server_key: Path
     sites: dict[str, SiteKeyPaths]
     readme: Path
+    #: Every site's public key, one OpenSSH line each (``fedabus-<name>``).
+    consortium: Path
 
     def all_files(self) -> list[Path]:
         """Every written path, private keys included."""
-        site_files = [p for s in self.sites.values() for p in (s.private_key, s.public_key, s.ca_cert)]
-        return [self.ca_cert, self.ca_key, self.server_cert, self.server_key, *site_files, self.readme]
+        site_files = [
+            p for s in self.sites.values() for p in (s.private_key, s.public_key, s.ca_cert, s.consortium)
+        ]
+        return [
+            self.ca_cert,
+            self.ca_key,
+            self.server_cert,
+            self.server_key,
+            *site_files,
+            self.consortium,
+            self.readme,
+        ]
 
 
 def make_certificates(
@@ -129,8 +147,10 @@ def make_certificates(
     write_bytes_atomic(
         paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=_PUBLIC_MODE
     )
-    for name, site_paths in paths.sites.items():
-        _write_site_key_pair(name, site_paths, ca_pem)
+    lines = [_write_site_key_pair(name, site_paths, ca_pem) for name, site_paths in paths.sites.items()]
+    consortium = "".join(lines).encode()
+    for target in [paths.consortium, *(site.consortium for site in paths.sites.values())]:
+        write_bytes_atomic(target, consortium, mode=_PUBLIC_MODE)
     write_bytes_atomic(paths.readme, _readme_text(paths, san_entries, days).encode(), mode=_PUBLIC_MODE)
     return paths
 
@@ -174,6 +194,7 @@ def _plan_paths(out_dir: Path, site_names: list[str]) -> CertPaths:
             private_key=out_dir / "sites" / name / f"{name}.key",
             public_key=out_dir / "sites" / name / f"{name}.pub",
             ca_cert=out_dir / "sites" / name / "ca.crt",
+            consortium=out_dir / "sites" / name / CONSORTIUM_FILE,
         )
         for name in site_names
     }
@@ -185,6 +206,7 @@ def _plan_paths(out_dir: Path, site_names: list[str]) -> CertPaths:
         server_key=out_dir / "superlink.key",
         sites=sites,
         readme=out_dir / "README.txt",
+        consortium=out_dir / CONSORTIUM_FILE,
     )
 
 
@@ -270,18 +292,18 @@ def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write_site_key_pair(name: str, paths: SiteKeyPaths, ca_pem: bytes) -> None:
-    """One site's ECDSA P-384 key pair in OpenSSH format (Flower reads it unencrypted) and its CA copy."""
+def _write_site_key_pair(name: str, paths: SiteKeyPaths, ca_pem: bytes) -> str:
+    """One site's ECDSA P-384 key pair in OpenSSH format (Flower reads it unencrypted) and its CA copy; returns
+    the site's line of ``consortium.pub``."""
     key = ec.generate_private_key(_CURVE())
     private_bytes = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    public_bytes = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    line = consortium_line(name, key.public_key())
     write_bytes_atomic(paths.private_key, private_bytes, mode=_PRIVATE_MODE)
-    write_bytes_atomic(paths.public_key, public_bytes + f" fedabus-{name}\n".encode(), mode=_PUBLIC_MODE)
+    write_bytes_atomic(paths.public_key, line.encode(), mode=_PUBLIC_MODE)
     write_bytes_atomic(paths.ca_cert, ca_pem, mode=_PUBLIC_MODE)
+    return line
 
 
 def _readme_text(paths: CertPaths, san_entries: list[x509.GeneralName], days: int) -> str:
@@ -307,6 +329,9 @@ Which file goes where
   sites/<site>/<site>.key -> that site only: flower-supernode --auth-supernode-private-key. Secret, 0600.
   sites/<site>/<site>.pub -> the coordinator: flwr supernode register sites/<site>/<site>.pub <connection>
   sites/<site>/ca.crt     -> that site: flower-supernode --root-certificates.
+  consortium.pub          -> every site (a copy is in each sites/<site>/): every site's public key, which the
+                             site's node config secagg-trusted-keys names; with secagg-signing-key (its own
+                             <site>.key) it signs and verifies the secure-aggregation round keys.
 
 Sites connect only to a name listed in the SANs above. docs/deployment.md has the full commands.
 """

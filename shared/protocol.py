@@ -70,6 +70,8 @@ __all__ = [
     "SECAGG_SEED_SHARES",
     "SECAGG_SHARES",
     "SECAGG_SHARE_PUBLIC",
+    "SECAGG_SIGNATURE",
+    "SECAGG_SIGNER",
     "SECAGG_SURVIVORS",
     "SECAGG_THRESHOLD",
     "SECAGG_UNMASK",
@@ -126,6 +128,9 @@ SECAGG_MASK_PUBLIC, SECAGG_SHARE_PUBLIC = "mask-public", "share-public"
 SECAGG_PEERS, SECAGG_CIPHERTEXTS = "peers", "ciphertexts"
 SECAGG_SURVIVORS, SECAGG_DROPPED = "survivors", "dropped"
 SECAGG_SEED_SHARES, SECAGG_KEY_SHARES = "seed-shares", "key-shares"
+#: A site's signature over its round keys and the signer's public key (shared/secagg_signing.py); empty bytes when
+#: the site signs nothing. Step 1's reply holds one of each, step 2's request one per keyed site.
+SECAGG_SIGNER, SECAGG_SIGNATURE = "signer", "signature"
 
 # Keys of the ``metrics`` record: NUM_EXAMPLES (Flower's FedAvg weighs by it; the number of training cases)
 # is a metric name too, defined with the others in shared.metric_names, which training code imports without

@@ -247,15 +247,19 @@ class Deployment:
         self, site: str, superlink: str | None = None, *, data_path: Path | None = None
     ) -> tuple[subprocess.Popen, Path]:
         """A SuperNode authenticating with ``site``'s key; its node config names ``data_path`` (default
-        ``root/site``), the site id and a state folder under ``root`` (not the home folder's)."""
+        ``root/site``), the site id, a state folder under ``root`` (not the home folder's), and the same key
+        and the consortium's public keys for signed secure-aggregation keys (docs/privacy.md)."""
         site_paths = self.creds.sites[site]
+        node_config = (
+            f'data-path="{data_path or self.root / site}" site-id="{site}" state-dir="{self.root / "state" / site}" '
+            f'secagg-signing-key="{site_paths.private_key}" secagg-trusted-keys="{site_paths.consortium}"'
+        )
         argv = [
             str(BIN / "flower-supernode"),
             "--superlink", superlink or self.address,
             "--root-certificates", str(site_paths.ca_cert),
             "--auth-supernode-private-key", str(site_paths.private_key),
-            "--node-config",
-            f'data-path="{data_path or self.root / site}" site-id="{site}" state-dir="{self.root / "state" / site}"',
+            "--node-config", node_config,
             "--port", str(free_port()),
         ]  # fmt: skip
         return self.start(argv, f"supernode-{site}-{len(self.processes)}.log")
