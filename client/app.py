@@ -3,6 +3,9 @@
 Each handler decodes the message, calls plain training/evaluation code, and encodes a reply holding only
 the checked adapter update and aggregate metrics (:mod:`client.egress`), plus a ``site`` ConfigRecord with
 the site's name. A site whose base differs from the federation's does not train and says why.
+
+MONAI is imported first, without the libraries only its unused integrations need (:mod:`client.monai_import`):
+a deployed site imports this module once per message.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+# First of fedabus' imports: it imports MONAI without its MLflow, matplotlib and transformers pulls.
+from client import monai_import  # noqa: F401
 from client.egress import outgoing_site_record
 from client.privacy import client_dp_clipping_mod
 from client.secure_aggregation import answer_keys, answer_shares, answer_unmask, secure_aggregation_mod

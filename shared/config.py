@@ -268,8 +268,14 @@ class DataConfig:
     augment_gamma: float = 0.3
     #: Contrast × (1 + u) and brightness + u (standard deviations of the normalised image), u in ±augment-intensity.
     augment_intensity: float = 0.1
+    #: Preprocessed cases kept in memory per process (MiB; 0: none): later epochs, models and evaluations of the
+    #: same process get a copy instead of reading and resampling again (shared/data/case_cache.py). The values
+    #: are the same either way; a case larger than this is never kept.
+    case_cache_mb: int = 0
 
     def __post_init__(self) -> None:
+        if self.case_cache_mb < 0:
+            raise ConfigError(f"data.case-cache-mb = {self.case_cache_mb!r} must be >= 0 (0 keeps no case)")
         limits = {
             "planes_box_jitter": (0.0, 1.0),
             "augment_prob": (0.0, 1.0),

@@ -3,7 +3,8 @@
 Flow: :func:`site_cases` validates a site folder (the checks of ``fedabus validate``) and returns only usable
 cases of the wanted splits, logging how many it skipped and why; the factories below take those cases. Every
 item is read lazily, one case at a time (:class:`LoadCased` reads image and mask with the site's overrides
-and runs :func:`~shared.data.transforms.preprocess_case`); nothing holds a whole site at full resolution.
+and runs :func:`~shared.data.transforms.preprocess_case`); nothing holds a whole site at full resolution, unless
+``data.case-cache-mb`` lets the process keep preprocessed cases (:mod:`shared.data.case_cache`: same values).
 ``cache_rate > 0`` keeps that fraction of preprocessed cases (at the target spacing) in memory with MONAI's
 CacheDataset; random crops are still drawn fresh each time.
 
@@ -43,6 +44,7 @@ from monai.transforms import Compose, Randomizable, RandomizableTrait, Transform
 from shared.config import DataConfig, SiteConfig
 from shared.data.augment import CaseDraws, TrainAugmentation, build_augmentation
 from shared.data.blocks import covering_blocks, extract_blocks
+from shared.data.case_cache import MIB, PROCESS_CACHE, case_key
 from shared.data.io import read_volume
 from shared.data.layouts import CaseRecord
 from shared.data.planes import BoxError, LesionBox, jitter_box, largest_lesion_box, planes_from_config
@@ -108,6 +110,13 @@ class LoadCased(Transform):
                 f"case {case.case_id!r}: no mask path; loaders need a mask (run fedabus validate)"
             )
         site_config = data.get("site_config", self.site_config)
+        return PROCESS_CACHE.load(
+            case_key(case, self.config, site_config),
+            lambda: self._load(case, site_config),
+            max_bytes=self.config.case_cache_mb * MIB,
+        )
+
+    def _load(self, case: CaseRecord, site_config: SiteConfig | None) -> dict[str, Any]:
         image = read_volume(case.image, site_config=site_config)
         mask = read_volume(case.mask, site_config=site_config)
         done = preprocess_case(image, mask, self.config)
