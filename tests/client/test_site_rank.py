@@ -85,6 +85,37 @@ def test_the_coordinator_names_site_ranks_in_the_run_config(tmp_path):
     assert _settings(tmp_path, **{**ranks, "federation.site-lora-ranks": "nobody=2"}).lora_rank == 0
 
 
+def test_a_study_arm_gives_its_simulated_sites_mixed_ranks(tmp_path):
+    """The arm-scoped ``--set`` of ``fedabus study`` reaches a simulated site of that arm through Flower's ``-c``
+    string (:func:`shared.simulation.run_config_overrides`), and each site finds its own rank; the other arm keeps
+    one rank."""
+    from flwr.common.config import parse_config_args
+
+    from shared.config import parse_assignments
+    from shared.simulation import run_config_overrides
+    from shared.study.runner import load_study_config
+
+    for name in ("site_a", "site_b", "site_c"):
+        (tmp_path / "sites" / name).mkdir(parents=True)
+    sets = parse_assignments(
+        [
+            "federated@mixed:federation.lora-aggregation=product",
+            "federated@mixed:federation.site-lora-ranks=site_a=2,site_b=8",
+        ]
+    )
+    config, per_arm = load_study_config(None, sets, ["federated", "federated@mixed"])
+    assert config.federation.site_ranks() == {}
+    mixed = per_arm["federated@mixed"].federation
+    overrides = {
+        "federation.lora-aggregation": mixed.lora_aggregation,
+        "federation.site-lora-ranks": mixed.site_lora_ranks,
+        "federation.sites-dir": str(tmp_path / "sites"),
+        "model.base-path": "b",
+    }
+    run = load_run_config(parse_config_args(run_config_overrides(overrides)[1:]))
+    assert [site_settings({"partition-id": i}, run).lora_rank for i in range(3)] == [2, 8, 0]
+
+
 @pytest.mark.parametrize(
     ("value", "why"),
     [
