@@ -42,6 +42,9 @@ ROUNDS = 2
 COMMON = {
     "num-server-rounds": ROUNDS,
     "model.cls-depth": 18,
+    # LoRA on the classifier's last 3x3 convolutions only (in = 512·3·3: the widest modules), not on every one:
+    # attaching PEFT to every convolution of three ResNet-18s costs seconds per message.
+    "adapter.cls-lora-targets": r"branches\.\w+\.layer4\.\d+\.conv2",
     "data.augment": False,
     "data.planes-frames": 1,
     "data.planes-size": 32,
