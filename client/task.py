@@ -162,10 +162,11 @@ def site_settings(node_config: dict[str, Any], config: FedabusConfig) -> SiteSet
 def site_rank(
     node_config: dict[str, Any], site_dir: Path, site_config: Path | None, config: FedabusConfig
 ) -> int:
-    """The site's own LoRA rank (0: the run's): node config ``lora-rank`` or ``lora-rank`` in the site TOML
-    (``site_config``, else the one :func:`~shared.training.site.find_site_config` finds beside ``site_dir``), one
-    truth: both set to different ranks raises :class:`~shared.config.ConfigError` naming both; then checked
-    with :func:`check_site_rank`."""
+    """The site's own LoRA rank (0: the run's), one setting in three places: node config ``lora-rank``,
+    ``lora-rank`` in the site TOML (``site_config``, else the one :func:`~shared.training.site.find_site_config`
+    finds beside ``site_dir``) and the run config's ``federation.site-lora-ranks`` entry of this site's name (node
+    config ``site-id``, else the TOML's ``name``, else the folder's). Given in several places with different ranks
+    raises :class:`~shared.config.ConfigError` naming each; then checked with :func:`check_site_rank`."""
     try:
         node_rank = int(node_config.get("lora-rank", 0))
     except (TypeError, ValueError):
@@ -173,14 +174,24 @@ def site_rank(
             f"node config lora-rank = {node_config.get('lora-rank')!r} must be an integer"
         ) from None
     path = site_config or find_site_config(site_dir)
-    toml_rank = load_site_config(path).lora_rank if path is not None else 0
-    if node_rank and toml_rank and node_rank != toml_rank:
-        raise ConfigError(
-            f"the site's LoRA rank is given twice and differently: node config lora-rank = {node_rank}, {path} "
-            f"lora-rank = {toml_rank}; give it in one place (the site TOML, or the node config)"
+    toml = load_site_config(path) if path is not None else None
+    name = str(node_config.get("site-id", "")) or (toml.name if toml is not None else "") or site_dir.name
+    given = {
+        where: rank
+        for where, rank in (
+            ("node config lora-rank", node_rank),
+            (f"{path}: lora-rank", toml.lora_rank if toml is not None else 0),
+            (f"run config federation.site-lora-ranks ({name})", config.federation.site_ranks().get(name, 0)),
         )
-    rank = node_rank or toml_rank
-    where = "node config lora-rank" if node_rank else f"{path}: lora-rank"
+        if rank
+    }
+    if len(set(given.values())) > 1:
+        raise ConfigError(
+            "the site's LoRA rank is given in several places and differently: "
+            + ", ".join(f"{where} = {rank}" for where, rank in given.items())
+            + "; give it in one place (the site TOML, the node config or the run config)"
+        )
+    where, rank = next(iter(given.items()), ("node config lora-rank", 0))
     check_site_rank(rank, config, where=where)
     return rank
 

@@ -446,6 +446,12 @@ class FederationConfig:
     #: Shamir shares; :mod:`shared.secagg`). FedAvg, FedProx and FedAdam only, ``lora-aggregation`` naive or
     #: ffa, ``compression = none``, no client-level DP; sites read this key too.
     secure_aggregation: bool = False
+    #: Sites' own LoRA ranks, given by the coordinator: ``"site_a=2,site_b=8"`` (site names as in reports; a site
+    #: not named trains at ``adapter.lora-rank``). The same setting as a site's ``lora-rank`` (node config or site
+    #: TOML), so one site may get it in several places only with the same value. Needs ``lora-aggregation =
+    #: product`` and ``compression = none`` (docs/training.md, "Heterogeneous ranks"); sites read this key. The
+    #: way to give a study arm mixed ranks: ``--set federated@mixed:federation.site-lora-ranks=site_a=2,site_b=8``.
+    site_lora_ranks: str = ""
 
     def __post_init__(self) -> None:
         for key, value, allowed in (
@@ -454,6 +460,26 @@ class FederationConfig:
         ):
             if value not in allowed:
                 raise ConfigError(f"federation.{key} = {value!r}; allowed: " + ", ".join(allowed))
+        if self.site_ranks() and (self.lora_aggregation != "product" or self.compression != "none"):
+            raise ConfigError(
+                f"federation.site-lora-ranks = {self.site_lora_ranks!r} needs federation.lora-aggregation = "
+                f"'product' and federation.compression = 'none' (the only way ranks can differ between sites); "
+                f"this run: {self.lora_aggregation!r}, {self.compression!r}"
+            )
+
+    def site_ranks(self) -> dict[str, int]:
+        """``site-lora-ranks`` as {site name: rank >= 1}; raises :class:`ConfigError` naming the key and the
+        entry that is not ``NAME=RANK`` with a whole rank >= 1, or a site named twice."""
+        ranks: dict[str, int] = {}
+        for entry in filter(None, (e.strip() for e in self.site_lora_ranks.split(","))):
+            name, _, rank = (part.strip() for part in entry.partition("="))
+            if not name or not rank.isdigit() or int(rank) < 1 or name in ranks:
+                raise ConfigError(
+                    f"federation.site-lora-ranks = {self.site_lora_ranks!r}: entry {entry!r} must be NAME=RANK "
+                    "with a whole rank >= 1, each site once (e.g. 'site_a=2,site_b=8')"
+                )
+            ranks[name] = int(rank)
+        return ranks
 
 
 #: Values of ``federation.lora-aggregation``.

@@ -119,24 +119,45 @@ def weighted_mean(
 
 
 def _svd_of_product(b_cat: torch.Tensor, a_cat: torch.Tensor, rank: int):
-    """(U, S, V) of ``b_cat @ a_cat`` with at least ``rank`` singular triplets (zero-padded beyond the matrix's
-    size); via QR when the inner size allows, else a dense SVD with full V (directions for zero-σ components)."""
+    """(U, S, V) of ``b_cat @ a_cat`` with at least ``rank`` singular triplets: (out, k), (k,), (in, k), k ≥ rank.
+
+    Never forms more than the product's own rank of directions densely: via QR when the inner size R is at most
+    ``min(out, in)`` (an SVD of the R×R core), else a thin SVD of the (then small) product. Triplets beyond the
+    product's rank (``rank`` above R, as when a site of a higher rank receives the global adapter) get σ = 0, a
+    zero U column and a V column completing V orthonormally (:func:`_complete_columns`; zero once V spans every
+    input direction), so :func:`refactorise` gives them a trainable A row. A full SVD with the complete in × in V
+    instead took minutes per round on a classifier convolution (in = 512·3·3)."""
     inner = b_cat.shape[1]
-    if rank <= inner <= min(b_cat.shape[0], a_cat.shape[1]):
+    if inner <= min(b_cat.shape[0], a_cat.shape[1]):
         q_b, r_b = torch.linalg.qr(b_cat)  # (out, R), (R, R)
         q_a, r_a = torch.linalg.qr(a_cat.mT)  # (in, R), (R, R)
         u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.mT)
-        return q_b @ u_c, s, q_a @ vh_c.mT
-    u, s, vh = torch.linalg.svd(b_cat @ a_cat, full_matrices=True)
+        u, v = q_b @ u_c, q_a @ vh_c.mT
+    else:
+        u, s, vh = torch.linalg.svd(b_cat @ a_cat, full_matrices=False)
+        v = vh.mT
     pad = rank - s.shape[0]
     if pad > 0:
         s = torch.cat([s, s.new_zeros(pad)])
-    if u.shape[1] < rank:
-        u = torch.cat([u, u.new_zeros(u.shape[0], rank - u.shape[1])], dim=1)
-    v = vh.mT
-    if v.shape[1] < rank:  # more rank than input features: such components stay zero
-        v = torch.cat([v, v.new_zeros(v.shape[0], rank - v.shape[1])], dim=1)
+        u = torch.cat([u, u.new_zeros(u.shape[0], pad)], dim=1)
+        v = _complete_columns(v, rank)
     return u, s, v
+
+
+def _complete_columns(v: torch.Tensor, count: int) -> torch.Tensor:
+    """``v`` (n, k) with orthonormal columns, followed by orthonormal columns orthogonal to them up to ``count``
+    columns in all (at most n; zero columns beyond: more rank than input features, such components stay zero).
+    Deterministic: a QR of ``v`` beside the first coordinate axes."""
+    n, k = v.shape
+    extra = min(count, n) - k
+    if extra > 0:
+        q, _ = torch.linalg.qr(
+            torch.cat([v, torch.eye(n, min(count, n), dtype=v.dtype, device=v.device)], dim=1)
+        )
+        v = torch.cat([v, q[:, k : k + extra]], dim=1)
+    if v.shape[1] < count:
+        v = torch.cat([v, v.new_zeros(n, count - v.shape[1])], dim=1)
+    return v
 
 
 def refactorise(

@@ -1,5 +1,6 @@
-"""A site's own LoRA rank (node config ``lora-rank`` or its site TOML's): allowed only with product aggregation,
-uncompressed; one truth between the two places; and the site's models at that rank from a global adapter."""
+"""A site's own LoRA rank (node config ``lora-rank``, its site TOML's, or the run config's
+``federation.site-lora-ranks``): allowed only with product aggregation, uncompressed; one truth between the three
+places; and the site's models at that rank from a global adapter."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_a_site_rank_is_read_from_the_site_toml_and_must_agree_with_the_node_con
     assert _settings(tmp_path, toml_rank=2, **PRODUCT).lora_rank == 2
     assert _settings(tmp_path, 2, toml_rank=2, **PRODUCT).lora_rank == 2  # the same rank twice is one truth
     with pytest.raises(
-        ConfigError, match=r"node config lora-rank = 8, .*site\.toml lora-rank = 2; give it in one"
+        ConfigError, match=r"node config lora-rank = 8, .*site\.toml: lora-rank = 2; give it in one"
     ):
         _settings(tmp_path, 8, toml_rank=2, **PRODUCT)
     with pytest.raises(
@@ -66,6 +67,68 @@ def test_a_simulated_site_takes_its_rank_from_its_site_toml(tmp_path):
     )
     ranks = [site_settings({"partition-id": index}, config).lora_rank for index in (0, 1)]
     assert ranks == [2, 0]
+
+
+def test_the_coordinator_names_site_ranks_in_the_run_config(tmp_path):
+    """``federation.site-lora-ranks`` (the study's way to run an arm with mixed ranks): a site finds its rank by
+    its name (folder, site TOML ``name`` or node config ``site-id``); the other places must agree with it."""
+    ranks = {"federation.site-lora-ranks": "site=2, other=8", **PRODUCT}
+    assert _settings(tmp_path, **ranks).lora_rank == 2  # the folder's name
+    assert _settings(tmp_path, 2, toml_rank=2, **ranks).lora_rank == 2
+    (tmp_path / "site" / "site.toml").write_text('[site]\nname = "other"\n', encoding="utf-8")
+    assert _settings(tmp_path, **ranks).lora_rank == 8  # the TOML's name
+    with pytest.raises(
+        ConfigError,
+        match=r"node config lora-rank = 4, run config federation.site-lora-ranks \(other\) = 8; give it in one",
+    ):
+        _settings(tmp_path, 4, **ranks)
+    assert _settings(tmp_path, **{**ranks, "federation.site-lora-ranks": "nobody=2"}).lora_rank == 0
+
+
+def test_a_study_arm_gives_its_simulated_sites_mixed_ranks(tmp_path):
+    """The arm-scoped ``--set`` of ``fedabus study`` reaches a simulated site of that arm through Flower's ``-c``
+    string (:func:`shared.simulation.run_config_overrides`), and each site finds its own rank; the other arm keeps
+    one rank."""
+    from flwr.common.config import parse_config_args
+
+    from shared.config import parse_assignments
+    from shared.simulation import run_config_overrides
+    from shared.study.runner import load_study_config
+
+    for name in ("site_a", "site_b", "site_c"):
+        (tmp_path / "sites" / name).mkdir(parents=True)
+    sets = parse_assignments(
+        [
+            "federated@mixed:federation.lora-aggregation=product",
+            "federated@mixed:federation.site-lora-ranks=site_a=2,site_b=8",
+        ]
+    )
+    config, per_arm = load_study_config(None, sets, ["federated", "federated@mixed"])
+    assert config.federation.site_ranks() == {}
+    mixed = per_arm["federated@mixed"].federation
+    overrides = {
+        "federation.lora-aggregation": mixed.lora_aggregation,
+        "federation.site-lora-ranks": mixed.site_lora_ranks,
+        "federation.sites-dir": str(tmp_path / "sites"),
+        "model.base-path": "b",
+    }
+    run = load_run_config(parse_config_args(run_config_overrides(overrides)[1:]))
+    assert [site_settings({"partition-id": i}, run).lora_rank for i in range(3)] == [2, 8, 0]
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("site_a=2", "needs federation.lora-aggregation = 'product'"),
+        ("site_a", "entry 'site_a' must be NAME=RANK"),
+        ("site_a=0", "entry 'site_a=0' must be NAME=RANK"),
+        ("site_a=2,site_a=4", "each site once"),
+    ],
+)
+def test_bad_site_lora_ranks_are_refused_at_config_load(value, why):
+    product = {} if why.startswith("needs") else PRODUCT
+    with pytest.raises(ConfigError, match=rf"federation.site-lora-ranks = .*{why}"):
+        load_run_config({"federation.site-lora-ranks": value, **product})
 
 
 @pytest.mark.parametrize(

@@ -164,3 +164,61 @@ class LoraAdapters:
 def lora() -> LoraAdapters:
     """:class:`LoraAdapters`: small site adapters at any LoRA rank and the ΔW helpers."""
     return LoraAdapters()
+
+
+class FakeTracker:
+    """Stands for MLflow (a migrated SQLite store takes many seconds to create): one run, resumable by id. Keeps
+    what a run logs: ``logged`` (round numbers), ``reports`` (the round reports), ``tests`` (final-test
+    reports), ``stops`` (stop reasons)."""
+
+    runs: dict[str, FakeTracker] = {}
+    tracking_uri = "fake://"
+    backlog: list = []
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self.finished, self.logged, self.stops = run_id, 0, [], []
+        self.reports, self.tests = [], []
+
+    @classmethod
+    def start(cls, **_) -> FakeTracker:
+        tracker = cls(f"run-{len(cls.runs)}")
+        cls.runs[tracker.run_id] = tracker
+        return tracker
+
+    @classmethod
+    def resume(cls, run_id: str, **_) -> FakeTracker:
+        return cls.runs[run_id]
+
+    def log_round(self, report) -> None:
+        self.logged.append(report.server_round)
+        self.reports.append(report)
+
+    def log_test(self, report) -> bool:
+        self.tests.append(report)
+        return True
+
+    @property
+    def last_logged_round(self) -> int:
+        return max(self.logged, default=-1)
+
+    def note_rerun_rounds(self, rounds) -> None:
+        self.rerun = list(rounds)
+
+    def finish(self, **_) -> None:
+        self.finished += 1
+
+    def log_stop(self, stop) -> None:
+        self.stops.append(stop["reason"])
+
+    def describe_location(self) -> str:
+        return f"fake run {self.run_id}"
+
+
+@pytest.fixture
+def fake_tracker(monkeypatch) -> type[FakeTracker]:
+    """:class:`FakeTracker` in place of the server's MLflow tracker (``FederationTracker``), with no runs yet."""
+    from server import federation_run
+
+    monkeypatch.setattr(FakeTracker, "runs", {})
+    monkeypatch.setattr(federation_run, "FederationTracker", FakeTracker)
+    return FakeTracker

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from server import federation_run
 from server.checkpoint import CheckpointError, IncompatibleCheckpointError, ServerCheckpoint
 from server.federation_run import CLIENT_PRIVACY_JOURNAL, FederationRun, record_refused_start
 from server.privacy import ClientPrivacyBudgetSpent
@@ -25,48 +24,8 @@ class NoSites:
         return []
 
 
-class FakeTracker:
-    """Stands for MLflow (a migrated SQLite store takes many seconds to create): one run, resumable by id."""
-
-    runs: dict[str, FakeTracker] = {}
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id, self.finished, self.logged, self.stops = run_id, 0, [], []
-
-    @classmethod
-    def start(cls, **_) -> FakeTracker:
-        tracker = cls(f"run-{len(cls.runs)}")
-        cls.runs[tracker.run_id] = tracker
-        return tracker
-
-    @classmethod
-    def resume(cls, run_id: str, **_) -> FakeTracker:
-        return cls.runs[run_id]
-
-    def log_round(self, report) -> None:
-        self.logged.append(report.server_round)
-
-    @property
-    def last_logged_round(self) -> int:
-        return max(self.logged, default=-1)
-
-    def note_rerun_rounds(self, rounds) -> None:
-        self.rerun = list(rounds)
-
-    def finish(self, **_) -> None:
-        self.finished += 1
-
-    def log_stop(self, stop) -> None:
-        self.stops.append(stop["reason"])
-
-    def describe_location(self) -> str:
-        return f"fake run {self.run_id}"
-
-
 @pytest.fixture
-def run_config(tmp_path, monkeypatch) -> dict[str, object]:
-    monkeypatch.setattr(FakeTracker, "runs", {})
-    monkeypatch.setattr(federation_run, "FederationTracker", FakeTracker)
+def run_config(tmp_path, fake_tracker) -> dict[str, object]:
     base = save_base(build_random_base("small", cls_depth=18, seed=0), tmp_path / "base")
     return {
         "model.base-path": str(base),
@@ -213,7 +172,7 @@ def test_a_checkpoint_without_a_newer_config_key_resumes_when_the_key_is_at_its_
 
 
 def test_resume_with_client_dp_releases_but_no_journal_is_refused_before_mlflow(
-    run_config, tmp_path, monkeypatch
+    run_config, tmp_path, monkeypatch, fake_tracker
 ):
     config = {**run_config, **CLIENT_DP}
     fresh = prepare(config, num_rounds=0)
@@ -230,6 +189,6 @@ def test_resume_with_client_dp_releases_but_no_journal_is_refused_before_mlflow(
     def reopen(*_, **__):
         raise AssertionError("the MLflow run must not be reopened")
 
-    monkeypatch.setattr(FakeTracker, "resume", reopen)
+    monkeypatch.setattr(fake_tracker, "resume", reopen)
     with pytest.raises(ClientPrivacyJournalError, match=str(work / CLIENT_PRIVACY_JOURNAL)):
         prepare(config, num_rounds=2)

@@ -76,7 +76,7 @@ def test_truncation_is_the_optimal_rank_r_approximation(lora):
     assert 0 < result.discarded_energy < 1
 
 
-def test_refactorise_with_more_rank_than_the_sum_uses_a_dense_svd():
+def test_refactorise_with_more_rank_than_the_sum_is_exact_and_pads():
     g = torch.Generator().manual_seed(1)
     b, a = (
         torch.randn(6, 1, generator=g, dtype=torch.float64),

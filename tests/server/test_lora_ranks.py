@@ -90,6 +90,40 @@ def test_projection_to_a_higher_rank_is_exact(lora):
         )
 
 
+def test_projecting_a_wide_module_up_factorises_only_the_small_core(monkeypatch):
+    """A site of rank 8 receiving a rank-4 global adapter of a classifier convolution (in = 512·3·3): ΔW exact, the
+    four new components trainable (B columns zero, A rows at PEFT's initial norm, orthogonal to the received ones),
+    and no SVD of anything larger than the 8 × 8 core. Found by the end-to-end federation test: the full SVD with
+    the complete 4608 × 4608 V it did before took minutes per module and round."""
+    shapes = []
+    real_svd = torch.linalg.svd
+
+    def svd(matrix, *args, **kwargs):
+        shapes.append(tuple(matrix.shape))
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "cls.conv.lora_A.weight": torch.randn(4, 512, 3, 3, generator=g),
+        "cls.conv.lora_B.weight": torch.randn(512, 4, 1, 1, generator=g),
+    }
+    projected = project(tensors, rank=8, scaling={"cls": 1.0}, to_scaling={"cls": 0.5})
+    assert shapes and all(max(shape) <= 8 for shape in shapes), shapes
+    a, b = (
+        projected["cls.conv.lora_A.weight"].reshape(8, -1),
+        projected["cls.conv.lora_B.weight"].reshape(512, 8),
+    )
+    before = tensors["cls.conv.lora_B.weight"].reshape(512, 4) @ tensors["cls.conv.lora_A.weight"].reshape(
+        4, -1
+    )
+    torch.testing.assert_close(0.5 * b @ a, before, rtol=1e-5, atol=1e-4)
+    assert torch.count_nonzero(b[:, 4:]) == 0
+    torch.testing.assert_close(torch.linalg.norm(a[4:], dim=1), torch.full((4,), 3**-0.5))
+    gram = a @ a.mT
+    torch.testing.assert_close(gram - torch.diag(torch.diagonal(gram)), torch.zeros(8, 8), rtol=0, atol=1e-4)
+
+
 def test_the_delta_w_is_what_peft_applies_at_each_rank(lora):
     """A PEFT-wrapped nn.Linear at r=2 and r=4, both alpha 16: the ΔW the aggregation uses (scaling alpha / r) is
     PEFT's own merged weight delta."""
