@@ -6,7 +6,7 @@ options), MLflow replaced by the recording stand-in of ``tests/server/conftest.p
 Every run checks what any option must keep: no site failed a message, both rounds aggregated, every site's training
 metrics finite, a global adapter with the run's layout that moved away from the starting one. Each option adds what
 would fail if it were not in force: ffa's A bit-identical and absent from the wire, the sites' own ranks on the wire
-and the product's discarded energy, DoRA's magnitudes trained, the box options leaving the segmenter bit-identical
+and the product's discarded energy, DoRA's magnitudes trained, LoHa's and LoKr's own factors trained, the box options leaving the segmenter bit-identical
 while the classifier changes, augmentation changing both models, DP-SGD spending ε and leaving the untrained
 submodules untouched. The runs are deterministic (seeded per round), so the reference run without the option can be
 compared tensor by tensor.
@@ -261,6 +261,15 @@ def test_dora_trains_the_magnitudes(federations):
     magnitudes = [n for n in run.initial if "lora_magnitude_vector" in n]
     assert {n.split(".", 1)[0] for n in magnitudes} == {"seg", "cls"}
     assert set(run.changed(run.initial, "")) & set(magnitudes)
+
+
+@pytest.mark.parametrize(("method", "marker"), [("loha", "hada_"), ("lokr", "lokr_")])
+def test_loha_and_lokr_federate_their_own_factors(federations, method, marker):
+    run = federate(federations, method, {"adapter.method": method})
+    factors = [n for n in run.initial if marker in n]
+    assert {n.split(".", 1)[0] for n in factors} == {"seg", "cls"}
+    assert not [n for n in run.initial if "lora_" in n]  # the method's own factors, not LoRA's
+    assert set(run.changed(run.initial, "")) & set(factors)
 
 
 def test_augmentation_changes_what_both_models_learn(federations):
