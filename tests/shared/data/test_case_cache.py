@@ -15,16 +15,8 @@ from shared.config import ConfigError, DataConfig, load_config, load_site_config
 from shared.data.case_cache import MIB, PROCESS_CACHE, CaseCache, case_key
 from shared.data.loaders import LoadCased, cls_loader, seg_eval_loader, seg_train_loader, site_cases
 from shared.data.synth import SynthOptions, generate_consortium
+from tests.shared.data.test_loaders import CONFIG  # the small data config of the loader tests
 
-CONFIG = DataConfig(
-    spacing_z=0.6,
-    spacing_y=0.6,
-    spacing_x=0.6,
-    patch_size=24,
-    crop_jitter_voxels=4,
-    planes_frames=2,
-    planes_size=16,
-)
 CACHED = dataclasses.replace(CONFIG, case_cache_mb=64)
 
 
