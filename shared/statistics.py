@@ -141,18 +141,29 @@ def _boot_statistics(values: np.ndarray, statistic: Statistic, indices: np.ndarr
     return np.array([_quiet(statistic, values[rows]) for rows in indices], dtype=np.float64)
 
 
-def _percentile_interval(boot: np.ndarray, alpha: float) -> tuple[float, float, str]:
-    """The ``alpha/2`` and ``1 - alpha/2`` percentiles of the finite bootstrap values, and a note."""
+def _percentile_interval(boot: np.ndarray, alpha: float, value: float) -> tuple[float, float, str]:
+    """The ``alpha/2`` and ``1 - alpha/2`` percentiles of the finite bootstrap values, and a note.
+
+    A percentile interval need not contain ``value`` (the statistic on the original cases) when the statistic
+    is biased on resamples: binned ECE, for one, grows when resampling duplicates cases. The interval is kept
+    as computed and the note says so, so a reader never meets an unexplained estimate outside its CI.
+    """
     finite = boot[np.isfinite(boot)]
     if finite.size == 0:
         return math.nan, math.nan, "the statistic is undefined on every bootstrap resample"
-    note = (
-        f"{boot.size - finite.size} of {boot.size} resamples undefined, left out"
-        if finite.size < boot.size
-        else ""
-    )
-    low, high = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high), note
+    notes = []
+    if finite.size < boot.size:
+        notes.append(f"{boot.size - finite.size} of {boot.size} resamples undefined, left out")
+    low, high = (float(q) for q in np.quantile(finite, [alpha / 2, 1 - alpha / 2]))
+    if not low <= value <= high:
+        side, other, beyond = (
+            ("below", "above", finite > value) if value < low else ("above", "below", finite < value)
+        )
+        notes.append(
+            f"the estimate lies {side} its percentile interval ({np.mean(beyond):.0%} of resamples lie {other}"
+            " it): the statistic is biased on resamples"
+        )
+    return low, high, _join(*notes)
 
 
 def _case_values(values: Any, name: str) -> np.ndarray:
@@ -197,7 +208,7 @@ def bootstrap_ci(
     if not math.isfinite(value):
         return _undefined(n, method, "the statistic is undefined on these cases (e.g. every value is NaN)")
     boot = _boot_statistics(array, statistic, _resample_indices(n, n_boot, seed, groups))
-    low, high, note = _percentile_interval(boot, alpha)
+    low, high, note = _percentile_interval(boot, alpha, value)
     return Estimate(value, low, high, n, method, note)
 
 
@@ -237,7 +248,7 @@ def paired_bootstrap(
         return _undecided(n, method, "the statistic is undefined for a or b on these cases")
     indices = _resample_indices(n, n_boot, seed)
     boot = _boot_statistics(first, statistic, indices) - _boot_statistics(second, statistic, indices)
-    low, high, note = _percentile_interval(boot, alpha)
+    low, high, note = _percentile_interval(boot, alpha, diff)
     finite = boot[np.isfinite(boot)]
     p_value = _paired_p_value(finite) if finite.size else math.nan
     return Comparison(diff, low, high, p_value, n, method, note)
@@ -370,7 +381,7 @@ def classification_estimates(
         if not math.isfinite(point[column]):
             out[name] = _undefined(n, method, f"{name} undefined: {_BINARY_UNDEFINED_WHEN[name]}")
             continue
-        low, high, note = _percentile_interval(boot[:, column], alpha)
+        low, high, note = _percentile_interval(boot[:, column], alpha, float(point[column]))
         out[name] = Estimate(float(point[column]), low, high, n, method, note)
     return out
 

@@ -114,6 +114,7 @@ def _row(tags: Row, metric: str, estimate: Estimate) -> Row:
         "ci_high": estimate.ci_high,
         "n": estimate.n,
         "method": estimate.method,
+        "note": estimate.note,
     }
 
 

@@ -47,6 +47,7 @@ RESULT_COLUMNS = (
     "ci_high",
     "n",
     "method",
+    "note",
     "fold_mean",
     "fold_sd",
 )

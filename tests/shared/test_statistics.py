@@ -189,6 +189,23 @@ def test_delong_test_detects_a_much_better_model() -> None:
     assert result.diff > 0.1 and result.p_value < 0.01 and result.ci_low > 0
 
 
+def test_an_estimate_outside_its_percentile_interval_is_explained_in_the_note() -> None:
+    # Binned ECE grows on resamples (duplicated cases sharpen the bins), so with 24 cases its percentile
+    # interval can lie wholly above the estimate; the note must say so, and a mean never gets the note.
+    rng = np.random.default_rng(20)
+    labels = rng.integers(0, 2, 24)
+    prob = np.clip(0.5 + (labels - 0.5) * 0.4 + rng.normal(0, 0.2, 24), 0, 1)
+    estimates = classification_estimates(labels, prob, n_boot=200)
+    ece = estimates[ECE]
+    assert ece.value < ece.ci_low and "lies below its percentile interval" in ece.note
+    assert "biased on resamples" in ece.note
+    for name in (BRIER, ACCURACY):
+        inside = estimates[name]
+        assert inside.ci_low <= inside.value <= inside.ci_high and "biased" not in inside.note
+    mean = bootstrap_ci(prob, np.mean, n_boot=200)
+    assert mean.ci_low <= mean.value <= mean.ci_high and mean.note == ""
+
+
 # -------------------------------------------------------------------------------------------- calibration
 def test_brier_score_on_a_hand_example_and_against_sklearn() -> None:
     y, p = [0, 1, 1, 1], [0.1, 0.2, 0.8, 0.9]

@@ -4,6 +4,7 @@ sites written for Flower, and bad site folders refused before anything trains.""
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,16 @@ def _cases(model: str, arm: str, site: str, fold, shift: float, n: int = 24, see
     return rows
 
 
+def _seed(site: str, fold) -> int:
+    """A seed per (site, fold) that is the same in every process (``hash`` of a str is salted per process)."""
+    return zlib.crc32(f"{site}/{fold}".encode()) % 100
+
+
 def _study_cases(folds=(0,)) -> list[dict]:
     cases = []
     for fold in folds:
         for site in SITES:
-            cases += _cases("federated", "federated", site, fold, 0.10, seed=hash((site, fold)) % 100)
+            cases += _cases("federated", "federated", site, fold, 0.10, seed=_seed(site, fold))
             for local in SITES:
                 cases += _cases(
                     f"local:{local}",
@@ -52,7 +58,7 @@ def _study_cases(folds=(0,)) -> list[dict]:
                     site,
                     fold,
                     0.0 if local != site else 0.05,
-                    seed=hash((site, fold)) % 100,
+                    seed=_seed(site, fold),
                 )
     return cases
 
@@ -69,7 +75,7 @@ def test_the_matrix_has_every_model_at_every_site_with_internal_cells_marked():
             "f1", "accuracy", "brier", "ece", "iou_1click", "iou", "seg_precision_1click", "seg_precision",
             "seg_recall_1click", "seg_recall"} <= metrics  # fmt: skip
     for r in rows:
-        if math.isfinite(r["value"]) and math.isfinite(r["ci_low"]):
+        if math.isfinite(r["value"]) and math.isfinite(r["ci_low"]) and "biased on resamples" not in r["note"]:
             assert r["ci_low"] <= r["value"] <= r["ci_high"], r
 
 
@@ -109,10 +115,10 @@ def test_comparisons_pair_federated_with_each_sites_own_local_model():
 def test_variants_are_compared_with_the_plain_arm_model_for_model():
     cases = _study_cases()
     for site in SITES:
-        cases += _cases("federated@product", "federated@product", site, 0, 0.05, seed=hash((site, 0)) % 100)
+        cases += _cases("federated@product", "federated@product", site, 0, 0.05, seed=_seed(site, 0))
         for local in SITES:
             shift = -0.05 if local != site else 0.0
-            cases += _cases(f"local@dora:{local}", "local@dora", site, 0, shift, seed=hash((site, 0)) % 100)
+            cases += _cases(f"local@dora:{local}", "local@dora", site, 0, shift, seed=_seed(site, 0))
     rows = [r for r in compare_arms(cases, "federated", n_boot=200) if r["metric"] == "dice_1click"]
     pairs = {(r["test_site"], r["model_b"]) for r in rows}
     assert pairs == {(s, m) for s in SITES for m in (f"local:{s}", f"local@dora:{s}", "federated@product")}
