@@ -75,7 +75,11 @@ def test_the_matrix_has_every_model_at_every_site_with_internal_cells_marked():
             "f1", "accuracy", "brier", "ece", "iou_1click", "iou", "seg_precision_1click", "seg_precision",
             "seg_recall_1click", "seg_recall"} <= metrics  # fmt: skip
     for r in rows:
-        if math.isfinite(r["value"]) and math.isfinite(r["ci_low"]) and "biased on resamples" not in r["note"]:
+        if (
+            math.isfinite(r["value"])
+            and math.isfinite(r["ci_low"])
+            and "biased on resamples" not in r["note"]
+        ):
             assert r["ci_low"] <= r["value"] <= r["ci_high"], r
 
 
