@@ -277,3 +277,12 @@ def test_seed_recipes_load_with_the_papers_settings():
     assert (cls.model.cls_depth, cls.train.cls_optimizer, cls.train.cls_lr) == (50, "sgd", 1e-3)
     assert cls.train.cls_momentum == 0.9
     assert cls.train.cls_planes == "transverse,sagittal,coronal"
+    pair = load_config(path=CONFIGS / "seed-004.toml")
+    assert (pair.model.seg_model, pair.model.cls_backbone, pair.train.cls_planes) == (
+        "u2net-lite",
+        "resnext50",
+        "transverse",
+    )
+    assert (pair.train.cls_optimizer, pair.train.cls_lr, pair.train.cls_epochs) == ("adamw", 1e-4, 100)
+    # the config loads, so its LoRA targets leave ResNeXt's grouped convolutions out (refused otherwise)
+    assert "conv2" not in pair.adapter.cls_lora_targets
