@@ -46,6 +46,20 @@ def test_same_seed_same_arrays_other_seed_differs(consortium, tmp_path: Path) ->
     assert not all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first, different, strict=True))
 
 
+def test_cases_made_in_worker_processes_are_the_cases_made_in_one(consortium, tmp_path: Path) -> None:
+    out, sites, truth = consortium
+    parallel = generate_consortium(tmp_path / "parallel", sites=3, cases=6, seed=11, options=SMALL, workers=2)
+    for serial_site, parallel_site in zip(sites, parallel, strict=True):
+        first, second = _arrays(serial_site), _arrays(parallel_site)
+        assert len(first) == len(second) == 12
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(first, second, strict=True))
+        tables = sorted(p.relative_to(serial_site) for p in serial_site.rglob("*.csv"))
+        assert tables and tables == sorted(p.relative_to(parallel_site) for p in parallel_site.rglob("*.csv"))
+        assert all((serial_site / t).read_bytes() == (parallel_site / t).read_bytes() for t in tables)
+    again = json.loads((tmp_path / "parallel" / "consortium.json").read_text(encoding="utf-8"))
+    assert [s["cases"] for s in again["sites"]] == [s["cases"] for s in truth["sites"]]
+
+
 def test_generate_case_is_deterministic_and_well_formed() -> None:
     style = site_styles(1, seed=3)[0]
     one = generate_case(style, 1, seed=3, site=0, case=4, options=SMALL)
