@@ -87,15 +87,15 @@ def _progress(enabled: bool):
 
 def run_validate(args: argparse.Namespace) -> int:
     """Validate a site folder; print a table (or ``--json``); return 0, 1 (case errors) or 2 (unusable)."""
-    from shared.data.busi import is_busi_site, validate_busi_site
-    from shared.data.layouts import MANIFEST_NAME, TDSC_LABELS_NAME, SiteLayoutError
+    from shared.data.busi import validate_busi_site
+    from shared.data.busi_volumes import is_busi_folder
+    from shared.data.layouts import SiteLayoutError
     from shared.data.validate import validate_site
 
     _quiet_itk()
     progress = _progress(sys.stderr.isatty())
-    csv_files = (args.site_dir / MANIFEST_NAME, args.site_dir / TDSC_LABELS_NAME)
     try:
-        if is_busi_site(args.site_dir) and not any(p.exists() for p in csv_files):
+        if is_busi_folder(args.site_dir):
             report = validate_busi_site(args.site_dir, progress=progress)  # 2D PNGs: no site config applies
         else:
             report = validate_site(args.site_dir, _site_config(args), progress=progress)

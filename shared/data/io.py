@@ -225,11 +225,13 @@ def _overridden(
 
 
 def volume_shape_problem(header: VolumeHeader) -> str | None:
-    """Why a header is not a usable 3D grey-level volume (not 3D, a single slice, vector voxels), or None."""
+    """Why a header is not a usable 3D grey-level volume (not 3D, an x or y axis of length 1, vector voxels),
+    or None. A single frame along z, (1, H, W) in array order, is usable: it is how a 2D image (a BUSI image,
+    :mod:`shared.data.busi_volumes`) reaches the 2D arms; only they can learn from it."""
     if header.dimension != 3:
         return f"not 3D: the file holds a {header.dimension}D image of size {header.size}"
-    if min(header.size) < 2:
-        return f"not 3D: size {header.size} (x, y, z) has an axis of length {min(header.size)}"
+    if min(header.size[:2]) < 2:
+        return f"not 3D: size {header.size} (x, y, z) has an axis of length {min(header.size[:2])}"
     if header.components != 1:
         return f"{header.components} components per voxel (colour/vector image); expected a grey-level volume"
     return None

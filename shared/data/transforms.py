@@ -238,12 +238,19 @@ def _same_grid(a: Grid, b: Grid) -> bool:
 def preprocess_case(image: sitk.Image, mask: sitk.Image | None, config: DataConfig) -> Preprocessed:
     """Orient, resample and normalise one case (module docstring); the mask follows the image's grid.
 
-    The mask is resampled (nearest) onto the processed image grid, so a mask whose header differs slightly
+    An axis of length 1 (a one-frame volume, :mod:`shared.data.busi_volumes`) is not resampled. The mask is
+    resampled (nearest) onto the processed image grid, so a mask whose header differs slightly
     from the image's still lands voxel-aligned; values > 0 become 1.
     """
     original = Grid.of(image)
     oriented = orient_canonical(image)
-    spacing = target_spacing_zyx(config, Grid.of(oriented).spacing_zyx)
+    current = Grid.of(oriented)
+    spacing = target_spacing_zyx(config, current.spacing_zyx)
+    # An axis of one voxel (a one-frame volume's sweep) has no extent to resample: it keeps its spacing, else
+    # the grid's centre would move off the frame and the linear resampler would return zeros.
+    spacing = tuple(
+        c if n == 1 else s for s, c, n in zip(spacing, current.spacing_zyx, current.shape_zyx, strict=True)
+    )
     processed = resample(oriented, spacing, is_mask=False)
     grid = Grid.of(processed)
     raw = sitk.GetArrayViewFromImage(processed)

@@ -38,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--sites", nargs="+", type=Path, default=[], help="site folders (either layout)")
+    parser.add_argument(
+        "--sites",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="site folders (either 3D layout, or BUSI for the 2D arms)",
+    )
     parser.add_argument(
         "--site-config", nargs="*", type=Path, default=[], help="site TOMLs (matched by name)"
     )
@@ -86,7 +92,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from shared.device import resolve_device
     from shared.pretrain import ensure_base
     from shared.study.runner import Study, load_study_config, run_study
-    from shared.study.sites import StudyError, open_study_sites
+    from shared.study.sites import StudyError, check_busi_arms, open_study_sites
 
     out = args.out.expanduser().resolve()
     sets = parse_assignments(args.set)
@@ -100,7 +106,8 @@ def run_study_command(args: argparse.Namespace) -> int:
         site_dirs = _demo_sites(out, config.train.seed) if args.demo else list(args.sites)
         if not site_dirs:
             raise StudyError("no site folders: give --sites DIR [DIR ...] or --demo")
-        sites = open_study_sites(site_dirs, args.site_config, config)
+        check_busi_arms(site_dirs, arms, {arm: arm_configs.get(arm, config) for arm in arms})
+        sites = open_study_sites(site_dirs, args.site_config, config, busi_root=out / "busi-sites")
         base = args.base.resolve() if args.base else ensure_base(config)
         study = Study(
             sites=sites,

@@ -12,16 +12,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shared.config import FedabusConfig, SiteConfig, load_site_config
+from shared.config import SLICE_SEG_MODELS, FedabusConfig, SiteConfig, load_site_config
+from shared.data.busi_volumes import convert_busi_site, is_busi_folder
 from shared.data.layouts import CaseRecord
 from shared.data.splits import kfold_assignment, with_fold
 from shared.training.site import SiteData, find_site_config, open_site
 
-__all__ = ["StudyError", "StudySite", "fold_site", "open_study_sites", "pooled_site", "write_fold_sites"]
+__all__ = [
+    "StudyError",
+    "StudySite",
+    "check_busi_arms",
+    "fold_site",
+    "open_study_sites",
+    "pooled_site",
+    "write_fold_sites",
+]
 
 
 class StudyError(ValueError):
@@ -43,10 +52,11 @@ class StudySite:
         return (*self.data.train_cases, *self.data.val_cases, *self.data.test_cases)
 
 
-def _fingerprint(site: SiteData, config_path: Path | None) -> str:
-    """SHA-256 over every case's id, split, label and its files' sizes and modification times, and the site
-    TOML: a changed, added or re-labelled case gives a new fingerprint (and a finished arm is not reused)."""
-    digest = hashlib.sha256()
+def _fingerprint(site: SiteData, config_path: Path | None, source: str = "") -> str:
+    """SHA-256 over every case's id, split, label and its files' sizes and modification times, the site
+    TOML and ``source`` (a BUSI folder's key): a changed, added or re-labelled case gives a new fingerprint
+    (and a finished arm is not reused)."""
+    digest = hashlib.sha256(source.encode())
     for case in sorted((*site.train_cases, *site.val_cases, *site.test_cases), key=lambda c: c.case_id):
         files = [case.image, *([case.mask] if case.mask else [])]
         stats = [(f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -56,12 +66,49 @@ def _fingerprint(site: SiteData, config_path: Path | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_busi_arms(
+    site_dirs: Sequence[Path], arms: Sequence[str], configs: Mapping[str, FedabusConfig]
+) -> None:
+    """Refuse (:class:`StudyError`, naming the folders and the arm) a study with a BUSI folder among its sites
+    and an arm that cannot learn from one-frame images: a 3D segmenter, or a classifier on other planes than
+    the transverse one. ``configs`` holds every arm's config."""
+    busi = [str(d) for d in site_dirs if is_busi_folder(d)]
+    if not busi:
+        return
+    where = f"the BUSI folder{'s' if len(busi) > 1 else ''} {', '.join(busi)}"
+    problems = []
+    for arm in arms:
+        config = configs[arm]
+        if config.model.seg_model not in SLICE_SEG_MODELS:
+            problems.append(
+                f"arm {arm!r} (model.seg-model = {config.model.seg_model!r}, a 3D model) cannot use the "
+                f"2D images of {where}: only the 2D arms can (model.seg-model = "
+                f"{' or '.join(SLICE_SEG_MODELS)}, e.g. --set {arm}:model.seg-model=u2net-lite)"
+            )
+        planes = [p.strip() for p in config.train.cls_planes.split(",") if p.strip()]
+        if planes != ["transverse"]:
+            problems.append(
+                f"arm {arm!r} classifies on train.cls-planes = {config.train.cls_planes!r}, but the images of "
+                f"{where} have no sagittal or coronal plane: set train.cls-planes = transverse "
+                "(configs/seed-004.toml does) with a base made for it (fedabus make-base ... --cls-planes "
+                "transverse)"
+            )
+    if problems:
+        raise StudyError("cannot start the study:\n  " + "\n  ".join(problems))
+
+
 def open_study_sites(
-    site_dirs: Sequence[Path], site_configs: Sequence[Path], config: FedabusConfig
+    site_dirs: Sequence[Path],
+    site_configs: Sequence[Path],
+    config: FedabusConfig,
+    *,
+    busi_root: Path | None = None,
 ) -> list[StudySite]:
     """Open every site; all problems are collected and raised together as :class:`StudyError` (each naming
     its folder), before anything trains. ``site_configs`` are matched to sites by the TOML's file stem (the
-    site folder's name) or, when given one per site, by position."""
+    site folder's name) or, when given one per site, by position. A BUSI folder is converted once into a
+    manifest site of one-frame volumes under ``busi_root`` (:mod:`shared.data.busi_volumes`) and opened as
+    that site; its TOML is still the BUSI folder's."""
     by_name = {path.stem: path for path in site_configs}
     positional = len(site_configs) == len(site_dirs) and not set(by_name) & {d.name for d in site_dirs}
     sites, problems = [], []
@@ -70,15 +117,18 @@ def open_study_sites(
         try:
             if not site_dir.is_dir():
                 raise ValueError(f"{site_dir}: not a folder")
+            opened, source = (
+                _busi_as_site(site_dir, config, busi_root) if is_busi_folder(site_dir) else (site_dir, "")
+            )
             data = open_site(
-                site_dir, site_config_path=path, val_fraction=config.data.val_fraction, seed=config.train.seed
+                opened, site_config_path=path, val_fraction=config.data.val_fraction, seed=config.train.seed
             )
             if not data.test_cases:
                 raise ValueError(f"{site_dir}: no usable test case (every model is tested on every site)")
         except ValueError as exc:  # ConfigError and the site layout errors are ValueErrors
             problems.append(str(exc))
             continue
-        sites.append(StudySite(data.name, site_dir.resolve(), path, data, _fingerprint(data, path)))
+        sites.append(StudySite(data.name, opened.resolve(), path, data, _fingerprint(data, path, source)))
     names = [s.name for s in sites]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -88,6 +138,16 @@ def open_study_sites(
     if problems:
         raise StudyError("cannot start the study:\n  " + "\n  ".join(problems))
     return sites
+
+
+def _busi_as_site(site_dir: Path, config: FedabusConfig, busi_root: Path | None) -> tuple[Path, str]:
+    """The converted site of a BUSI folder and its source key."""
+    if busi_root is None:
+        raise ValueError(f"{site_dir}: a BUSI folder needs a folder to convert it into (busi_root)")
+    converted = convert_busi_site(
+        site_dir, busi_root, seed=config.train.seed, val_fraction=config.data.val_fraction
+    )
+    return converted.site_dir, converted.key
 
 
 def fold_site(site: StudySite, fold: int | None, folds: int, config: FedabusConfig, seed: int) -> SiteData:

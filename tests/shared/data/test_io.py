@@ -172,7 +172,7 @@ def test_garbage_file_is_unreadable(tmp_path: Path) -> None:
     "array, vector",
     [
         (np.zeros((24, 28), np.uint8), False),  # 2D
-        (np.zeros((1, 24, 28), np.uint8), False),  # a single slice
+        (np.zeros((24, 1, 28), np.uint8), False),  # one row per slice (a single frame, (1, H, W), is usable)
         (np.zeros((20, 24, 28, 3), np.uint8), True),  # RGB voxels
     ],
 )
