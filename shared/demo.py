@@ -227,7 +227,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     print(f"[1/4] synthetic consortium: {args.sites} sites x {args.cases} cases -> {sites_dir}")
-    generate_consortium(sites_dir, sites=args.sites, cases=args.cases, seed=args.seed, options=synth_options)
+    generate_consortium(
+        sites_dir, sites=args.sites, cases=args.cases, seed=args.seed, options=synth_options, workers=None
+    )
     config = load_config(
         {"model.cls-depth": 18, "train.progress": False, "data.case-cache-mb": DEMO_CASE_CACHE_MB}
     )

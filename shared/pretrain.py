@@ -110,7 +110,9 @@ def pretrain_base(
         seed=recipe.seed,
     )
     with tempfile.TemporaryDirectory(prefix="fedabus-public-") as tmp:
-        site_dir = generate_consortium(tmp, sites=1, cases=recipe.public_cases, seed=recipe.public_seed)[0]
+        site_dir = generate_consortium(
+            tmp, sites=1, cases=recipe.public_cases, seed=recipe.public_seed, workers=None
+        )[0]
         config_path = Path(tmp) / f"{site_dir.name}.toml"
         from shared.config import load_site_config
 

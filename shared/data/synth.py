@@ -265,16 +265,14 @@ def generate_consortium(
     seed: int,
     options: SynthOptions | None = None,
     styles: Sequence[SiteStyle] | None = None,
-    workers: int | None = None,
+    workers: int | None = 1,
 ) -> list[Path]:
     """Write ``sites`` synthetic site folders of ``cases`` cases each under ``out_dir``; return their paths.
 
-    Cases are made in ``workers`` processes (default: one per CPU when each gets a dozen cases or more, else
-    this process alone); every case depends only on its own seeds, so the files are the same either way.
-
-    ``styles`` overrides the default per-site styles (:func:`site_styles`); its length must equal ``sites``.
-    Also writes ``<out_dir>/<site>.toml`` (site configs) and ``<out_dir>/consortium.json`` (the truth).
-    Files are overwritten; the same arguments give the same arrays.
+    Cases are made in ``workers`` processes (1: this process alone; None: one per CPU when each gets a dozen
+    cases or more). Every case depends only on its own seeds, so the files are the same either way. Worker
+    processes are spawned, and a spawned process imports the caller's main module: call with several workers
+    only from a main module guarded by ``if __name__ == "__main__"`` (the ``fedabus`` commands are).
     """
     if sites < 1 or cases < 1:
         raise ValueError(
@@ -346,7 +344,7 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         options = replace(SynthOptions(), shape=args.shape, class_separation=args.separation)
         site_dirs = generate_consortium(
-            args.out, sites=args.sites, cases=args.cases, seed=args.seed, options=options
+            args.out, sites=args.sites, cases=args.cases, seed=args.seed, options=options, workers=None
         )
     except ValueError as exc:
         print(f"fedabus synth: error: {exc}", file=sys.stderr)

@@ -83,7 +83,12 @@ def _demo_sites(out: Path, seed: int) -> list[Path]:
     if (folder / "consortium.json").is_file():
         return sorted(p for p in folder.iterdir() if p.is_dir())
     return generate_consortium(
-        folder, sites=DEMO_SITES, cases=DEMO_CASES, seed=seed, options=demo_synth_options()
+        folder,
+        sites=DEMO_SITES,
+        cases=DEMO_CASES,
+        seed=seed,
+        options=demo_synth_options(),
+        workers=None,
     )
 
 
