@@ -153,6 +153,11 @@ class LesionCropd(Randomizable, Transform):
         self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        if data["image"].shape[0] == 1:  # validation lets one-frame volumes through for the 2D segmenters
+            raise ValueError(
+                f"case {data['case_id']}: a single frame along the sweep, {tuple(data['image'].shape)} voxels; "
+                "a 3D segmenter cannot learn from it: use a 2D one (model.seg-model = dynunet2d or u2net-lite)"
+            )
         self.randomize()
         crop = lesion_crop(
             data["image"],

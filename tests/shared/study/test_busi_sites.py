@@ -180,3 +180,17 @@ def test_a_local_2d_arm_trains_and_is_tested_on_a_busi_site(tmp_path, capsys):
     assert main(argv) == 0  # run again: the converted site and the finished job are reused
     assert "reused" in capsys.readouterr().out and len(list((out / "busi-sites").iterdir())) == 1
     assert json.loads((out / "study.json").read_text(encoding="utf-8"))["site_fingerprints"] == fingerprints
+
+
+def test_a_3d_segmenter_refuses_to_train_on_one_frame_cases(tmp_path):
+    # validation lets one-frame volumes through (for the 2D arms); a 3D training crop names the case instead
+    from shared.data.loaders import seg_train_loader
+
+    busi = write_busi_site(tmp_path / "busi_a", seed=3, options=OPTIONS)
+    site = open_site(convert_busi_site(busi, tmp_path / "out", seed=0, val_fraction=0.2).site_dir)
+    loader = seg_train_loader(site.train_cases[:1], DataConfig(patch_size=16), batch_size=1)
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps a transform's error, keeping it as the cause
+        next(iter(loader))
+    cause = raised.value.__cause__
+    assert isinstance(cause, ValueError) and "a single frame along the sweep" in str(cause)
+    assert "model.seg-model = dynunet2d or u2net-lite" in str(cause)
