@@ -94,12 +94,30 @@ def default_base_path(recipe: PretrainRecipe, cache_dir: str | Path | None = Non
     return root / f"base-{recipe.sam_preset}-{recipe.key()}.safetensors"
 
 
+#: Torch intra-op threads while pretraining on a CPU. The demo base's ops are small: on the 2-core development VM
+#: one thread trained an epoch of the small SAM-Med3D 2.0-2.3x faster than torch's default two, with the
+#: other core busy and idle alike (docs/performance.md, "The demo's budget"). One count everywhere also keeps
+#: the float reduction order, hence the pretrained base, independent of the machine's core count.
+PRETRAIN_CPU_THREADS = 1
+
+
 def pretrain_base(
     out_path: str | Path, recipe: PretrainRecipe, config: FedabusConfig, *, device: str = "auto"
 ) -> Path:
-    """Train the base fully on a synthetic public set and save it to ``out_path`` (+ manifest)."""
-    started = time.monotonic()
+    """Train the base fully on a synthetic public set and save it to ``out_path`` (+ manifest); on a CPU with
+    :data:`PRETRAIN_CPU_THREADS` torch threads (the caller's count is restored afterwards)."""
     dev = resolve_device(device)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(PRETRAIN_CPU_THREADS)
+    try:
+        return _pretrain(out_path, recipe, config, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(out_path: str | Path, recipe: PretrainRecipe, config: FedabusConfig, dev: torch.device) -> Path:
+    started = time.monotonic()
     base = build_random_base(
         recipe.sam_preset,
         cls_depth=recipe.cls_depth,

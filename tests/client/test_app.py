@@ -214,6 +214,7 @@ def test_a_site_budget_stricter_than_the_run_stops_it_before_training(federation
 def test_node_config_names_the_site_and_limits_threads(federation):
     previous = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)  # the suite runs on one thread; the node config must bring it down itself
         node = {"site-id": "hospital-x", "threads": 1}
         request = Message(content=RecordDict(), dst_node_id=5, message_type=MessageType.QUERY)
         reply = client_app.query(request, _context(federation, node=node))

@@ -270,3 +270,19 @@ def test_pretrain_recipe_follows_the_config_and_keeps_old_cache_keys():
         ("sagittal", "coronal"),
     )
     assert len({recipe.key(), default.key(), PretrainRecipe(cls_planes=("coronal",)).key()}) == 3
+
+
+def test_pretraining_runs_on_one_cpu_thread_and_gives_the_callers_count_back(monkeypatch, tmp_path):
+    from shared import pretrain
+    from shared.config import load_config
+
+    seen = []
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *args: seen.append(torch.get_num_threads()) or tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        recipe = pretrain.PretrainRecipe()
+        assert pretrain.pretrain_base(tmp_path / "b", recipe, load_config(), device="cpu") == tmp_path
+        assert seen == [pretrain.PRETRAIN_CPU_THREADS] == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
