@@ -95,9 +95,9 @@ def default_base_path(recipe: PretrainRecipe, cache_dir: str | Path | None = Non
 
 
 #: Torch intra-op threads while pretraining on a CPU. The demo base's ops are small: on the 2-core development VM
-#: one thread trained an epoch of the small SAM-Med3D 2.0-2.3x faster than torch's default two, with the
-#: other core busy and idle alike (docs/performance.md, "The demo's budget"). One count everywhere also keeps
-#: the float reduction order, hence the pretrained base, independent of the machine's core count.
+#: with the other core busy (the demo's budget, docs/performance.md) one thread trained an epoch of the small
+#: SAM-Med3D 2.1x faster than torch's default two; on the idle VM it was 1.3x slower. One fixed count also keeps
+#: the float reduction order, hence the pretrained base, the same on every machine.
 PRETRAIN_CPU_THREADS = 1
 
 
