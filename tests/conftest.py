@@ -34,16 +34,3 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op torch thread for a module of tiny tensors: faster than two, and far faster on shared cores.
-
-    Used per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

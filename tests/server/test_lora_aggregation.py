@@ -13,7 +13,7 @@ from shared.lora_aggregation import (
     weighted_mean,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `lora`: tests/server/conftest.py
+# `lora`: tests/server/conftest.py
 
 
 def test_product_is_the_exact_weighted_mean_of_delta_w_when_the_rank_suffices(lora):

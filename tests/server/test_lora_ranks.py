@@ -28,7 +28,7 @@ from shared.protocol import (
     update_to_record,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `lora`: tests/server/conftest.py
+# `lora`: tests/server/conftest.py
 
 
 def test_rank_layout_and_the_scaling_rule_keep_alpha(lora):

@@ -34,7 +34,7 @@ from shared.data.synth import generate_consortium
 from shared.data.synth_case import SynthOptions
 from shared.protocol import ARRAYS, record_rank, travelling_layout
 
-pytestmark = pytest.mark.usefixtures("task_identity", "one_thread", "fake_tracker")
+pytestmark = pytest.mark.usefixtures("task_identity", "fake_tracker")
 
 NODES = (1, 2)
 ROUNDS = 2

@@ -32,8 +32,6 @@ from shared.protocol import adapter_to_record, layout_of, record_to_adapter
 from shared.training.seg import train_segmentation
 from tests.shared.tiny_sam import TINY_SAM, P
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 ALL_TARGETS = seg_targets(AdapterConfig(targets="qkv,proj,mlp"))
 
 

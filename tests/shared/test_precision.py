@@ -20,8 +20,6 @@ from shared.precision import FP32, Precision
 from shared.training.seg import decode_clicks, encode_images, snapshot_parameters, train_segmentation
 from shared.training.stepper import Stepper
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 #: Largest relative L2 error of bf16-autocast logits against float32 (module docstring).
 BF16_LOGITS_RTOL = 2e-2
 

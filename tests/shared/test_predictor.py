@@ -20,7 +20,6 @@ from tests.shared.tiny_sam import P
 SHAPE = (40, 70, 45)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model() -> nn.Module:

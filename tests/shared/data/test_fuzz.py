@@ -367,7 +367,6 @@ def _every_kind(cases: list[CaseRecord]) -> list[tuple[str, int, CaseRecord | No
     return [(kind, i, case) for i, (kind, case) in enumerate(zip(sorted(KINDS), victims, strict=True))]
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_a_round_on_a_site_with_every_kind_of_bad_file_trains_and_evaluates_on_the_rest(
     name: str, crowded: Path, break_site, caplog: pytest.LogCaptureFixture

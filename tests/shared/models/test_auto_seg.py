@@ -21,8 +21,6 @@ from shared.inference import adapted_models
 from shared.metric_names import metric_direction
 from shared.models.auto_seg import AutoSegmenter, AutoSegSpec, build_auto_segmenter, is_auto_segmenter
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 #: A SegResNet of two levels and 4 filters (about 6 k parameters): what every CPU test uses.
 TINY = {"model.seg-model": "segresnet", "model.auto-init-filters": 4, "model.auto-blocks-down": "1,1"}
 

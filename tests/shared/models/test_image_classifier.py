@@ -9,8 +9,6 @@ from torch import nn
 from shared.models.cls_backbones import build_branch, map_torchvision_state
 from shared.models.image_classifier import ImageClassifier2d, build_image_classifier
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_resnext50_on_grey_frames_gives_benign_malignant_logits() -> None:
     model = build_image_classifier()

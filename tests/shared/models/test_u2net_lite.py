@@ -13,8 +13,6 @@ from torch import nn
 
 from shared.models.u2net_lite import RSU, U2NetLite, U2NetWidths, build_u2net_lite
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 TINY = U2NetWidths.uniform(4, 8)
 
 

@@ -42,7 +42,6 @@ SEG_CONFIG = TrainConfig(
 DELTA = 1e-3
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sam(seed: int = 0) -> nn.Module:

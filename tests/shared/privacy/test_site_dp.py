@@ -39,7 +39,7 @@ METRICS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; tiny_*: tests/shared/conftest.py
+# tiny_*: tests/shared/conftest.py
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ RUN = {
     "train.eval-clicks": 2,
 }
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; tiny_*: tests/shared/conftest.py
+# tiny_*: tests/shared/conftest.py
 
 
 def test_the_key_is_checked() -> None:

@@ -34,8 +34,6 @@ from shared.training.seg_eval import SegCase, evaluate_segmentation
 from tests.shared.tiny_sam import TINY_SAM as TINY
 from tests.shared.tiny_sam import P
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 
 def tiny_model(seed: int = 0, spec: LoraSpec | None = None) -> nn.Module:
     torch.manual_seed(seed)

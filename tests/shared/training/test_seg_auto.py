@@ -19,8 +19,6 @@ from shared.training.seg_auto import AutoSegEvaluation
 from shared.training.seg_eval import SegCase, evaluate_segmentation
 from tests.shared.training.test_seg import batches, crops, ellipsoid
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 SPEC = AutoSegSpec(init_filters=4, blocks_down=(1, 1))
 DATA = DataConfig(patch_size=32)
 

@@ -18,8 +18,6 @@ from shared.models.auto_seg import AutoSegSpec, build_auto_segmenter
 from shared.training.seg_auto import auto_seg_loss, evaluate_auto_segmentation, predict_volume
 from shared.training.seg_eval import SegCase
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
 #: Tiny 2D segmenters of the real architectures (what the CPU tests use).
 UNET2D = {"model.seg-model": "dynunet2d", "model.auto-init-filters": 2, "model.dynunet-levels": 3}
 U2NET = {"model.seg-model": "u2net-lite", "model.auto-init-filters": 2}
